@@ -1,0 +1,195 @@
+//! The chunk cache: blob bytes in fixed-size chunks, keyed by `(digest, chunk index)`, in an LRU
+//! capped in bytes. Concurrent readers of a chunk that is not cached yet share one fetch.
+//!
+//! Lock order: `inflight` is never held while `lru` is taken, and neither is held across `.await`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use lru::LruCache;
+use tokio::sync::OnceCell;
+
+use crate::error::RegistryResult;
+
+/// `(digest, chunk index)`.
+pub type ChunkKey = (Arc<str>, u64);
+
+struct Lru {
+    map: LruCache<ChunkKey, Bytes>,
+    bytes: u64,
+}
+
+/// A bounded, content-keyed chunk cache.
+pub struct ChunkCache {
+    capacity: u64,
+    lru: Mutex<Lru>,
+    inflight: Mutex<HashMap<ChunkKey, Arc<OnceCell<Bytes>>>>,
+}
+
+impl ChunkCache {
+    pub fn new(capacity_bytes: u64) -> Self {
+        ChunkCache {
+            capacity: capacity_bytes,
+            lru: Mutex::new(Lru {
+                map: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cached chunk, if any (marks it recently used).
+    pub fn get(&self, key: &ChunkKey) -> Option<Bytes> {
+        self.lru.lock().unwrap().map.get(key).cloned()
+    }
+
+    fn insert(&self, key: ChunkKey, data: Bytes) {
+        let mut lru = self.lru.lock().unwrap();
+        if data.len() as u64 > self.capacity {
+            return; // would evict everything and still not fit
+        }
+        lru.bytes += data.len() as u64;
+        if let Some(old) = lru.map.put(key, data) {
+            lru.bytes -= old.len() as u64;
+        }
+        while lru.bytes > self.capacity {
+            match lru.map.pop_lru() {
+                Some((_, v)) => lru.bytes -= v.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    /// The chunk for `key`: from the cache, from a fetch already in flight, or by running `fetch`.
+    /// A failed fetch caches nothing, and the next reader fetches again.
+    pub async fn get_or_fetch<F, Fut>(&self, key: ChunkKey, fetch: F) -> RegistryResult<Bytes>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = RegistryResult<Bytes>>,
+    {
+        if let Some(b) = self.get(&key) {
+            return Ok(b);
+        }
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let result = cell
+            .get_or_try_init(|| async {
+                let data = fetch().await?;
+                self.insert(key.clone(), data.clone());
+                Ok(data)
+            })
+            .await
+            .cloned();
+        // Whoever finishes first retires the in-flight entry; later readers hit the LRU.
+        let mut inflight = self.inflight.lock().unwrap();
+        if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) && cell.initialized() {
+            inflight.remove(&key);
+        }
+        result
+    }
+
+    /// Drop every chunk of `digest` (after a digest mismatch).
+    pub fn evict_digest(&self, digest: &str) {
+        let mut lru = self.lru.lock().unwrap();
+        let keys: Vec<ChunkKey> = lru
+            .map
+            .iter()
+            .filter(|(k, _)| &*k.0 == digest)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            if let Some(v) = lru.map.pop(&k) {
+                lru.bytes -= v.len() as u64;
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn used_bytes(&self) -> u64 {
+        self.lru.lock().unwrap().bytes
+    }
+
+    /// Chunks held.
+    pub fn len(&self) -> usize {
+        self.lru.lock().unwrap().map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn key(d: &str, i: u64) -> ChunkKey {
+        (Arc::from(d), i)
+    }
+
+    #[tokio::test]
+    async fn caps_bytes_and_evicts_lru() {
+        let c = ChunkCache::new(10);
+        for i in 0..4 {
+            c.get_or_fetch(key("a", i), || async { Ok(Bytes::from_static(b"1234")) })
+                .await
+                .unwrap();
+        }
+        assert_eq!(c.used_bytes(), 8);
+        assert_eq!(c.len(), 2);
+        assert!(c.get(&key("a", 3)).is_some());
+        assert!(c.get(&key("a", 0)).is_none());
+        c.evict_digest("a");
+        assert!(c.is_empty());
+        assert_eq!(c.used_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_readers_share_one_fetch() {
+        let c = Arc::new(ChunkCache::new(1 << 20));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let c = c.clone();
+            let fetches = fetches.clone();
+            tasks.push(tokio::spawn(async move {
+                c.get_or_fetch(key("d", 0), || async move {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    Ok(Bytes::from_static(b"x"))
+                })
+                .await
+                .unwrap()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(&t.await.unwrap()[..], b"x");
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn failures_are_not_cached() {
+        let c = ChunkCache::new(100);
+        let r = c
+            .get_or_fetch(key("e", 0), || async {
+                Err(crate::error::RegistryError::Transport("boom".into()))
+            })
+            .await;
+        assert!(r.is_err());
+        assert!(c.is_empty());
+        let r = c
+            .get_or_fetch(key("e", 0), || async { Ok(Bytes::from_static(b"ok")) })
+            .await
+            .unwrap();
+        assert_eq!(&r[..], b"ok");
+    }
+}

@@ -1,0 +1,88 @@
+//! Content digests (`sha256:<hex>`): parsing, validation and computing.
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{RegistryError, RegistryResult};
+
+/// sha256 of `data`, as `sha256:<hex>`.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// Is `s` a well-formed sha256 digest (`sha256:` + 64 lowercase hex)?
+pub fn is_sha256_digest(s: &str) -> bool {
+    s.strip_prefix("sha256:").is_some_and(is_sha256_hex)
+}
+
+/// Is `s` 64 lowercase hex digits?
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The hex part of a digest (everything after the first `:`).
+pub fn digest_hex(d: &str) -> &str {
+    d.split_once(':').map(|(_, h)| h).unwrap_or(d)
+}
+
+/// Check `data` against `expected`. Only sha256 can be checked; other algorithms are refused.
+pub fn verify(expected: &str, data: &[u8]) -> RegistryResult<()> {
+    if !expected.starts_with("sha256:") {
+        return Err(RegistryError::Unsupported(format!(
+            "digest algorithm of {expected}"
+        )));
+    }
+    let actual = sha256_digest(data);
+    if actual != expected {
+        return Err(RegistryError::DigestMismatch {
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// A streaming sha256 that can be compared to a digest at the end.
+#[derive(Clone, Default)]
+pub struct StreamingDigest {
+    hasher: Sha256,
+    pub bytes: u64,
+}
+
+impl StreamingDigest {
+    pub fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        self.bytes += data.len() as u64;
+    }
+    pub fn finish(self) -> String {
+        format!("sha256:{}", hex::encode(self.hasher.finalize()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests() {
+        let d = sha256_digest(b"");
+        assert_eq!(
+            d,
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert!(is_sha256_digest(&d));
+        assert!(!is_sha256_digest("sha256:E3B0"));
+        assert!(!is_sha256_digest("md5:abc"));
+        assert_eq!(digest_hex(&d).len(), 64);
+        assert!(verify(&d, b"").is_ok());
+        assert!(matches!(
+            verify(&d, b"x"),
+            Err(RegistryError::DigestMismatch { .. })
+        ));
+        let mut s = StreamingDigest::default();
+        s.update(b"ab");
+        s.update(b"c");
+        assert_eq!(s.finish(), sha256_digest(b"abc"));
+    }
+}

@@ -1,0 +1,1272 @@
+//! The filesystem core: the regfs tree (see `docs/SEMANTICS.md`) over a [`Registry`].
+//!
+//! Every operation is an async method returning a plain result ([`EntryOut`], bytes, names) or an
+//! [`FsError`]. Nothing here knows about fuser; `fuse.rs` adapts. That keeps the whole tree testable
+//! against the in-memory fake registry.
+//!
+//! Lock order: `inodes` → `handles` (a handle's own mutex is taken after both are released). No
+//! std mutex is held across an `.await`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::cache::ChunkCache;
+use crate::digest::{digest_hex, is_sha256_hex, StreamingDigest};
+use crate::error::{FsError, FsResult, RegistryError, RegistryResult};
+use crate::manifest::{self, Descriptor, Parsed};
+use crate::registry::{is_valid_component, is_valid_tag, ManifestBlob, ManifestHead, Registry};
+
+/// The root inode number.
+pub const ROOT_INO: u64 = 1;
+/// Names inside a repository directory that belong to regfs, not to nested repositories.
+pub const RESERVED: &[&str] = &["tags", "blobs", "uploads", "index.json", "oci-layout"];
+/// Inside a repository directory, `_ns/` lists nested repositories and namespaces only, so a nested
+/// repository whose name is reserved (`a/tags`) is still reachable as `a/_ns/tags`. A repository
+/// name component can never start with `_`, so `_ns` cannot clash with one.
+pub const NS_ESCAPE: &str = "_ns";
+/// Kernel cache lifetime for content addressed by digest: it never changes.
+const IMMUTABLE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Out-of-order read data kept per handle while waiting for the gap, for digest verification.
+const MAX_PENDING_VERIFY: usize = 32 << 20;
+const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// Options of the core.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    pub chunk_size: u64,
+    pub cache_size: u64,
+    pub metadata_ttl: Duration,
+    pub readahead_chunks: u64,
+    /// (os, architecture, variant) chosen at the tag level of an index.
+    pub platform: (String, String, Option<String>),
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            chunk_size: crate::config::DEFAULT_CHUNK_SIZE,
+            cache_size: crate::config::DEFAULT_CACHE_SIZE,
+            metadata_ttl: crate::config::DEFAULT_METADATA_TTL,
+            readahead_chunks: crate::config::DEFAULT_READAHEAD_CHUNKS,
+            platform: ("linux".into(), "amd64".into(), None),
+        }
+    }
+}
+
+/// Where a file's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// A blob, read in chunks through the cache.
+    Blob { digest: String },
+    /// A manifest, read whole by digest.
+    Manifest { digest: String },
+    /// Bytes regfs made (index.json, oci-layout).
+    Inline(Bytes),
+}
+
+/// A file of the tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileNode {
+    pub repo: String,
+    pub content: Content,
+    pub size: u64,
+    pub media_type: Option<String>,
+}
+
+impl FileNode {
+    fn digest(&self) -> Option<&str> {
+        match &self.content {
+            Content::Blob { digest } | Content::Manifest { digest } => Some(digest),
+            Content::Inline(_) => None,
+        }
+    }
+}
+
+/// What an inode is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    Root,
+    /// A namespace, a repository, or both: `path` is the repository-name prefix.
+    Dir {
+        path: String,
+    },
+    /// `<repo>/_ns/`: the nested names of `path` only.
+    NsEscape {
+        path: String,
+    },
+    Tags {
+        repo: String,
+    },
+    /// A manifest shown as a directory: `tags/<tag>/` (tag is Some) or a platform directory.
+    Image {
+        repo: String,
+        tag: Option<String>,
+        digest: String,
+    },
+    /// `layers/` of the image manifest `digest` (already platform-resolved).
+    Layers {
+        repo: String,
+        digest: String,
+    },
+    Blobs {
+        repo: String,
+    },
+    BlobsAlgo {
+        repo: String,
+    },
+    Uploads {
+        repo: String,
+    },
+    File(FileNode),
+}
+
+impl Node {
+    pub fn is_dir(&self) -> bool {
+        !matches!(self, Node::File(_))
+    }
+    /// Can the kernel cache this node's entry and attributes for long?
+    fn immutable(&self) -> bool {
+        match self {
+            Node::Image { tag: Some(_), .. } => false,
+            Node::Image { tag: None, .. } | Node::Layers { .. } => true,
+            Node::File(f) => !matches!(f.content, Content::Inline(_)),
+            _ => false,
+        }
+    }
+}
+
+/// File or directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+/// Attributes the adapter turns into a stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub mtime: SystemTime,
+}
+
+/// A looked-up entry: attributes plus how long the kernel may cache them.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryOut {
+    pub attr: Attr,
+    pub ttl: Duration,
+}
+
+/// One directory entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub name: String,
+    pub kind: Kind,
+}
+
+/// What `open` tells the adapter.
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    pub fh: u64,
+    /// The content never changes: the kernel may keep its page cache across opens.
+    pub keep_cache: bool,
+}
+
+struct InodeEntry {
+    node: Arc<Node>,
+    lookups: u64,
+    key: Option<(u64, String)>,
+}
+
+/// `ino -> node` and `(parent, name) -> ino`. Numbers come from a counter and are never reused.
+struct InodeTable {
+    nodes: HashMap<u64, InodeEntry>,
+    by_name: HashMap<(u64, String), u64>,
+    next: u64,
+}
+
+impl InodeTable {
+    fn new() -> Self {
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT_INO,
+            InodeEntry {
+                node: Arc::new(Node::Root),
+                lookups: 1,
+                key: None,
+            },
+        );
+        InodeTable {
+            nodes,
+            by_name: HashMap::new(),
+            next: ROOT_INO + 1,
+        }
+    }
+
+    /// The inode for `parent/name` holding `node`. The same node keeps its number; a different
+    /// node under the same name (a moved tag) gets a new one.
+    fn child(&mut self, parent: u64, name: &str, node: Node, lookup: bool) -> u64 {
+        let key = (parent, name.to_string());
+        if let Some(&ino) = self.by_name.get(&key) {
+            if let Some(e) = self.nodes.get_mut(&ino) {
+                if *e.node == node {
+                    if lookup {
+                        e.lookups += 1;
+                    }
+                    return ino;
+                }
+                e.key = None; // the old node lives on for open handles until forgotten
+            }
+        }
+        let ino = self.next;
+        self.next += 1;
+        self.nodes.insert(
+            ino,
+            InodeEntry {
+                node: Arc::new(node),
+                lookups: u64::from(lookup),
+                key: Some(key.clone()),
+            },
+        );
+        self.by_name.insert(key, ino);
+        ino
+    }
+
+    fn forget(&mut self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let drop_it = match self.nodes.get_mut(&ino) {
+            Some(e) => {
+                e.lookups = e.lookups.saturating_sub(n);
+                e.lookups == 0
+            }
+            None => false,
+        };
+        if drop_it {
+            if let Some(e) = self.nodes.remove(&ino) {
+                if let Some(k) = e.key {
+                    if self.by_name.get(&k) == Some(&ino) {
+                        self.by_name.remove(&k);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Digest verification of a blob read by one handle from start to end.
+struct Verifier {
+    digest: String,
+    size: u64,
+    hasher: StreamingDigest,
+    pending: BTreeMap<u64, Bytes>,
+    pending_bytes: usize,
+    /// Gave up (data too far out of order) or already finished.
+    done: bool,
+}
+
+impl Verifier {
+    /// Feed data read at `offset`. Returns Err on a digest mismatch once the end is reached.
+    fn feed(&mut self, offset: u64, data: &Bytes) -> Result<(), String> {
+        if self.done {
+            return Ok(());
+        }
+        let next = self.hasher.bytes;
+        let end = offset + data.len() as u64;
+        if offset > next {
+            if self.pending_bytes + data.len() > MAX_PENDING_VERIFY {
+                self.done = true;
+                self.pending.clear();
+                return Ok(());
+            }
+            self.pending_bytes += data.len();
+            self.pending.insert(offset, data.clone());
+            return Ok(());
+        }
+        if end > next {
+            self.hasher.update(&data[(next - offset) as usize..]);
+        }
+        // Drain stashed pieces that are now contiguous.
+        while let Some((&off, _)) = self.pending.first_key_value() {
+            let next = self.hasher.bytes;
+            if off > next {
+                break;
+            }
+            let (_, piece) = self.pending.pop_first().expect("non-empty");
+            self.pending_bytes -= piece.len();
+            let pend = off + piece.len() as u64;
+            if pend > next {
+                self.hasher.update(&piece[(next - off) as usize..]);
+            }
+        }
+        if self.hasher.bytes >= self.size {
+            self.done = true;
+            let actual = std::mem::take(&mut self.hasher).finish();
+            if actual != self.digest {
+                return Err(actual);
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Handle {
+    node: Arc<Node>,
+    verifier: Option<Verifier>,
+    /// End of the previous read: a read starting here is sequential.
+    last_end: u64,
+}
+
+/// Cached listing with its fetch time.
+struct Timed<T> {
+    at: Instant,
+    value: T,
+}
+
+/// The catalog as last fetched: `None` = the registry offers none to us.
+type CatalogState = Option<Arc<Vec<String>>>;
+
+/// A manifest with its parsed form.
+#[derive(Clone)]
+struct ManifestEntry {
+    blob: ManifestBlob,
+    parsed: Parsed,
+}
+
+/// The filesystem core.
+pub struct Fs {
+    reg: Arc<dyn Registry>,
+    cache: Arc<ChunkCache>,
+    opts: FsOptions,
+    mount_time: SystemTime,
+    inodes: Mutex<InodeTable>,
+    handles: Mutex<HashMap<u64, Arc<Mutex<Handle>>>>,
+    next_fh: AtomicU64,
+    /// Manifests by digest: content addressed, so never stale. Bounded by count.
+    manifests: Mutex<lru::LruCache<String, ManifestEntry>>,
+    /// `None` = the registry offers no catalog to us.
+    catalog: Mutex<Option<Timed<CatalogState>>>,
+    tag_lists: Mutex<HashMap<String, Timed<Arc<Vec<String>>>>>,
+    tag_targets: Mutex<HashMap<(String, String), Timed<ManifestHead>>>,
+    /// Repositories confirmed to exist by a lookup (for registries without a catalog).
+    known_repos: Mutex<BTreeSet<String>>,
+    /// Per repository: digests seen so far -> what they are, for `blobs/sha256/`.
+    seen: Mutex<HashMap<String, BTreeMap<String, FileNode>>>,
+}
+
+fn fs_err_ctx(e: RegistryError, ctx: &str) -> FsError {
+    FsError::from(e).context(ctx)
+}
+
+impl Fs {
+    pub fn new(reg: Arc<dyn Registry>, opts: FsOptions) -> Self {
+        Fs {
+            reg,
+            cache: Arc::new(ChunkCache::new(opts.cache_size)),
+            opts,
+            mount_time: SystemTime::now(),
+            inodes: Mutex::new(InodeTable::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            manifests: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(4096).expect("non-zero"),
+            )),
+            catalog: Mutex::new(None),
+            tag_lists: Mutex::new(HashMap::new()),
+            tag_targets: Mutex::new(HashMap::new()),
+            known_repos: Mutex::new(BTreeSet::new()),
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<dyn Registry> {
+        &self.reg
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    fn fresh<T>(&self, t: &Timed<T>) -> bool {
+        t.at.elapsed() < self.opts.metadata_ttl
+    }
+
+    fn node(&self, ino: u64) -> FsResult<Arc<Node>> {
+        self.inodes
+            .lock()
+            .unwrap()
+            .nodes
+            .get(&ino)
+            .map(|e| e.node.clone())
+            .ok_or_else(|| {
+                FsError::new(
+                    libc::ESTALE,
+                    log::Level::Warn,
+                    format!("inode {ino} is gone"),
+                )
+            })
+    }
+
+    fn attr_of(&self, ino: u64, node: &Node) -> Attr {
+        let (kind, size, perm, nlink) = match node {
+            Node::File(f) => (Kind::File, f.size, 0o444, 1),
+            _ => (Kind::Dir, 0, 0o555, 2),
+        };
+        Attr {
+            ino,
+            kind,
+            size,
+            perm,
+            nlink,
+            mtime: self.mount_time,
+        }
+    }
+
+    fn entry_out(&self, ino: u64, node: &Node) -> EntryOut {
+        EntryOut {
+            attr: self.attr_of(ino, node),
+            ttl: if node.immutable() {
+                IMMUTABLE_TTL
+            } else {
+                self.opts.metadata_ttl
+            },
+        }
+    }
+
+    // ---------------------------------------------------------------- registry data, cached
+
+    /// The catalog, or None when the registry does not offer one to us.
+    async fn catalog(&self) -> FsResult<Option<Arc<Vec<String>>>> {
+        if let Some(t) = self.catalog.lock().unwrap().as_ref() {
+            if self.fresh(t) {
+                return Ok(t.value.clone());
+            }
+        }
+        let value = match self.reg.catalog().await {
+            Ok(list) => Some(Arc::new(list)),
+            Err(
+                e @ (RegistryError::NotFound(_)
+                | RegistryError::Unauthorized(_)
+                | RegistryError::Denied(_)
+                | RegistryError::Unsupported(_)),
+            ) => {
+                log::info!("no catalog, listing only repositories looked up by path: {e}");
+                None
+            }
+            Err(e) => return Err(fs_err_ctx(e, "listing repositories")),
+        };
+        *self.catalog.lock().unwrap() = Some(Timed {
+            at: Instant::now(),
+            value: value.clone(),
+        });
+        Ok(value)
+    }
+
+    /// Every repository name regfs knows: the catalog plus repositories found by lookup.
+    async fn repo_names(&self) -> FsResult<Vec<String>> {
+        let mut names: BTreeSet<String> = self.known_repos.lock().unwrap().clone();
+        if let Some(cat) = self.catalog().await? {
+            names.extend(cat.iter().cloned());
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    async fn tag_list(&self, repo: &str) -> FsResult<Arc<Vec<String>>> {
+        if let Some(t) = self.tag_lists.lock().unwrap().get(repo) {
+            if self.fresh(t) {
+                return Ok(t.value.clone());
+            }
+        }
+        let tags = Arc::new(
+            self.reg
+                .tags(repo)
+                .await
+                .map_err(|e| fs_err_ctx(e, &format!("listing tags of {repo}")))?,
+        );
+        self.tag_lists.lock().unwrap().insert(
+            repo.to_string(),
+            Timed {
+                at: Instant::now(),
+                value: tags.clone(),
+            },
+        );
+        Ok(tags)
+    }
+
+    /// Is `path` a repository? Asks the registry (tags/list) when the catalog does not say.
+    async fn is_repo(&self, path: &str) -> FsResult<bool> {
+        if self.known_repos.lock().unwrap().contains(path) {
+            return Ok(true);
+        }
+        if let Some(cat) = self.catalog().await? {
+            if cat.binary_search(&path.to_string()).is_ok() || cat.iter().any(|r| r == path) {
+                return Ok(true);
+            }
+        }
+        match self.tag_list(path).await {
+            Ok(_) => {
+                self.known_repos.lock().unwrap().insert(path.to_string());
+                Ok(true)
+            }
+            Err(e) if e.errno == libc::ENOENT => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What a tag points at now (cached for the metadata TTL).
+    async fn resolve_tag(&self, repo: &str, tag: &str) -> FsResult<ManifestHead> {
+        let key = (repo.to_string(), tag.to_string());
+        if let Some(t) = self.tag_targets.lock().unwrap().get(&key) {
+            if self.fresh(t) {
+                return Ok(t.value.clone());
+            }
+        }
+        let head = self
+            .reg
+            .manifest_head(repo, tag)
+            .await
+            .map_err(|e| fs_err_ctx(e, &format!("{repo}:{tag}")))?;
+        self.tag_targets.lock().unwrap().insert(
+            key,
+            Timed {
+                at: Instant::now(),
+                value: head.clone(),
+            },
+        );
+        Ok(head)
+    }
+
+    /// A manifest by digest, parsed (cached forever: it is content addressed).
+    async fn manifest(&self, repo: &str, digest: &str) -> FsResult<ManifestEntry> {
+        if let Some(m) = self.manifests.lock().unwrap().get(digest) {
+            return Ok(m.clone());
+        }
+        let ctx = format!("manifest {repo}@{digest}");
+        let blob = self
+            .reg
+            .manifest(repo, digest)
+            .await
+            .map_err(|e| fs_err_ctx(e, &ctx))?;
+        let parsed =
+            manifest::parse(&blob.media_type, &blob.body).map_err(|e| fs_err_ctx(e, &ctx))?;
+        let entry = ManifestEntry { blob, parsed };
+        self.note_manifest(repo, &entry);
+        self.manifests
+            .lock()
+            .unwrap()
+            .put(digest.to_string(), entry.clone());
+        Ok(entry)
+    }
+
+    /// Remember the digests a manifest mentions, for `blobs/sha256/`.
+    fn note_manifest(&self, repo: &str, m: &ManifestEntry) {
+        let mut seen = self.seen.lock().unwrap();
+        let r = seen.entry(repo.to_string()).or_default();
+        r.insert(
+            digest_hex(&m.blob.digest).to_string(),
+            FileNode {
+                repo: repo.to_string(),
+                content: Content::Manifest {
+                    digest: m.blob.digest.clone(),
+                },
+                size: m.blob.body.len() as u64,
+                media_type: Some(m.blob.media_type.clone()),
+            },
+        );
+        let descs: Vec<&Descriptor> = match &m.parsed {
+            Parsed::Image { config, layers } => std::iter::once(config).chain(layers).collect(),
+            Parsed::Index { manifests } => manifests.iter().collect(),
+        };
+        for d in descs {
+            if !d.digest.starts_with("sha256:") || !is_sha256_hex(digest_hex(&d.digest)) {
+                continue;
+            }
+            let is_manifest = matches!(m.parsed, Parsed::Index { .. });
+            r.entry(digest_hex(&d.digest).to_string())
+                .or_insert_with(|| FileNode {
+                    repo: repo.to_string(),
+                    content: if is_manifest {
+                        Content::Manifest {
+                            digest: d.digest.clone(),
+                        }
+                    } else {
+                        Content::Blob {
+                            digest: d.digest.clone(),
+                        }
+                    },
+                    size: d.size,
+                    media_type: Some(d.media_type.clone()).filter(|m| !m.is_empty()),
+                });
+        }
+    }
+
+    /// The image manifest shown at the level of `digest`: itself, or for an index the entry for
+    /// the configured platform (None if the index has no such entry).
+    async fn image_view(
+        &self,
+        repo: &str,
+        digest: &str,
+    ) -> FsResult<Option<(String, Descriptor, Vec<Descriptor>)>> {
+        let m = self.manifest(repo, digest).await?;
+        match m.parsed {
+            Parsed::Image { config, layers } => Ok(Some((digest.to_string(), config, layers))),
+            Parsed::Index { manifests } => {
+                let Some(d) = self.pick_platform(&manifests) else {
+                    return Ok(None);
+                };
+                let child = self.manifest(repo, &d.digest).await?;
+                match child.parsed {
+                    Parsed::Image { config, layers } => {
+                        Ok(Some((d.digest.clone(), config, layers)))
+                    }
+                    Parsed::Index { .. } => Ok(None),
+                }
+            }
+        }
+    }
+
+    fn pick_platform<'a>(&self, manifests: &'a [Descriptor]) -> Option<&'a Descriptor> {
+        let (os, arch, variant) = &self.opts.platform;
+        let matching = manifests.iter().filter(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| &p.os == os && &p.architecture == arch)
+        });
+        let mut best = None;
+        for d in matching {
+            let v = d.platform.as_ref().and_then(|p| p.variant.clone());
+            match variant {
+                Some(want) if v.as_ref() == Some(want) => return Some(d),
+                Some(_) => {}
+                None => {}
+            }
+            if best.is_none() {
+                best = Some(d);
+            }
+        }
+        best
+    }
+
+    /// Platform directory names of an index, made unique.
+    fn platform_dirs(manifests: &[Descriptor]) -> Vec<(String, &Descriptor)> {
+        let mut out: Vec<(String, &Descriptor)> = Vec::new();
+        let mut used = BTreeSet::new();
+        for d in manifests {
+            let base = d
+                .platform
+                .as_ref()
+                .map(|p| p.dir_name())
+                .filter(|n| n != "-")
+                .unwrap_or_else(|| "unknown-unknown".to_string());
+            let name = if used.contains(&base) {
+                let hex = digest_hex(&d.digest);
+                format!("{base}-{}", &hex[..hex.len().min(12)])
+            } else {
+                base
+            };
+            used.insert(name.clone());
+            out.push((name, d));
+        }
+        out
+    }
+
+    /// The children of a directory node, as (name, node).
+    async fn children(&self, node: &Node) -> FsResult<Vec<(String, Node)>> {
+        let mut out = Vec::new();
+        match node {
+            Node::Root => {
+                for c in self.nested_names("").await? {
+                    out.push((c.clone(), Node::Dir { path: c }));
+                }
+            }
+            Node::Dir { path } => {
+                let nested = self.nested_names(path).await?;
+                if self.is_repo(path).await? {
+                    for (name, n) in self.repo_children(path) {
+                        out.push((name, n));
+                    }
+                    if nested.iter().any(|c| RESERVED.contains(&c.as_str())) {
+                        out.push((NS_ESCAPE.into(), Node::NsEscape { path: path.clone() }));
+                    }
+                    for c in nested {
+                        if !RESERVED.contains(&c.as_str()) {
+                            out.push((
+                                c.clone(),
+                                Node::Dir {
+                                    path: format!("{path}/{c}"),
+                                },
+                            ));
+                        }
+                    }
+                } else {
+                    for c in nested {
+                        out.push((
+                            c.clone(),
+                            Node::Dir {
+                                path: format!("{path}/{c}"),
+                            },
+                        ));
+                    }
+                }
+            }
+            Node::NsEscape { path } => {
+                for c in self.nested_names(path).await? {
+                    out.push((
+                        c.clone(),
+                        Node::Dir {
+                            path: format!("{path}/{c}"),
+                        },
+                    ));
+                }
+            }
+            Node::Tags { repo } => {
+                for t in self.tag_list(repo).await?.iter() {
+                    if let Ok(n) = self.tag_node(repo, t).await {
+                        out.push((t.clone(), n));
+                    }
+                }
+            }
+            Node::Image { repo, digest, .. } => {
+                out = self.image_children(repo, digest).await?;
+            }
+            Node::Layers { repo, digest } => {
+                let m = self.manifest(repo, digest).await?;
+                if let Parsed::Image { layers, .. } = &m.parsed {
+                    for (i, l) in layers.iter().enumerate() {
+                        out.push((
+                            manifest::layer_file_name(i, layers.len(), l),
+                            Node::File(FileNode {
+                                repo: repo.clone(),
+                                content: Content::Blob {
+                                    digest: l.digest.clone(),
+                                },
+                                size: l.size,
+                                media_type: Some(l.media_type.clone()),
+                            }),
+                        ));
+                    }
+                }
+            }
+            Node::Blobs { repo } => {
+                out.push(("sha256".into(), Node::BlobsAlgo { repo: repo.clone() }))
+            }
+            Node::BlobsAlgo { repo } => {
+                if let Some(r) = self.seen.lock().unwrap().get(repo) {
+                    for (hex, f) in r {
+                        out.push((hex.clone(), Node::File(f.clone())));
+                    }
+                }
+            }
+            Node::Uploads { .. } => {}
+            Node::File(_) => return Err(FsError::not_dir("not a directory")),
+        }
+        Ok(out)
+    }
+
+    /// The fixed children of a repository directory (index.json is made on lookup).
+    fn repo_children(&self, repo: &str) -> Vec<(String, Node)> {
+        let r = || repo.to_string();
+        vec![
+            ("tags".into(), Node::Tags { repo: r() }),
+            ("blobs".into(), Node::Blobs { repo: r() }),
+            ("uploads".into(), Node::Uploads { repo: r() }),
+            (
+                "oci-layout".into(),
+                Node::File(FileNode {
+                    repo: r(),
+                    content: Content::Inline(Bytes::from_static(OCI_LAYOUT)),
+                    size: OCI_LAYOUT.len() as u64,
+                    media_type: None,
+                }),
+            ),
+        ]
+    }
+
+    /// The next path components below `prefix` ("" = the root) among known repositories.
+    async fn nested_names(&self, prefix: &str) -> FsResult<Vec<String>> {
+        let names = self.repo_names().await?;
+        let mut out = BTreeSet::new();
+        for n in &names {
+            let rest = if prefix.is_empty() {
+                Some(n.as_str())
+            } else {
+                n.strip_prefix(prefix).and_then(|r| r.strip_prefix('/'))
+            };
+            if let Some(rest) = rest {
+                if let Some(first) = rest.split('/').next().filter(|f| !f.is_empty()) {
+                    out.insert(first.to_string());
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    async fn tag_node(&self, repo: &str, tag: &str) -> FsResult<Node> {
+        let head = self.resolve_tag(repo, tag).await?;
+        Ok(Node::Image {
+            repo: repo.to_string(),
+            tag: Some(tag.to_string()),
+            digest: head.digest,
+        })
+    }
+
+    async fn image_children(&self, repo: &str, digest: &str) -> FsResult<Vec<(String, Node)>> {
+        let m = self.manifest(repo, digest).await?;
+        let mut out = vec![(
+            "manifest.json".to_string(),
+            Node::File(FileNode {
+                repo: repo.to_string(),
+                content: Content::Manifest {
+                    digest: digest.to_string(),
+                },
+                size: m.blob.body.len() as u64,
+                media_type: Some(m.blob.media_type.clone()),
+            }),
+        )];
+        if let Parsed::Index { manifests } = &m.parsed {
+            for (name, d) in Self::platform_dirs(manifests) {
+                out.push((
+                    name,
+                    Node::Image {
+                        repo: repo.to_string(),
+                        tag: None,
+                        digest: d.digest.clone(),
+                    },
+                ));
+            }
+        }
+        if let Some((image_digest, config, _)) = self.image_view(repo, digest).await? {
+            out.push((
+                "config.json".into(),
+                Node::File(FileNode {
+                    repo: repo.to_string(),
+                    content: Content::Blob {
+                        digest: config.digest.clone(),
+                    },
+                    size: config.size,
+                    media_type: Some(config.media_type.clone()),
+                }),
+            ));
+            out.push((
+                "layers".into(),
+                Node::Layers {
+                    repo: repo.to_string(),
+                    digest: image_digest,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// `index.json` of a repository: every tag as a descriptor with its ref name.
+    async fn index_json(&self, repo: &str) -> FsResult<Bytes> {
+        let tags = self.tag_list(repo).await?;
+        let mut manifests = Vec::new();
+        for t in tags.iter() {
+            match self.resolve_tag(repo, t).await {
+                Ok(h) => manifests.push(serde_json::json!({
+                    "mediaType": h.media_type,
+                    "digest": h.digest,
+                    "size": h.size,
+                    "annotations": {"org.opencontainers.image.ref.name": t},
+                })),
+                // A tag deleted between the listing and the HEAD is simply left out.
+                Err(e) if e.errno == libc::ENOENT => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let doc = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": manifest::OCI_INDEX,
+            "manifests": manifests,
+        });
+        Ok(Bytes::from(
+            serde_json::to_vec_pretty(&doc).expect("json serializes"),
+        ))
+    }
+
+    /// Find one child by name without listing the whole directory where that is cheaper.
+    async fn find_child(&self, node: &Node, name: &str) -> FsResult<Option<Node>> {
+        let ns_dir = |path: &str| {
+            if path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}/{name}")
+            }
+        };
+        match node {
+            Node::Root | Node::NsEscape { .. } | Node::Dir { .. } => {
+                let path = match node {
+                    Node::Root => "",
+                    Node::Dir { path } | Node::NsEscape { path } => path.as_str(),
+                    _ => unreachable!(),
+                };
+                if let Node::Dir { path } = node {
+                    if self.is_repo(path).await? {
+                        if let Some((_, n)) = self
+                            .repo_children(path)
+                            .into_iter()
+                            .find(|(n, _)| n == name)
+                        {
+                            return Ok(Some(n));
+                        }
+                        if name == "index.json" {
+                            let body = self.index_json(path).await?;
+                            return Ok(Some(Node::File(FileNode {
+                                repo: path.clone(),
+                                size: body.len() as u64,
+                                content: Content::Inline(body),
+                                media_type: Some(manifest::OCI_INDEX.into()),
+                            })));
+                        }
+                        if name == NS_ESCAPE {
+                            return Ok(Some(Node::NsEscape { path: path.clone() }));
+                        }
+                    }
+                }
+                if !is_valid_component(name) {
+                    return Ok(None);
+                }
+                let candidate = ns_dir(path);
+                let catalog = self.catalog().await?;
+                let known = self.repo_names().await?;
+                let under = format!("{candidate}/");
+                if known
+                    .iter()
+                    .any(|r| r == &candidate || r.starts_with(&under))
+                {
+                    return Ok(Some(Node::Dir { path: candidate }));
+                }
+                if self.is_repo(&candidate).await? {
+                    return Ok(Some(Node::Dir { path: candidate }));
+                }
+                // Without a catalog a namespace cannot be told from nothing: let the user walk it.
+                if catalog.is_none() {
+                    return Ok(Some(Node::Dir { path: candidate }));
+                }
+                Ok(None)
+            }
+            Node::Tags { repo } => {
+                if !is_valid_tag(name) {
+                    return Ok(None);
+                }
+                match self.tag_node(repo, name).await {
+                    Ok(n) => Ok(Some(n)),
+                    Err(e) if e.errno == libc::ENOENT => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+            Node::BlobsAlgo { repo } => {
+                if !is_sha256_hex(name) {
+                    return Ok(None);
+                }
+                if let Some(f) = self
+                    .seen
+                    .lock()
+                    .unwrap()
+                    .get(repo)
+                    .and_then(|r| r.get(name))
+                {
+                    return Ok(Some(Node::File(f.clone())));
+                }
+                let digest = format!("sha256:{name}");
+                let file = match self.reg.blob_size(repo, &digest).await {
+                    Ok(size) => FileNode {
+                        repo: repo.clone(),
+                        content: Content::Blob { digest },
+                        size,
+                        media_type: None,
+                    },
+                    Err(RegistryError::NotFound(_)) => {
+                        match self.reg.manifest_head(repo, &digest).await {
+                            Ok(h) => FileNode {
+                                repo: repo.clone(),
+                                content: Content::Manifest { digest },
+                                size: h.size,
+                                media_type: Some(h.media_type),
+                            },
+                            Err(RegistryError::NotFound(_)) => return Ok(None),
+                            Err(e) => return Err(fs_err_ctx(e, &format!("{repo}@{digest}"))),
+                        }
+                    }
+                    Err(e) => return Err(fs_err_ctx(e, &format!("{repo}@{digest}"))),
+                };
+                self.seen
+                    .lock()
+                    .unwrap()
+                    .entry(repo.clone())
+                    .or_default()
+                    .insert(name.to_string(), file.clone());
+                Ok(Some(Node::File(file)))
+            }
+            _ => Ok(self
+                .children(node)
+                .await?
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, n)| n)),
+        }
+    }
+
+    // ---------------------------------------------------------------- operations
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> FsResult<EntryOut> {
+        let pnode = self.node(parent)?;
+        if !pnode.is_dir() {
+            return Err(FsError::not_dir(format!("lookup {name} in a file")));
+        }
+        let child = self
+            .find_child(&pnode, name)
+            .await?
+            .ok_or_else(|| FsError::not_found(format!("{name}: no such entry")))?;
+        let out = {
+            let mut t = self.inodes.lock().unwrap();
+            let ino = t.child(parent, name, child.clone(), true);
+            self.entry_out(ino, &child)
+        };
+        Ok(out)
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.lock().unwrap().forget(ino, n);
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<EntryOut> {
+        let node = self.node(ino)?;
+        Ok(self.entry_out(ino, &node))
+    }
+
+    /// The whole listing of a directory (without `.` and `..`).
+    pub async fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        let node = self.node(ino)?;
+        let children = self.children(&node).await?;
+        let mut t = self.inodes.lock().unwrap();
+        Ok(children
+            .into_iter()
+            .map(|(name, n)| {
+                let kind = if n.is_dir() { Kind::Dir } else { Kind::File };
+                let ino = t.child(ino, &name, n, false);
+                DirEntry { ino, name, kind }
+            })
+            .collect())
+    }
+
+    pub async fn open(&self, ino: u64, write: bool) -> FsResult<Opened> {
+        let node = self.node(ino)?;
+        let Node::File(f) = &*node else {
+            return Err(FsError::is_dir("open of a directory for reading data"));
+        };
+        if write {
+            return Err(FsError::read_only("this file is read-only"));
+        }
+        let verifier = match &f.content {
+            Content::Blob { digest }
+                if f.size > self.opts.chunk_size && digest.starts_with("sha256:") =>
+            {
+                Some(Verifier {
+                    digest: digest.clone(),
+                    size: f.size,
+                    hasher: StreamingDigest::default(),
+                    pending: BTreeMap::new(),
+                    pending_bytes: 0,
+                    done: false,
+                })
+            }
+            _ => None,
+        };
+        let keep_cache = node.immutable();
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap().insert(
+            fh,
+            Arc::new(Mutex::new(Handle {
+                node: node.clone(),
+                verifier,
+                last_end: 0,
+            })),
+        );
+        Ok(Opened { fh, keep_cache })
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let handle = self
+            .handles
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or_else(FsError::bad_handle)?;
+        let (node, sequential) = {
+            let mut h = handle.lock().unwrap();
+            let seq = h.last_end == offset && offset > 0;
+            h.last_end = offset + u64::from(size);
+            (h.node.clone(), seq)
+        };
+        let Node::File(f) = &*node else {
+            return Err(FsError::is_dir("read of a directory"));
+        };
+        if offset >= f.size || size == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = (offset + u64::from(size)).min(f.size);
+        match &f.content {
+            Content::Inline(b) => Ok(b.slice(offset as usize..end as usize)),
+            Content::Manifest { digest } => {
+                let m = self.manifest(&f.repo, digest).await?;
+                let body = &m.blob.body;
+                Ok(body.slice((offset as usize).min(body.len())..(end as usize).min(body.len())))
+            }
+            Content::Blob { digest } => {
+                let data = self.read_blob(f, digest, offset, end, sequential).await?;
+                let mut h = handle.lock().unwrap();
+                if let Some(v) = h.verifier.as_mut() {
+                    if let Err(actual) = v.feed(offset, &data) {
+                        drop(h);
+                        self.cache.evict_digest(digest);
+                        return Err(FsError::io(format!(
+                            "{}@{digest}: content hashes to {actual}; cached chunks dropped",
+                            f.repo
+                        )));
+                    }
+                }
+                Ok(data)
+            }
+        }
+    }
+
+    /// Bytes `offset..end` of a blob, through the chunk cache.
+    async fn read_blob(
+        &self,
+        f: &FileNode,
+        digest: &str,
+        offset: u64,
+        end: u64,
+        sequential: bool,
+    ) -> FsResult<Bytes> {
+        let cs = self.opts.chunk_size;
+        let first = offset / cs;
+        let last = (end - 1) / cs;
+        let key_digest: Arc<str> = Arc::from(digest);
+        if sequential && self.opts.readahead_chunks > 0 && last >= 1 {
+            let total = f.size.div_ceil(cs);
+            for idx in (last + 1)..(last + 1 + self.opts.readahead_chunks).min(total) {
+                let key = (key_digest.clone(), idx);
+                if self.cache.get(&key).is_some() {
+                    continue;
+                }
+                let (reg, cache, repo, d, size) = (
+                    self.reg.clone(),
+                    self.cache.clone(),
+                    f.repo.clone(),
+                    digest.to_string(),
+                    f.size,
+                );
+                tokio::spawn(async move {
+                    let _ = cache
+                        .get_or_fetch(key, || fetch_chunk(reg, repo, d, idx, cs, size))
+                        .await;
+                });
+            }
+        }
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for idx in first..=last {
+            let chunk = self
+                .cache
+                .get_or_fetch((key_digest.clone(), idx), || {
+                    fetch_chunk(
+                        self.reg.clone(),
+                        f.repo.clone(),
+                        digest.to_string(),
+                        idx,
+                        cs,
+                        f.size,
+                    )
+                })
+                .await
+                .map_err(|e| fs_err_ctx(e, &format!("reading {}@{digest}", f.repo)))?;
+            let cstart = idx * cs;
+            let from = offset.max(cstart) - cstart;
+            let to = end.min(cstart + chunk.len() as u64) - cstart;
+            if idx == first && idx == last {
+                return Ok(chunk.slice(from as usize..to as usize));
+            }
+            out.extend_from_slice(&chunk[from as usize..to as usize]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Extended attribute names of a node.
+    pub async fn listxattr(&self, ino: u64) -> FsResult<Vec<String>> {
+        let node = self.node(ino)?;
+        Ok(match &*node {
+            Node::Root => vec!["user.regfs.stats".into()],
+            Node::Image { .. } => vec!["user.oci.digest".into()],
+            Node::File(f) if f.digest().is_some() => {
+                let mut v = vec!["user.oci.digest".to_string()];
+                if f.media_type.is_some() {
+                    v.push("user.oci.mediatype".into());
+                }
+                v
+            }
+            _ => vec![],
+        })
+    }
+
+    pub async fn getxattr(&self, ino: u64, name: &str) -> FsResult<Bytes> {
+        let node = self.node(ino)?;
+        let v = match (&*node, name) {
+            (Node::Root, "user.regfs.stats") => {
+                let mut v = serde_json::to_value(self.reg.stats().snapshot()).expect("json");
+                v["cache_bytes"] = self.cache.used_bytes().into();
+                v["cache_chunks"] = self.cache.len().into();
+                v.to_string()
+            }
+            (Node::Image { digest, .. }, "user.oci.digest") => digest.clone(),
+            (Node::File(f), "user.oci.digest") => {
+                f.digest().ok_or_else(FsError::no_attr)?.to_string()
+            }
+            (Node::File(f), "user.oci.mediatype") if f.digest().is_some() => {
+                f.media_type.clone().ok_or_else(FsError::no_attr)?
+            }
+            _ => return Err(FsError::no_attr()),
+        };
+        Ok(Bytes::from(v))
+    }
+}
+
+/// Fetch chunk `idx` of a blob with one closed Range request. A blob that fits in one chunk is
+/// verified against its digest before it can be cached.
+async fn fetch_chunk(
+    reg: Arc<dyn Registry>,
+    repo: String,
+    digest: String,
+    idx: u64,
+    chunk_size: u64,
+    blob_size: u64,
+) -> RegistryResult<Bytes> {
+    let start = idx * chunk_size;
+    let end = (start + chunk_size).min(blob_size) - 1;
+    let data = reg.blob_range(&repo, &digest, start, end).await?;
+    if data.len() as u64 != end - start + 1 {
+        return Err(RegistryError::Protocol(format!(
+            "{repo}@{digest}: asked for bytes {start}-{end}, got {} bytes",
+            data.len()
+        )));
+    }
+    if start == 0 && end + 1 == blob_size && digest.starts_with("sha256:") {
+        crate::digest::verify(&digest, &data)?;
+    }
+    Ok(data)
+}

@@ -1,0 +1,13 @@
+//! regfs: mount an OCI/Docker registry as a lazy FUSE filesystem.
+//!
+//! Data flow: `fuse` (adapter) → `fs` (tree and semantics) → `cache` (chunks) → `registry` (HTTP).
+//! See docs/ARCHITECTURE.md.
+
+pub mod cache;
+pub mod config;
+pub mod digest;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod manifest;
+pub mod registry;

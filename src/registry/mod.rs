@@ -1,0 +1,195 @@
+//! The registry as the filesystem core sees it: a trait with a real HTTP implementation
+//! ([`http::HttpRegistry`]) and an in-memory fake ([`fake::FakeRegistry`]) for tests.
+//!
+//! Both count the requests they serve in [`RequestStats`], so tests can assert laziness
+//! ("reading 4 KiB made one Range request") instead of timing anything.
+
+pub mod auth;
+pub mod credentials;
+pub mod fake;
+pub mod http;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::error::RegistryResult;
+
+/// A manifest as served: its exact bytes, digest and media type.
+#[derive(Debug, Clone)]
+pub struct ManifestBlob {
+    pub digest: String,
+    pub media_type: String,
+    pub body: Bytes,
+}
+
+/// What a manifest HEAD tells: enough to describe a tag without downloading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestHead {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+}
+
+/// The operations the filesystem needs from a registry.
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Every repository name, all pages. `Err(NotFound|Unauthorized|Denied)` means the registry does
+    /// not offer a catalog to us.
+    async fn catalog(&self) -> RegistryResult<Vec<String>>;
+    /// Every tag of `repo`, all pages, sorted.
+    async fn tags(&self, repo: &str) -> RegistryResult<Vec<String>>;
+    /// GET a manifest by tag or digest, verified against its digest.
+    async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob>;
+    /// HEAD a manifest by tag or digest.
+    async fn manifest_head(&self, repo: &str, reference: &str) -> RegistryResult<ManifestHead>;
+    /// HEAD a blob: its size.
+    async fn blob_size(&self, repo: &str, digest: &str) -> RegistryResult<u64>;
+    /// Bytes `start..=end` of a blob (a closed Range). The answer has exactly that many bytes, or
+    /// is an error.
+    async fn blob_range(
+        &self,
+        repo: &str,
+        digest: &str,
+        start: u64,
+        end: u64,
+    ) -> RegistryResult<Bytes>;
+    /// Push a whole blob in one request pair (POST + PUT). Used for small blobs and test seeding.
+    async fn push_blob(&self, repo: &str, data: Bytes) -> RegistryResult<String>;
+    /// PUT a manifest under `reference` (tag or digest). Returns its digest.
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: Bytes,
+    ) -> RegistryResult<String>;
+    /// The request counters.
+    fn stats(&self) -> &RequestStats;
+}
+
+/// Counters of the requests a registry implementation has sent (or, for the fake, served).
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    pub catalog_pages: AtomicU64,
+    pub tag_pages: AtomicU64,
+    pub manifest_gets: AtomicU64,
+    pub manifest_heads: AtomicU64,
+    pub blob_heads: AtomicU64,
+    pub blob_gets: AtomicU64,
+    pub blob_bytes: AtomicU64,
+    pub token_fetches: AtomicU64,
+    pub pushes: AtomicU64,
+}
+
+/// A plain copy of [`RequestStats`], as JSON for the `user.regfs.stats` xattr.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub catalog_pages: u64,
+    pub tag_pages: u64,
+    pub manifest_gets: u64,
+    pub manifest_heads: u64,
+    pub blob_heads: u64,
+    pub blob_gets: u64,
+    pub blob_bytes: u64,
+    pub token_fetches: u64,
+    pub pushes: u64,
+}
+
+impl RequestStats {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            catalog_pages: g(&self.catalog_pages),
+            tag_pages: g(&self.tag_pages),
+            manifest_gets: g(&self.manifest_gets),
+            manifest_heads: g(&self.manifest_heads),
+            blob_heads: g(&self.blob_heads),
+            blob_gets: g(&self.blob_gets),
+            blob_bytes: g(&self.blob_bytes),
+            token_fetches: g(&self.token_fetches),
+            pushes: g(&self.pushes),
+        }
+    }
+}
+
+/// Is `name` a valid repository name (distribution-spec grammar)? Checked before any request,
+/// because some registries answer odd names with 500 instead of 404.
+pub fn is_valid_repo_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.split('/').all(is_valid_component)
+}
+
+/// One path component of a repository name: `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`.
+pub fn is_valid_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    if b.is_empty() {
+        return false;
+    }
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        // A separator run: ".", "_", "__", or one or more "-".
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// Is `tag` a valid tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`?
+pub fn is_valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b[1..]
+            .iter()
+            .all(|&x| x.is_ascii_alphanumeric() || x == b'_' || x == b'.' || x == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_tags() {
+        for ok in [
+            "debian",
+            "debian/min",
+            "a.b",
+            "a_b",
+            "a__b",
+            "a---b",
+            "x1/y2/z3",
+        ] {
+            assert!(is_valid_repo_name(ok), "{ok}");
+        }
+        for bad in [
+            "", "Debian", "a/", "/a", "a//b", "-a", "a.", "a..b", "a___b", "a.-b",
+        ] {
+            assert!(!is_valid_repo_name(bad), "{bad}");
+        }
+        assert!(is_valid_tag("bookworm"));
+        assert!(is_valid_tag("_x.Y-1"));
+        assert!(!is_valid_tag(".hidden"));
+        assert!(!is_valid_tag(&"a".repeat(129)));
+    }
+}
