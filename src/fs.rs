@@ -121,12 +121,17 @@ pub enum Node {
     Uploads {
         repo: String,
     },
+    /// `index.json` as listed by readdir; made into a `File` (its bytes and size) when looked up
+    /// or opened, so a plain `ls` of a repository does not resolve every tag.
+    IndexJson {
+        repo: String,
+    },
     File(FileNode),
 }
 
 impl Node {
     pub fn is_dir(&self) -> bool {
-        !matches!(self, Node::File(_))
+        !matches!(self, Node::File(_) | Node::IndexJson { .. })
     }
     /// Can the kernel cache this node's entry and attributes for long?
     fn immutable(&self) -> bool {
@@ -272,13 +277,17 @@ struct Verifier {
     pending_bytes: usize,
     /// Gave up (data too far out of order) or already finished.
     done: bool,
+    /// The blob failed verification: every later read through this handle fails too, so a
+    /// kernel retry of a failed readahead cannot slip the bad bytes through.
+    failed: Option<String>,
 }
 
 impl Verifier {
-    /// Feed data read at `offset`. Returns Err on a digest mismatch once the end is reached.
-    fn feed(&mut self, offset: u64, data: &Bytes) -> Result<(), String> {
+    /// Feed data read at `offset`. Returns Ok(true) when this completed a successful check, and
+    /// Err(actual digest) on a mismatch once the end is reached.
+    fn feed(&mut self, offset: u64, data: &Bytes) -> Result<bool, String> {
         if self.done {
-            return Ok(());
+            return Ok(false);
         }
         let next = self.hasher.bytes;
         let end = offset + data.len() as u64;
@@ -286,11 +295,11 @@ impl Verifier {
             if self.pending_bytes + data.len() > MAX_PENDING_VERIFY {
                 self.done = true;
                 self.pending.clear();
-                return Ok(());
+                return Ok(false);
             }
             self.pending_bytes += data.len();
             self.pending.insert(offset, data.clone());
-            return Ok(());
+            return Ok(false);
         }
         if end > next {
             self.hasher.update(&data[(next - offset) as usize..]);
@@ -314,8 +323,9 @@ impl Verifier {
             if actual != self.digest {
                 return Err(actual);
             }
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -361,6 +371,8 @@ pub struct Fs {
     known_repos: Mutex<BTreeSet<String>>,
     /// Per repository: digests seen so far -> what they are, for `blobs/sha256/`.
     seen: Mutex<HashMap<String, BTreeMap<String, FileNode>>>,
+    /// Blob digests whose whole content has been checked.
+    verified: Mutex<std::collections::HashSet<String>>,
 }
 
 fn fs_err_ctx(e: RegistryError, ctx: &str) -> FsError {
@@ -385,6 +397,7 @@ impl Fs {
             tag_targets: Mutex::new(HashMap::new()),
             known_repos: Mutex::new(BTreeSet::new()),
             seen: Mutex::new(HashMap::new()),
+            verified: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -419,6 +432,7 @@ impl Fs {
     fn attr_of(&self, ino: u64, node: &Node) -> Attr {
         let (kind, size, perm, nlink) = match node {
             Node::File(f) => (Kind::File, f.size, 0o444, 1),
+            Node::IndexJson { .. } => (Kind::File, 0, 0o444, 1),
             _ => (Kind::Dir, 0, 0o555, 2),
         };
         Attr {
@@ -767,7 +781,9 @@ impl Fs {
                 }
             }
             Node::Uploads { .. } => {}
-            Node::File(_) => return Err(FsError::not_dir("not a directory")),
+            Node::File(_) | Node::IndexJson { .. } => {
+                return Err(FsError::not_dir("not a directory"))
+            }
         }
         Ok(out)
     }
@@ -776,6 +792,7 @@ impl Fs {
     fn repo_children(&self, repo: &str) -> Vec<(String, Node)> {
         let r = || repo.to_string();
         vec![
+            ("index.json".into(), Node::IndexJson { repo: r() }),
             ("tags".into(), Node::Tags { repo: r() }),
             ("blobs".into(), Node::Blobs { repo: r() }),
             ("uploads".into(), Node::Uploads { repo: r() }),
@@ -867,6 +884,22 @@ impl Fs {
         Ok(out)
     }
 
+    /// A node as it is served: `IndexJson` becomes its `File`; everything else is itself.
+    async fn materialize(&self, node: Node) -> FsResult<Node> {
+        match node {
+            Node::IndexJson { repo } => {
+                let body = self.index_json(&repo).await?;
+                Ok(Node::File(FileNode {
+                    repo,
+                    size: body.len() as u64,
+                    content: Content::Inline(body),
+                    media_type: Some(manifest::OCI_INDEX.into()),
+                }))
+            }
+            n => Ok(n),
+        }
+    }
+
     /// `index.json` of a repository: every tag as a descriptor with its ref name.
     async fn index_json(&self, repo: &str) -> FsResult<Bytes> {
         let tags = self.tag_list(repo).await?;
@@ -917,16 +950,7 @@ impl Fs {
                             .into_iter()
                             .find(|(n, _)| n == name)
                         {
-                            return Ok(Some(n));
-                        }
-                        if name == "index.json" {
-                            let body = self.index_json(path).await?;
-                            return Ok(Some(Node::File(FileNode {
-                                repo: path.clone(),
-                                size: body.len() as u64,
-                                content: Content::Inline(body),
-                                media_type: Some(manifest::OCI_INDEX.into()),
-                            })));
+                            return Ok(Some(self.materialize(n).await?));
                         }
                         if name == NS_ESCAPE {
                             return Ok(Some(Node::NsEscape { path: path.clone() }));
@@ -1042,6 +1066,7 @@ impl Fs {
 
     pub async fn getattr(&self, ino: u64) -> FsResult<EntryOut> {
         let node = self.node(ino)?;
+        let node = self.materialize((*node).clone()).await?;
         Ok(self.entry_out(ino, &node))
     }
 
@@ -1062,6 +1087,10 @@ impl Fs {
 
     pub async fn open(&self, ino: u64, write: bool) -> FsResult<Opened> {
         let node = self.node(ino)?;
+        let node = match &*node {
+            Node::IndexJson { .. } => Arc::new(self.materialize((*node).clone()).await?),
+            _ => node,
+        };
         let Node::File(f) = &*node else {
             return Err(FsError::is_dir("open of a directory for reading data"));
         };
@@ -1079,11 +1108,16 @@ impl Fs {
                     pending: BTreeMap::new(),
                     pending_bytes: 0,
                     done: false,
+                    failed: None,
                 })
             }
             _ => None,
         };
-        let keep_cache = node.immutable();
+        // The kernel keeps pages across opens only for content already verified against its
+        // digest; unverified pages are dropped at the next open.
+        let keep_cache = node.immutable()
+            && f.digest()
+                .is_some_and(|d| self.verified.lock().unwrap().contains(d));
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(
             fh,
@@ -1129,16 +1163,41 @@ impl Fs {
                 Ok(body.slice((offset as usize).min(body.len())..(end as usize).min(body.len())))
             }
             Content::Blob { digest } => {
+                if let Some(actual) = handle
+                    .lock()
+                    .unwrap()
+                    .verifier
+                    .as_ref()
+                    .and_then(|v| v.failed.clone())
+                {
+                    return Err(FsError::io(format!(
+                        "{}@{digest}: content hashes to {actual}",
+                        f.repo
+                    )));
+                }
                 let data = self.read_blob(f, digest, offset, end, sequential).await?;
+                if f.size <= self.opts.chunk_size {
+                    // One chunk: fetch_chunk verified it before caching.
+                    self.verified.lock().unwrap().insert(digest.clone());
+                    return Ok(data);
+                }
                 let mut h = handle.lock().unwrap();
                 if let Some(v) = h.verifier.as_mut() {
-                    if let Err(actual) = v.feed(offset, &data) {
-                        drop(h);
-                        self.cache.evict_digest(digest);
-                        return Err(FsError::io(format!(
-                            "{}@{digest}: content hashes to {actual}; cached chunks dropped",
-                            f.repo
-                        )));
+                    match v.feed(offset, &data) {
+                        Err(actual) => {
+                            v.failed = Some(actual.clone());
+                            drop(h);
+                            self.cache.evict_digest(digest);
+                            return Err(FsError::io(format!(
+                                "{}@{digest}: content hashes to {actual}; cached chunks dropped",
+                                f.repo
+                            )));
+                        }
+                        Ok(true) => {
+                            drop(h);
+                            self.verified.lock().unwrap().insert(digest.clone());
+                        }
+                        Ok(false) => {}
                     }
                 }
                 Ok(data)
