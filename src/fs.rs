@@ -522,8 +522,14 @@ impl Fs {
             return Ok(true);
         }
         if let Some(cat) = self.catalog().await? {
-            if cat.binary_search(&path.to_string()).is_ok() || cat.iter().any(|r| r == path) {
+            if cat.iter().any(|r| r == path) {
                 return Ok(true);
+            }
+            // A namespace the catalog knows is not also a repository (it would be listed):
+            // no need to ask.
+            let under = format!("{path}/");
+            if cat.iter().any(|r| r.starts_with(&under)) {
+                return Ok(false);
             }
         }
         match self.tag_list(path).await {
