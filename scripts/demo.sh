@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The demo: install what is missing, build regfs, start a loopback registry with sample images,
+# mount it, and look around with ls, cat, sha256sum and getfattr. Run as root on Debian.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+ensure_deps
+echo "==> building regfs (release)"
+cargo build --release --quiet --bin regfs --example seed
+
+work=$(mktemp -d -t regfs-demo.XXXXXX)
+mnt="$work/mnt"
+mkdir -p "$mnt"
+cleanup() {
+    cd /
+    fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || true
+    [ -n "${REGISTRY_PID:-}" ] && kill "$REGISTRY_PID" 2>/dev/null || true
+    # Never delete through a live mount.
+    if ! mountpoint -q "$mnt"; then rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+start_registry "$work/registry"
+echo "==> registry on $REGISTRY_ADDR (pid $REGISTRY_PID), seeding sample images"
+target/release/examples/seed "$REGISTRY_ADDR"
+
+echo "==> regfs $REGISTRY_ADDR $mnt"
+target/release/regfs --log-file "$work/regfs.log" "$REGISTRY_ADDR" "$mnt"
+
+run() { echo; echo "\$ $*"; "$@"; }
+cd "$mnt"
+run ls
+run ls debian/min
+run ls debian/min/tags/
+run ls -l debian/min/tags/bookworm/layers/
+run cat debian/min/tags/bookworm/config.json
+run sha256sum debian/min/tags/bookworm/layers/00-*.tar.gz
+run getfattr -n user.oci.digest debian/min/tags/bookworm/manifest.json
+run ls multi/arch/tags/latest/
+run cat debian/min/index.json
+big=$(echo apps/big/tags/v1/layers/00-*)
+run ls -l "$big"
+run dd if="$big" of=/dev/null bs=4k count=1 status=none
+echo "(read 4 KiB of a 64 MiB layer; request counters:)"
+run getfattr --only-values -n user.regfs.stats .
+echo
+cd /
+if [ -t 0 ]; then
+    echo "The mount stays at $mnt until you press Enter."
+    read -r _
+fi

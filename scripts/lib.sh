@@ -1,0 +1,60 @@
+# Shared shell helpers for scripts/*.sh. Source it; do not run it.
+
+# Install what regfs and its tests need, only what is missing (Debian, as root).
+ensure_deps() {
+    local missing=()
+    command -v fusermount3 >/dev/null || missing+=(fuse3)
+    command -v docker-registry >/dev/null || missing+=(docker-registry)
+    command -v skopeo >/dev/null || missing+=(skopeo)
+    command -v getfattr >/dev/null || missing+=(attr)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "==> installing: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    if ! command -v cargo >/dev/null; then
+        echo "cargo is required (https://rustup.rs)" >&2
+        return 1
+    fi
+    [ -e /dev/fuse ] || { echo "/dev/fuse is missing: FUSE is not available here" >&2; return 1; }
+}
+
+# start_registry DIR: run docker-registry on 127.0.0.1 with a free port and storage in DIR.
+# Sets REGISTRY_PID and REGISTRY_ADDR.
+start_registry() {
+    local dir=$1
+    mkdir -p "$dir/data"
+    cat >"$dir/config.yml" <<YAML
+version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:0
+  secret: regfs-local
+YAML
+    docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 &
+    REGISTRY_PID=$!
+    local i port=""
+    for i in $(seq 1 200); do
+        port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$dir/registry.log" | head -1)
+        [ -n "$port" ] && break
+        sleep 0.05
+    done
+    if [ -z "$port" ]; then
+        echo "docker-registry did not start:" >&2
+        cat "$dir/registry.log" >&2
+        return 1
+    fi
+    REGISTRY_ADDR="127.0.0.1:$port"
+}
