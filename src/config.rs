@@ -19,6 +19,10 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 pub const DEFAULT_METADATA_TTL: Duration = Duration::from_secs(30);
 /// How long one HTTP request may take, so a dead registry becomes EIO instead of a hang.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// PATCH size of uploads. 8 MiB: above the 5 MiB minimum part size of S3-backed registries (ECR),
+/// 128 requests per GiB, and a memory bound of about 16 MiB per upload (one chunk filling, one in
+/// flight).
+pub const DEFAULT_UPLOAD_CHUNK_SIZE: u64 = 8 << 20;
 /// Chunks fetched ahead of a sequential reader. Two keeps the network busy while the reader
 /// consumes one chunk; a random reader never triggers it.
 pub const DEFAULT_READAHEAD_CHUNKS: u64 = 2;
@@ -27,12 +31,13 @@ pub const DEFAULT_READAHEAD_CHUNKS: u64 = 2;
 #[command(
     name = "regfs",
     version,
-    about = "Mount an OCI/Docker container registry (Distribution API v2) as a lazy, read-only directory tree",
+    about = "Mount an OCI/Docker container registry (Distribution API v2) as a lazy, writable directory tree",
     long_about = "Mount an OCI/Docker container registry (Distribution API v2) as a directory.\n\n\
         Repositories are directories; tags/<tag>/ holds manifest.json, config.json and layers/; \
         blobs/sha256/<hex> reads any blob by digest. Nothing is downloaded until it is read: reads \
         become HTTP Range requests into a bounded in-memory chunk cache, and content is verified \
-        against its digest.\n\n\
+        against its digest. Pushing is copying: cp FILE <repo>/uploads/, \
+        mkdir <repo>/tags/<tag> and cp a manifest to <repo>/tags/<tag>/manifest.json.\n\n\
         Examples:\n  regfs localhost:5000 /mnt/reg\n  regfs -f --username me ghcr.io /mnt/ghcr\n  \
         fusermount3 -u /mnt/reg\n\n\
         Credentials: --username (password from REGFS_PASSWORD or stdin), else docker's config.json \
@@ -86,6 +91,14 @@ pub struct Cli {
         help_heading = "Cache"
     )]
     pub metadata_ttl: String,
+    /// PATCH size when pushing (64KiB to 1GiB); raised to the registry's OCI-Chunk-Min-Length.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "8MiB",
+        help_heading = "Cache"
+    )]
+    pub upload_chunk_size: String,
     /// Chunks to prefetch ahead of a sequential reader (0 disables readahead).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_READAHEAD_CHUNKS, help_heading = "Cache")]
     pub readahead_chunks: u64,
@@ -140,6 +153,7 @@ pub struct Config {
     pub chunk_size: u64,
     pub metadata_ttl: Duration,
     pub readahead_chunks: u64,
+    pub upload_chunk_size: u64,
     pub ca_cert: Option<PathBuf>,
     pub insecure: bool,
     pub username: Option<String>,
@@ -245,6 +259,11 @@ impl TryFrom<Cli> for Config {
         if cache_size < chunk_size {
             return Err("--cache-size must hold at least one chunk".into());
         }
+        let upload_chunk_size =
+            parse_size(&cli.upload_chunk_size).map_err(|e| format!("--upload-chunk-size: {e}"))?;
+        if !(64 << 10..=1 << 30).contains(&upload_chunk_size) {
+            return Err("--upload-chunk-size must be between 64KiB and 1GiB".into());
+        }
         let metadata_ttl =
             parse_duration(&cli.metadata_ttl).map_err(|e| format!("--metadata-ttl: {e}"))?;
         let request_timeout =
@@ -268,6 +287,7 @@ impl TryFrom<Cli> for Config {
             chunk_size,
             metadata_ttl,
             readahead_chunks: cli.readahead_chunks,
+            upload_chunk_size,
             ca_cert: cli.ca_cert,
             insecure: cli.insecure,
             username: cli.username,
@@ -280,8 +300,8 @@ impl TryFrom<Cli> for Config {
                 "allow_root" => cfg.allow_root = true,
                 "default_permissions" => cfg.default_permissions = true,
                 "auto_unmount" => cfg.auto_unmount = true,
-                // Always read-only/nosuid/nodev; accept the user saying so.
-                "ro" | "nosuid" | "nodev" => {}
+                // Always nosuid/nodev; accept the user saying so.
+                "nosuid" | "nodev" => {}
                 o if o.starts_with("fsname=") => cfg.fsname = o["fsname=".len()..].to_string(),
                 o => return Err(format!("unknown mount option -o {o}")),
             }

@@ -132,18 +132,24 @@ impl Filesystem for FuseAdapter {
         _mode: Option<u32>,
         _uid: Option<u32>,
         _gid: Option<u32>,
-        _size: Option<u64>,
+        size: Option<u64>,
         _atime: Option<TimeOrNow>,
         _mtime: Option<TimeOrNow>,
         _ctime: Option<std::time::SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<std::time::SystemTime>,
         _chgtime: Option<std::time::SystemTime>,
         _bkuptime: Option<std::time::SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(erofs("setattr", ino.0));
+        let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
+        self.spawn(async move {
+            match fs.setattr(ino.0, fh.map(|f| f.0), size).await {
+                Ok(e) => reply.attr(&e.ttl, &file_attr(&e.attr, uid, gid)),
+                Err(e) => reply.error(reply_error("setattr", ino.0, &e)),
+            }
+        });
     }
 
     fn mknod(
@@ -163,20 +169,47 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         parent: INodeNo,
-        _name: &OsStr,
+        name: &OsStr,
         _mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(erofs("mkdir", parent.0));
+        let Some(name) = os_name(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
+        self.spawn(async move {
+            match fs.mkdir(parent.0, &name).await {
+                Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr, uid, gid), Generation(0)),
+                Err(e) => reply.error(reply_error(&format!("mkdir {name:?}"), parent.0, &e)),
+            }
+        });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(erofs("unlink", parent.0));
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(name) = os_name(name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let fs = self.fs.clone();
+        self.spawn(async move {
+            match fs.unlink(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(reply_error(&format!("unlink {name:?}"), parent.0, &e)),
+            }
+        });
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(erofs("rmdir", parent.0));
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(name) = os_name(name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let fs = self.fs.clone();
+        self.spawn(async move {
+            match fs.rmdir(parent.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(reply_error(&format!("rmdir {name:?}"), parent.0, &e)),
+            }
+        });
     }
 
     fn symlink(
@@ -262,26 +295,43 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(erofs("write", ino.0));
+        let fs = self.fs.clone();
+        let data = data.to_vec();
+        self.spawn(async move {
+            match fs.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(reply_error(
+                    &format!("write off={offset} len={}", data.len()),
+                    ino.0,
+                    &e,
+                )),
+            }
+        });
     }
 
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let fs = self.fs.clone();
+        self.spawn(async move {
+            match fs.flush(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(reply_error("flush", ino.0, &e)),
+            }
+        });
     }
 
     fn release(
@@ -294,19 +344,28 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh.0);
-        reply.ok();
+        let fs = self.fs.clone();
+        self.spawn(async move {
+            fs.release(fh.0).await;
+            reply.ok();
+        });
     }
 
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let fs = self.fs.clone();
+        self.spawn(async move {
+            match fs.fsync(fh.0).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(reply_error("fsync", ino.0, &e)),
+            }
+        });
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -427,7 +486,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if mask.contains(AccessFlags::W_OK) {
+        if mask.contains(AccessFlags::W_OK) && !self.fs.writable(ino.0) {
             reply.error(erofs("access(W_OK)", ino.0));
         } else {
             reply.ok();
@@ -438,13 +497,28 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         parent: INodeNo,
-        _name: &OsStr,
+        name: &OsStr,
         _mode: u32,
         _umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(erofs("create", parent.0));
+        let Some(name) = os_name(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
+        self.spawn(async move {
+            match fs.create(parent.0, &name).await {
+                Ok((e, o)) => reply.created(
+                    &e.ttl,
+                    &file_attr(&e.attr, uid, gid),
+                    Generation(0),
+                    FileHandle(o.fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(reply_error(&format!("create {name:?}"), parent.0, &e)),
+            }
+        });
     }
 }
 

@@ -10,4 +10,5 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod manifest;
+pub mod push;
 pub mod registry;

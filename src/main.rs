@@ -213,14 +213,14 @@ fn run(
             metadata_ttl: cfg.metadata_ttl,
             readahead_chunks: cfg.readahead_chunks,
             platform: cfg.platform.clone(),
+            upload_chunk_size: cfg.upload_chunk_size,
         },
     ));
-    let adapter = FuseAdapter::new(fs, rt.handle().clone());
+    let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
 
     let mut opts = vec![
         fuser::MountOption::FSName(cfg.fsname.clone()),
         fuser::MountOption::Subtype("regfs".into()),
-        fuser::MountOption::RO,
         fuser::MountOption::NoSuid,
         fuser::MountOption::NoDev,
     ];
@@ -250,6 +250,19 @@ fn run(
         .name("regfs-readahead".into())
         .spawn(move || raise_readahead(&mp))
         .map_err(|e| format!("spawning a thread: {e}"))?;
+
+    // After a push, the kernel must forget the tag's cached name so the new manifest shows at
+    // once. Notifications go from their own thread: never from inside a request being answered.
+    let notifier = session.notifier();
+    let rt_handle = rt.handle().clone();
+    fs.set_invalidator(Box::new(move |parent, name| {
+        let n = notifier.clone();
+        rt_handle.spawn_blocking(move || {
+            if let Err(e) = n.inval_entry(fuser::INodeNo(parent), std::ffi::OsStr::new(&name)) {
+                log::debug!("invalidating {name} in {parent}: {e}");
+            }
+        });
+    }));
 
     let mut unmounter = session.unmount_callable();
     rt.spawn(async move {

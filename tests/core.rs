@@ -99,7 +99,7 @@ async fn read_all(fs: &Fs, path: &str) -> Result<Vec<u8>, i32> {
             Err(e) => break Err(e.errno),
         }
     };
-    fs.release(h.fh);
+    fs.release(h.fh).await;
     result
 }
 
@@ -231,7 +231,7 @@ async fn listing_fetches_no_blobs_and_reads_are_chunked() {
     let b = fs.read(h.fh, 320 * KIB - 10, 20).await.unwrap();
     assert_eq!(&b[..], &img.layer[320 * 1024 - 10..320 * 1024 + 10]);
     assert_eq!(gets(&reg), 2);
-    fs.release(h.fh);
+    fs.release(h.fh).await;
 }
 
 #[tokio::test]
@@ -249,7 +249,7 @@ async fn concurrent_readers_share_one_fetch() {
         tasks.push(tokio::spawn(async move {
             let h = fs.open(ino, false).await.unwrap();
             let b = fs.read(h.fh, 1000 + i, 100).await.unwrap();
-            fs.release(h.fh);
+            fs.release(h.fh).await;
             b
         }));
     }
@@ -357,7 +357,7 @@ async fn truncated_refused_and_corrupt_bodies_are_eio_and_not_cached() {
             assert_eq!(e.errno, libc::EIO, "{fault:?}: {}", e.message);
             assert_eq!(fs.cache().len(), before, "{fault:?} cached bad bytes");
             assert!(fs.read(h.fh, 0, 4096).await.is_ok());
-            fs.release(h.fh);
+            fs.release(h.fh).await;
         }
     }
 }

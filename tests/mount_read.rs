@@ -85,7 +85,9 @@ fn browse_image_tree() {
         .open(tag.join("config.json"))
         .unwrap_err();
     assert_eq!(errno(&e), libc::EROFS, "{e}");
-    let e = std::fs::create_dir(m.p("debian/min/tags/newtag")).unwrap_err();
+    let e = std::fs::create_dir(m.p("debian/min/tags/bookworm/layers/x")).unwrap_err();
+    assert_eq!(errno(&e), libc::EROFS, "{e}");
+    let e = std::fs::remove_file(tag.join("config.json")).unwrap_err();
     assert_eq!(errno(&e), libc::EROFS, "{e}");
     for missing in [
         "nope",
@@ -408,5 +410,11 @@ fn inode_numbers_are_stable() {
     assert_eq!(a.mode() & 0o777, 0o444);
     let d = std::fs::metadata(m.p("debian/min")).unwrap();
     assert!(d.is_dir());
-    assert_eq!(d.mode() & 0o777, 0o555);
+    assert_eq!(
+        d.mode() & 0o777,
+        0o755,
+        "repositories accept mkdir and uploads"
+    );
+    let l = std::fs::metadata(m.p("debian/min/tags/bookworm/layers")).unwrap();
+    assert_eq!(l.mode() & 0o777, 0o555);
 }

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ManifestBlob, ManifestHead, Registry, RequestStats};
+use super::{ManifestBlob, ManifestHead, Registry, RequestStats, UploadSession};
 use crate::digest::sha256_digest;
 use crate::error::{RegistryError, RegistryResult};
 use crate::manifest::sniff_media_type;
@@ -42,6 +42,10 @@ pub enum Op {
     Manifest,
     BlobHead,
     BlobRange,
+    /// PATCH (an error fault) or PUT of an upload.
+    UploadPatch,
+    UploadFinish,
+    PutManifest,
 }
 
 #[derive(Default)]
@@ -57,6 +61,9 @@ pub struct FakeRegistry {
     repos: Mutex<BTreeMap<String, Repo>>,
     faults: Mutex<HashMap<Op, VecDeque<Fault>>>,
     no_catalog: std::sync::atomic::AtomicBool,
+    /// Open upload sessions: id -> (repo, bytes so far).
+    uploads: Mutex<HashMap<String, (String, Vec<u8>)>>,
+    next_upload: std::sync::atomic::AtomicU64,
     stats: RequestStats,
 }
 
@@ -142,6 +149,37 @@ impl FakeRegistry {
             (media_type.into(), Bytes::copy_from_slice(body)),
         );
         r.tags.insert(tag.into(), digest.into());
+    }
+
+    /// Is an upload session still open?
+    pub fn open_uploads(&self) -> usize {
+        self.uploads.lock().unwrap().len()
+    }
+
+    /// Does `repo` hold blob `digest`?
+    pub fn has_blob(&self, repo: &str, digest: &str) -> bool {
+        self.repos
+            .lock()
+            .unwrap()
+            .get(repo)
+            .is_some_and(|r| r.blobs.contains_key(digest))
+    }
+
+    /// The tags of `repo`, straight from storage.
+    pub fn tag_names(&self, repo: &str) -> Vec<String> {
+        self.repos
+            .lock()
+            .unwrap()
+            .get(repo)
+            .map(|r| r.tags.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn error_fault(&self, op: Op) -> RegistryResult<()> {
+        match self.take_fault(op) {
+            Some(Fault::Error(f)) => Err(Self::fail(op, &f)),
+            _ => Ok(()),
+        }
     }
 
     fn resolve(&self, repo: &str, reference: &str) -> RegistryResult<(String, String, Bytes)> {
@@ -286,8 +324,122 @@ impl Registry for FakeRegistry {
         body: Bytes,
     ) -> RegistryResult<String> {
         RequestStats::inc(&self.stats.pushes);
+        self.error_fault(Op::PutManifest)?;
+        // Like a registry: every blob the manifest references must be in the repository.
+        if let Ok(crate::manifest::Parsed::Image { config, layers }) =
+            crate::manifest::parse("", &body)
+        {
+            for d in std::iter::once(&config).chain(&layers) {
+                if !self.has_blob(repo, &d.digest) {
+                    return Err(RegistryError::Invalid(format!(
+                        "MANIFEST_BLOB_UNKNOWN: blob unknown to registry: {}",
+                        d.digest
+                    )));
+                }
+            }
+        }
         let tag = (!reference.contains(':')).then_some(reference);
         Ok(self.add_manifest(repo, tag, body))
+    }
+
+    async fn upload_start(&self, repo: &str) -> RegistryResult<UploadSession> {
+        RequestStats::inc(&self.stats.upload_starts);
+        let id = format!(
+            "fake-upload-{}",
+            self.next_upload
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        self.uploads
+            .lock()
+            .unwrap()
+            .insert(id.clone(), (repo.to_string(), Vec::new()));
+        Ok(UploadSession {
+            location: id,
+            offset: 0,
+            min_chunk: None,
+        })
+    }
+
+    async fn upload_patch(
+        &self,
+        _repo: &str,
+        session: &mut UploadSession,
+        data: Bytes,
+    ) -> RegistryResult<()> {
+        RequestStats::inc(&self.stats.upload_patches);
+        self.error_fault(Op::UploadPatch)?;
+        let mut uploads = self.uploads.lock().unwrap();
+        let (_, buf) = uploads
+            .get_mut(&session.location)
+            .ok_or_else(|| RegistryError::NotFound("BLOB_UPLOAD_UNKNOWN".into()))?;
+        buf.extend_from_slice(&data);
+        session.offset += data.len() as u64;
+        RequestStats::add(&self.stats.upload_bytes, data.len() as u64);
+        Ok(())
+    }
+
+    async fn upload_finish(
+        &self,
+        repo: &str,
+        session: UploadSession,
+        digest: &str,
+        last: Bytes,
+    ) -> RegistryResult<()> {
+        self.error_fault(Op::UploadFinish)?;
+        let (_, mut buf) = self
+            .uploads
+            .lock()
+            .unwrap()
+            .remove(&session.location)
+            .ok_or_else(|| RegistryError::NotFound("BLOB_UPLOAD_UNKNOWN".into()))?;
+        buf.extend_from_slice(&last);
+        RequestStats::add(&self.stats.upload_bytes, last.len() as u64);
+        let actual = sha256_digest(&buf);
+        if actual != digest {
+            return Err(RegistryError::Invalid(format!(
+                "DIGEST_INVALID: {digest} (content is {actual})"
+            )));
+        }
+        self.add_blob(repo, buf);
+        Ok(())
+    }
+
+    async fn upload_cancel(&self, _repo: &str, session: UploadSession) {
+        RequestStats::inc(&self.stats.upload_cancels);
+        self.uploads.lock().unwrap().remove(&session.location);
+    }
+
+    async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> RegistryResult<bool> {
+        RequestStats::inc(&self.stats.blob_mounts);
+        let Ok(data) = self.blob(from, digest) else {
+            return Ok(false);
+        };
+        self.add_blob(repo, data);
+        Ok(true)
+    }
+
+    async fn delete_manifest(&self, repo: &str, digest: &str) -> RegistryResult<()> {
+        RequestStats::inc(&self.stats.deletes);
+        let mut repos = self.repos.lock().unwrap();
+        let r = repos
+            .get_mut(repo)
+            .ok_or_else(|| RegistryError::NotFound(format!("NAME_UNKNOWN: {repo}")))?;
+        r.manifests
+            .remove(digest)
+            .ok_or_else(|| RegistryError::NotFound(format!("MANIFEST_UNKNOWN: {digest}")))?;
+        // Like distribution: every tag pointing at the manifest goes with it.
+        r.tags.retain(|_, d| d != digest);
+        Ok(())
+    }
+
+    async fn delete_blob(&self, repo: &str, digest: &str) -> RegistryResult<()> {
+        RequestStats::inc(&self.stats.deletes);
+        let mut repos = self.repos.lock().unwrap();
+        repos
+            .get_mut(repo)
+            .and_then(|r| r.blobs.remove(digest))
+            .map(|_| ())
+            .ok_or_else(|| RegistryError::NotFound(format!("BLOB_UNKNOWN: {digest}")))
     }
 
     fn stats(&self) -> &RequestStats {

@@ -15,7 +15,7 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, ACCEPT_ENCODING, AUTHORIZA
 use reqwest::{Method, StatusCode, Url};
 
 use super::auth::{parse_challenges, Credentials, Scheme, TokenCache, TokenResponse};
-use super::{ManifestBlob, ManifestHead, Registry, RequestStats};
+use super::{ManifestBlob, ManifestHead, Registry, RequestStats, UploadSession};
 use crate::digest::{is_sha256_digest, sha256_digest, verify};
 use crate::error::{RegistryError, RegistryResult};
 use crate::manifest::{sniff_media_type, MANIFEST_ACCEPT};
@@ -752,49 +752,10 @@ impl Registry for HttpRegistry {
     }
 
     async fn push_blob(&self, repo: &str, data: Bytes) -> RegistryResult<String> {
-        check_repo(repo)?;
         RequestStats::inc(&self.stats.pushes);
         let digest = sha256_digest(&data);
-        let scope = repo_scope(repo, true);
-        let post = Req {
-            method: Method::POST,
-            url: self.url(&format!("/v2/{repo}/blobs/uploads/")),
-            headers: HeaderMap::new(),
-            body: Some(Bytes::new()),
-            scope: scope.clone(),
-            what: format!("POST {repo} upload"),
-        };
-        let resp = self.send(&post).await?;
-        if resp.status() != StatusCode::ACCEPTED {
-            let s = resp.status();
-            let body = resp.bytes().await.unwrap_or_default();
-            return Err(error_from(s, &body, &post.what));
-        }
-        let location = header_str(resp.headers(), "location")
-            .ok_or_else(|| RegistryError::Protocol(format!("{}: no Location", post.what)))?;
-        let mut url = post.url.join(location).map_err(|e| {
-            RegistryError::Protocol(format!("{}: bad Location {location:?}: {e}", post.what))
-        })?;
-        url.query_pairs_mut().append_pair("digest", &digest);
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            reqwest::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        let put = Req {
-            method: Method::PUT,
-            url,
-            headers,
-            body: Some(data),
-            scope,
-            what: format!("PUT {repo}@{digest}"),
-        };
-        let resp = self.send(&put).await?;
-        if resp.status() != StatusCode::CREATED {
-            let s = resp.status();
-            let body = resp.bytes().await.unwrap_or_default();
-            return Err(error_from(s, &body, &put.what));
-        }
+        let session = self.upload_start(repo).await?;
+        self.upload_finish(repo, session, &digest, data).await?;
         Ok(digest)
     }
 
@@ -832,9 +793,253 @@ impl Registry for HttpRegistry {
         Ok(digest)
     }
 
+    async fn upload_start(&self, repo: &str) -> RegistryResult<UploadSession> {
+        check_repo(repo)?;
+        RequestStats::inc(&self.stats.upload_starts);
+        let req = Req {
+            method: Method::POST,
+            url: self.url(&format!("/v2/{repo}/blobs/uploads/")),
+            headers: HeaderMap::new(),
+            body: Some(Bytes::new()),
+            scope: repo_scope(repo, true),
+            what: format!("POST {repo} upload"),
+        };
+        let resp = self.send(&req).await?;
+        if resp.status() != StatusCode::ACCEPTED {
+            let s = resp.status();
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(error_from(s, &body, &req.what));
+        }
+        let location = resolve_location(resp.headers(), &req.url, &req.what)?;
+        let min_chunk =
+            header_str(resp.headers(), "oci-chunk-min-length").and_then(|v| v.parse().ok());
+        Ok(UploadSession {
+            location: location.to_string(),
+            offset: 0,
+            min_chunk,
+        })
+    }
+
+    async fn upload_patch(
+        &self,
+        repo: &str,
+        session: &mut UploadSession,
+        data: Bytes,
+    ) -> RegistryResult<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        RequestStats::inc(&self.stats.upload_patches);
+        let start = session.offset;
+        let end = start + data.len() as u64 - 1;
+        let url = Url::parse(&session.location)
+            .map_err(|e| RegistryError::Protocol(format!("upload location: {e}")))?;
+        let mut headers = HeaderMap::new();
+        // distribution 2.8 wants `START-END`, without `bytes=`.
+        headers.insert(
+            reqwest::header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("{start}-{end}")).expect("ascii"),
+        );
+        headers.insert(
+            reqwest::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        let len = data.len() as u64;
+        let req = Req {
+            method: Method::PATCH,
+            url,
+            headers,
+            body: Some(data),
+            scope: repo_scope(repo, true),
+            what: format!("PATCH {repo} upload bytes {start}-{end}"),
+        };
+        let resp = self.send(&req).await?;
+        let status = resp.status();
+        // 202 per the spec; ECR answers 201.
+        if status != StatusCode::ACCEPTED && status != StatusCode::CREATED {
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(error_from(status, &body, &req.what));
+        }
+        // distribution 2.8 appends out-of-order data silently: the Range it reports is the truth.
+        let range = header_str(resp.headers(), "range").unwrap_or("");
+        let acked = range
+            .trim_start_matches("bytes=")
+            .split_once('-')
+            .and_then(|(_, e)| e.parse::<u64>().ok());
+        if acked != Some(end) {
+            return Err(RegistryError::Protocol(format!(
+                "{}: registry acknowledged {range:?}, expected 0-{end}",
+                req.what
+            )));
+        }
+        session.location = resolve_location(resp.headers(), &req.url, &req.what)?.to_string();
+        session.offset = end + 1;
+        RequestStats::add(&self.stats.upload_bytes, len);
+        Ok(())
+    }
+
+    async fn upload_finish(
+        &self,
+        repo: &str,
+        session: UploadSession,
+        digest: &str,
+        last: Bytes,
+    ) -> RegistryResult<()> {
+        let mut url = Url::parse(&session.location)
+            .map_err(|e| RegistryError::Protocol(format!("upload location: {e}")))?;
+        url.query_pairs_mut().append_pair("digest", digest);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        if !last.is_empty() {
+            let start = session.offset;
+            let end = start + last.len() as u64 - 1;
+            headers.insert(
+                reqwest::header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("{start}-{end}")).expect("ascii"),
+            );
+        }
+        let len = last.len() as u64;
+        let req = Req {
+            method: Method::PUT,
+            url,
+            headers,
+            body: Some(last),
+            scope: repo_scope(repo, true),
+            what: format!("PUT {repo}@{digest}"),
+        };
+        let resp = self.send(&req).await?;
+        if resp.status() != StatusCode::CREATED {
+            let s = resp.status();
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(error_from(s, &body, &req.what));
+        }
+        if let Some(d) = header_str(resp.headers(), "docker-content-digest") {
+            if d != digest {
+                return Err(RegistryError::DigestMismatch {
+                    expected: digest.to_string(),
+                    actual: d.to_string(),
+                });
+            }
+        }
+        RequestStats::add(&self.stats.upload_bytes, len);
+        Ok(())
+    }
+
+    async fn upload_cancel(&self, repo: &str, session: UploadSession) {
+        RequestStats::inc(&self.stats.upload_cancels);
+        let Ok(url) = Url::parse(&session.location) else {
+            return;
+        };
+        let req = Req {
+            method: Method::DELETE,
+            url,
+            headers: HeaderMap::new(),
+            body: None,
+            scope: repo_scope(repo, true),
+            what: format!("DELETE {repo} upload"),
+        };
+        match self.send(&req).await {
+            Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {}
+            Ok(r) => log::warn!("{}: cancelling gave HTTP {}", req.what, r.status()),
+            Err(e) => log::warn!("{}: {e}", req.what),
+        }
+    }
+
+    async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> RegistryResult<bool> {
+        check_repo(repo)?;
+        check_repo(from)?;
+        check_digest(digest)?;
+        RequestStats::inc(&self.stats.blob_mounts);
+        let mut url = self.url(&format!("/v2/{repo}/blobs/uploads/"));
+        url.query_pairs_mut()
+            .append_pair("mount", digest)
+            .append_pair("from", from);
+        let req = Req {
+            method: Method::POST,
+            url,
+            headers: HeaderMap::new(),
+            body: Some(Bytes::new()),
+            scope: format!("{} repository:{from}:pull", repo_scope(repo, true)),
+            what: format!("mount {digest} from {from} into {repo}"),
+        };
+        let resp = self.send(&req).await?;
+        match resp.status() {
+            StatusCode::CREATED => Ok(true),
+            StatusCode::ACCEPTED => {
+                // Not mounted: the registry opened an ordinary upload instead. Close it.
+                if let Ok(loc) = resolve_location(resp.headers(), &req.url, &req.what) {
+                    self.upload_cancel(
+                        repo,
+                        UploadSession {
+                            location: loc.to_string(),
+                            offset: 0,
+                            min_chunk: None,
+                        },
+                    )
+                    .await;
+                }
+                Ok(false)
+            }
+            s => {
+                let body = resp.bytes().await.unwrap_or_default();
+                Err(error_from(s, &body, &req.what))
+            }
+        }
+    }
+
+    async fn delete_manifest(&self, repo: &str, digest: &str) -> RegistryResult<()> {
+        self.delete(repo, &format!("manifests/{digest}"), digest)
+            .await
+    }
+
+    async fn delete_blob(&self, repo: &str, digest: &str) -> RegistryResult<()> {
+        self.delete(repo, &format!("blobs/{digest}"), digest).await
+    }
+
     fn stats(&self) -> &RequestStats {
         &self.stats
     }
+}
+
+impl HttpRegistry {
+    async fn delete(&self, repo: &str, what_path: &str, digest: &str) -> RegistryResult<()> {
+        check_repo(repo)?;
+        check_digest(digest)?;
+        RequestStats::inc(&self.stats.deletes);
+        let req = Req {
+            method: Method::DELETE,
+            url: self.url(&format!("/v2/{repo}/{what_path}")),
+            headers: HeaderMap::new(),
+            body: None,
+            scope: format!("repository:{repo}:delete"),
+            what: format!("DELETE {repo}/{what_path}"),
+        };
+        let resp = self.send(&req).await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(match status.as_u16() {
+            405 => RegistryError::Unsupported(format!(
+                "{}: the registry does not allow deletes ({})",
+                req.what,
+                String::from_utf8_lossy(&body).trim()
+            )),
+            _ => error_from(status, &body, &req.what),
+        })
+    }
+}
+
+/// The `Location` of a response, resolved against the URL of the request it answers.
+fn resolve_location(h: &HeaderMap, base: &Url, what: &str) -> RegistryResult<Url> {
+    let loc = header_str(h, "location")
+        .ok_or_else(|| RegistryError::Protocol(format!("{what}: no Location")))?;
+    base.join(loc)
+        .map_err(|e| RegistryError::Protocol(format!("{what}: bad Location {loc:?}: {e}")))
 }
 
 #[cfg(test)]

@@ -66,8 +66,46 @@ pub trait Registry: Send + Sync + 'static {
         media_type: &str,
         body: Bytes,
     ) -> RegistryResult<String>;
+    /// Open a blob upload session (POST). Nothing is sent yet.
+    async fn upload_start(&self, repo: &str) -> RegistryResult<UploadSession>;
+    /// Send the next chunk (PATCH with `Content-Range`). The registry's `Range` answer is checked,
+    /// and the session moves to the `Location` it returned.
+    async fn upload_patch(
+        &self,
+        repo: &str,
+        session: &mut UploadSession,
+        data: Bytes,
+    ) -> RegistryResult<()>;
+    /// Close the session (PUT `?digest=`), with `last` as the final bytes (may be empty).
+    async fn upload_finish(
+        &self,
+        repo: &str,
+        session: UploadSession,
+        digest: &str,
+        last: Bytes,
+    ) -> RegistryResult<()>;
+    /// Cancel a session (DELETE). Best effort: errors are logged, not returned.
+    async fn upload_cancel(&self, repo: &str, session: UploadSession);
+    /// Mount `digest` from repository `from` into `repo`. Ok(true) = mounted (201); Ok(false) =
+    /// the registry could not (202; the session it opened is cancelled).
+    async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> RegistryResult<bool>;
+    /// DELETE a manifest by digest (distribution also removes every tag pointing at it).
+    async fn delete_manifest(&self, repo: &str, digest: &str) -> RegistryResult<()>;
+    /// DELETE a blob by digest.
+    async fn delete_blob(&self, repo: &str, digest: &str) -> RegistryResult<()>;
     /// The request counters.
     fn stats(&self) -> &RequestStats;
+}
+
+/// An open blob upload: where the next request goes, and how much the registry has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadSession {
+    /// Absolute URL of the latest `Location` (for the fake: an opaque id).
+    pub location: String,
+    /// Bytes the registry has acknowledged.
+    pub offset: u64,
+    /// `OCI-Chunk-Min-Length`, when the registry sent one.
+    pub min_chunk: Option<u64>,
 }
 
 /// Counters of the requests a registry implementation has sent (or, for the fake, served).
@@ -82,6 +120,12 @@ pub struct RequestStats {
     pub blob_bytes: AtomicU64,
     pub token_fetches: AtomicU64,
     pub pushes: AtomicU64,
+    pub upload_starts: AtomicU64,
+    pub upload_patches: AtomicU64,
+    pub upload_bytes: AtomicU64,
+    pub upload_cancels: AtomicU64,
+    pub blob_mounts: AtomicU64,
+    pub deletes: AtomicU64,
 }
 
 /// A plain copy of [`RequestStats`], as JSON for the `user.regfs.stats` xattr.
@@ -96,11 +140,20 @@ pub struct StatsSnapshot {
     pub blob_bytes: u64,
     pub token_fetches: u64,
     pub pushes: u64,
+    pub upload_starts: u64,
+    pub upload_patches: u64,
+    pub upload_bytes: u64,
+    pub upload_cancels: u64,
+    pub blob_mounts: u64,
+    pub deletes: u64,
 }
 
 impl RequestStats {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
     pub fn snapshot(&self) -> StatsSnapshot {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -114,6 +167,12 @@ impl RequestStats {
             blob_bytes: g(&self.blob_bytes),
             token_fetches: g(&self.token_fetches),
             pushes: g(&self.pushes),
+            upload_starts: g(&self.upload_starts),
+            upload_patches: g(&self.upload_patches),
+            upload_bytes: g(&self.upload_bytes),
+            upload_cancels: g(&self.upload_cancels),
+            blob_mounts: g(&self.blob_mounts),
+            deletes: g(&self.deletes),
         }
     }
 }

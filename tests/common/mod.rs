@@ -40,6 +40,39 @@ pub struct TestRegistry {
     pub auth: Auth,
 }
 
+/// Start `docker-registry serve CONFIG`; returns the child and the port it listens on.
+fn spawn_registry(cfg_path: &Path) -> (Child, u16) {
+    let mut child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(cfg_path)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("docker-registry must be installed (apt-get install docker-registry)");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(i) = line.find("listening on 127.0.0.1:") {
+                    let rest = &line[i + "listening on 127.0.0.1:".len()..];
+                    let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                    let _ = tx.send(port.parse::<u16>().unwrap());
+                    sent = true;
+                }
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("docker-registry did not report its port");
+    (child, port)
+}
+
 impl TestRegistry {
     pub fn start() -> Self {
         Self::start_with(Auth::None, "")
@@ -71,35 +104,7 @@ impl TestRegistry {
         );
         let cfg_path = dir.path().join("config.yml");
         std::fs::write(&cfg_path, config).unwrap();
-        let mut child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&cfg_path)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("docker-registry must be installed (apt-get install docker-registry)");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(i) = line.find("listening on 127.0.0.1:") {
-                        let rest = &line[i + "listening on 127.0.0.1:".len()..];
-                        let port: String =
-                            rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-                        let _ = tx.send(port.parse::<u16>().unwrap());
-                        sent = true;
-                    }
-                }
-            }
-        });
-        let port = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("docker-registry did not report its port");
+        let (child, port) = spawn_registry(&cfg_path);
         TestRegistry {
             dir,
             port,
@@ -154,6 +159,39 @@ impl TestRegistry {
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Start again on the same storage (on a new port).
+    pub fn restart(&mut self) {
+        self.stop();
+        let (child, port) = spawn_registry(&self.dir.path().join("config.yml"));
+        self.child = child;
+        self.port = port;
+    }
+
+    /// `curl` a registry path; returns (HTTP status, body).
+    pub fn curl(&self, method: &str, path: &str) -> (u16, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        // curl -X HEAD would wait for a body: HEAD is -I.
+        let method_args: Vec<&str> = if method == "HEAD" {
+            vec!["-I"]
+        } else {
+            vec!["-X", method]
+        };
+        let out = Command::new("curl")
+            .arg("-s")
+            .args(&method_args)
+            .arg("-o")
+            .arg(&body)
+            .args(["-w", "%{http_code}"])
+            .args(["-H", "Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json"])
+            .args(["--max-time", "30"])
+            .arg(format!("{}{path}", self.url()))
+            .output()
+            .expect("curl");
+        let code = String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0);
+        (code, std::fs::read(&body).unwrap_or_default())
     }
 }
 

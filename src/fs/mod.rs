@@ -20,6 +20,8 @@ use crate::error::{FsError, FsResult, RegistryError, RegistryResult};
 use crate::manifest::{self, Descriptor, Parsed};
 use crate::registry::{is_valid_component, is_valid_tag, ManifestBlob, ManifestHead, Registry};
 
+mod write;
+
 /// The root inode number.
 pub const ROOT_INO: u64 = 1;
 /// Names inside a repository directory that belong to regfs, not to nested repositories.
@@ -43,6 +45,8 @@ pub struct FsOptions {
     pub readahead_chunks: u64,
     /// (os, architecture, variant) chosen at the tag level of an index.
     pub platform: (String, String, Option<String>),
+    /// PATCH size of uploads.
+    pub upload_chunk_size: u64,
 }
 
 impl Default for FsOptions {
@@ -53,6 +57,7 @@ impl Default for FsOptions {
             metadata_ttl: crate::config::DEFAULT_METADATA_TTL,
             readahead_chunks: crate::config::DEFAULT_READAHEAD_CHUNKS,
             platform: ("linux".into(), "amd64".into(), None),
+            upload_chunk_size: crate::config::DEFAULT_UPLOAD_CHUNK_SIZE,
         }
     }
 }
@@ -126,12 +131,49 @@ pub enum Node {
     IndexJson {
         repo: String,
     },
+    /// `tags/<tag>/` made by mkdir, before its manifest is pushed.
+    PendingTag {
+        repo: String,
+        tag: String,
+    },
+    /// A file being (or having been) written: `uploads/NAME`, `blobs/sha256/<hex>` or a tag's
+    /// `manifest.json`. Its size and digest live in the staged table.
+    Staged(StagedKey),
     File(FileNode),
+}
+
+/// Where a written file lives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Area {
+    Uploads,
+    Blobs,
+    Manifest { tag: String },
+}
+
+/// Identity of a written file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StagedKey {
+    pub repo: String,
+    pub area: Area,
+    pub name: String,
+}
+
+/// What is known of a written file.
+#[derive(Debug, Clone, Default)]
+pub struct StagedInfo {
+    /// Bytes written so far (the final size once committed).
+    pub size: u64,
+    /// Set once the registry accepted it.
+    pub digest: Option<String>,
+    pub media_type: Option<String>,
 }
 
 impl Node {
     pub fn is_dir(&self) -> bool {
-        !matches!(self, Node::File(_) | Node::IndexJson { .. })
+        !matches!(
+            self,
+            Node::File(_) | Node::IndexJson { .. } | Node::Staged(_)
+        )
     }
     /// Can the kernel cache this node's entry and attributes for long?
     fn immutable(&self) -> bool {
@@ -228,7 +270,8 @@ impl InodeTable {
                     }
                     return ino;
                 }
-                e.key = None; // the old node lives on for open handles until forgotten
+                // The old node lives on for open handles until forgotten; it keeps its
+                // (parent, name) as where it came from.
             }
         }
         let ino = self.next;
@@ -337,7 +380,7 @@ struct Handle {
 }
 
 /// Cached listing with its fetch time.
-struct Timed<T> {
+pub(crate) struct Timed<T> {
     at: Instant,
     value: T,
 }
@@ -347,7 +390,7 @@ type CatalogState = Option<Arc<Vec<String>>>;
 
 /// A manifest with its parsed form.
 #[derive(Clone)]
-struct ManifestEntry {
+pub(crate) struct ManifestEntry {
     blob: ManifestBlob,
     parsed: Parsed,
 }
@@ -373,7 +416,18 @@ pub struct Fs {
     seen: Mutex<HashMap<String, BTreeMap<String, FileNode>>>,
     /// Blob digests whose whole content has been checked.
     verified: Mutex<std::collections::HashSet<String>>,
+    /// Files written through the mount.
+    staged: Mutex<HashMap<StagedKey, StagedInfo>>,
+    /// Tags made by mkdir whose manifest is not pushed yet.
+    pending_tags: Mutex<BTreeSet<(String, String)>>,
+    /// Open writing handles.
+    writers: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<write::Writer>>>>,
+    /// Tells the kernel to forget a cached name (set by the FUSE adapter).
+    invalidator: std::sync::OnceLock<Invalidator>,
 }
+
+/// Called with (parent inode, name) when a name's meaning changed under the kernel's cache.
+pub type Invalidator = Box<dyn Fn(u64, String) + Send + Sync>;
 
 fn fs_err_ctx(e: RegistryError, ctx: &str) -> FsError {
     FsError::from(e).context(ctx)
@@ -398,6 +452,10 @@ impl Fs {
             known_repos: Mutex::new(BTreeSet::new()),
             seen: Mutex::new(HashMap::new()),
             verified: Mutex::new(std::collections::HashSet::new()),
+            staged: Mutex::new(HashMap::new()),
+            pending_tags: Mutex::new(BTreeSet::new()),
+            writers: Mutex::new(HashMap::new()),
+            invalidator: std::sync::OnceLock::new(),
         }
     }
 
@@ -407,6 +465,11 @@ impl Fs {
 
     pub fn cache(&self) -> &ChunkCache {
         &self.cache
+    }
+
+    /// Install the hook that invalidates kernel name caches (once).
+    pub fn set_invalidator(&self, f: Invalidator) {
+        let _ = self.invalidator.set(f);
     }
 
     fn fresh<T>(&self, t: &Timed<T>) -> bool {
@@ -433,6 +496,19 @@ impl Fs {
         let (kind, size, perm, nlink) = match node {
             Node::File(f) => (Kind::File, f.size, 0o444, 1),
             Node::IndexJson { .. } => (Kind::File, 0, 0o444, 1),
+            Node::Staged(k) => {
+                let size = self.staged.lock().unwrap().get(k).map_or(0, |i| i.size);
+                (Kind::File, size, 0o644, 1)
+            }
+            // Where something can be created.
+            Node::Root
+            | Node::Dir { .. }
+            | Node::NsEscape { .. }
+            | Node::Tags { .. }
+            | Node::Image { tag: Some(_), .. }
+            | Node::PendingTag { .. }
+            | Node::Uploads { .. }
+            | Node::BlobsAlgo { .. } => (Kind::Dir, 0, 0o755, 2),
             _ => (Kind::Dir, 0, 0o555, 2),
         };
         Attr {
@@ -450,6 +526,9 @@ impl Fs {
             attr: self.attr_of(ino, node),
             ttl: if node.immutable() {
                 IMMUTABLE_TTL
+            } else if matches!(node, Node::Staged(_) | Node::PendingTag { .. }) {
+                // Changes with every write: let the kernel ask.
+                Duration::ZERO
             } else {
                 self.opts.metadata_ttl
             },
@@ -749,10 +828,41 @@ impl Fs {
                 }
             }
             Node::Tags { repo } => {
-                for t in self.tag_list(repo).await?.iter() {
+                let tags = match self.tag_list(repo).await {
+                    Ok(t) => t,
+                    // A repository made by mkdir has no tags in the registry yet.
+                    Err(e) if e.errno == libc::ENOENT && self.created_here(repo) => {
+                        Arc::new(vec![])
+                    }
+                    Err(e) => return Err(e),
+                };
+                for t in tags.iter() {
                     if let Ok(n) = self.tag_node(repo, t).await {
                         out.push((t.clone(), n));
                     }
+                }
+                let pending: Vec<String> = self
+                    .pending_tags
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(r, t)| r == repo && !tags.contains(t))
+                    .map(|(_, t)| t.clone())
+                    .collect();
+                for t in pending {
+                    out.push((
+                        t.clone(),
+                        Node::PendingTag {
+                            repo: repo.clone(),
+                            tag: t,
+                        },
+                    ));
+                }
+            }
+            Node::PendingTag { repo, tag } => {
+                // Once its manifest is pushed, a pending tag shows the image.
+                if let Ok(Node::Image { digest, .. }) = self.tag_node(repo, tag).await {
+                    out = self.image_children(repo, &digest).await?;
                 }
             }
             Node::Image { repo, digest, .. } => {
@@ -786,8 +896,16 @@ impl Fs {
                     }
                 }
             }
-            Node::Uploads { .. } => {}
-            Node::File(_) | Node::IndexJson { .. } => {
+            Node::Uploads { repo } => {
+                let staged = self.staged.lock().unwrap();
+                for k in staged.keys() {
+                    if &k.repo == repo && k.area == Area::Uploads {
+                        out.push((k.name.clone(), Node::Staged(k.clone())));
+                    }
+                }
+                out.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+            Node::File(_) | Node::IndexJson { .. } | Node::Staged(_) => {
                 return Err(FsError::not_dir("not a directory"))
             }
         }
@@ -991,13 +1109,48 @@ impl Fs {
                 }
                 match self.tag_node(repo, name).await {
                     Ok(n) => Ok(Some(n)),
-                    Err(e) if e.errno == libc::ENOENT => Ok(None),
+                    Err(e) if e.errno == libc::ENOENT => {
+                        let key = (repo.clone(), name.to_string());
+                        Ok(self.pending_tags.lock().unwrap().contains(&key).then(|| {
+                            Node::PendingTag {
+                                repo: repo.clone(),
+                                tag: name.to_string(),
+                            }
+                        }))
+                    }
                     Err(e) => Err(e),
                 }
+            }
+            Node::Uploads { repo } => {
+                let key = StagedKey {
+                    repo: repo.clone(),
+                    area: Area::Uploads,
+                    name: name.to_string(),
+                };
+                Ok(self
+                    .staged
+                    .lock()
+                    .unwrap()
+                    .contains_key(&key)
+                    .then_some(Node::Staged(key)))
             }
             Node::BlobsAlgo { repo } => {
                 if !is_sha256_hex(name) {
                     return Ok(None);
+                }
+                let key = StagedKey {
+                    repo: repo.clone(),
+                    area: Area::Blobs,
+                    name: name.to_string(),
+                };
+                if self
+                    .staged
+                    .lock()
+                    .unwrap()
+                    .get(&key)
+                    .is_some_and(|i| i.digest.is_none())
+                {
+                    return Ok(Some(Node::Staged(key)));
                 }
                 if let Some(f) = self
                     .seen
@@ -1093,16 +1246,17 @@ impl Fs {
 
     pub async fn open(&self, ino: u64, write: bool) -> FsResult<Opened> {
         let node = self.node(ino)?;
+        if write {
+            return self.open_write(ino, &node).await;
+        }
         let node = match &*node {
             Node::IndexJson { .. } => Arc::new(self.materialize((*node).clone()).await?),
+            Node::Staged(k) => Arc::new(Node::File(self.staged_file(k)?)),
             _ => node,
         };
         let Node::File(f) = &*node else {
             return Err(FsError::is_dir("open of a directory for reading data"));
         };
-        if write {
-            return Err(FsError::read_only("this file is read-only"));
-        }
         let verifier = match &f.content {
             Content::Blob { digest }
                 if f.size > self.opts.chunk_size && digest.starts_with("sha256:") =>
@@ -1136,8 +1290,43 @@ impl Fs {
         Ok(Opened { fh, keep_cache })
     }
 
-    pub fn release(&self, fh: u64) {
+    /// Close a handle. A writing handle that was not flushed commits here; errors can only be
+    /// logged at this point.
+    pub async fn release(&self, fh: u64) {
         self.handles.lock().unwrap().remove(&fh);
+        let writer = self.writers.lock().unwrap().remove(&fh);
+        if let Some(w) = writer {
+            if let Err(e) = self.commit(&w).await {
+                log::log!(e.level, "release fh={fh}: {}", e.message);
+            }
+        }
+    }
+
+    /// A committed written file as a readable file.
+    fn staged_file(&self, k: &StagedKey) -> FsResult<FileNode> {
+        let info = self
+            .staged
+            .lock()
+            .unwrap()
+            .get(k)
+            .cloned()
+            .unwrap_or_default();
+        let digest = info.digest.ok_or_else(|| {
+            FsError::new(
+                libc::EBUSY,
+                log::Level::Debug,
+                format!("{} is still being written", k.name),
+            )
+        })?;
+        Ok(FileNode {
+            repo: k.repo.clone(),
+            content: match k.area {
+                Area::Manifest { .. } => Content::Manifest { digest },
+                _ => Content::Blob { digest },
+            },
+            size: info.size,
+            media_type: info.media_type,
+        })
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
@@ -1278,6 +1467,12 @@ impl Fs {
         Ok(match &*node {
             Node::Root => vec!["user.regfs.stats".into()],
             Node::Image { .. } => vec!["user.oci.digest".into()],
+            Node::Staged(k) => match self.staged.lock().unwrap().get(k) {
+                Some(StagedInfo {
+                    digest: Some(_), ..
+                }) => vec!["user.oci.digest".into()],
+                _ => vec![],
+            },
             Node::File(f) if f.digest().is_some() => {
                 let mut v = vec!["user.oci.digest".to_string()];
                 if f.media_type.is_some() {
@@ -1299,6 +1494,19 @@ impl Fs {
                 v.to_string()
             }
             (Node::Image { digest, .. }, "user.oci.digest") => digest.clone(),
+            (Node::PendingTag { repo, tag }, "user.oci.digest") => {
+                match self.resolve_tag(repo, tag).await {
+                    Ok(h) => h.digest,
+                    Err(_) => return Err(FsError::no_attr()),
+                }
+            }
+            (Node::Staged(k), "user.oci.digest") => self
+                .staged
+                .lock()
+                .unwrap()
+                .get(k)
+                .and_then(|i| i.digest.clone())
+                .ok_or_else(FsError::no_attr)?,
             (Node::File(f), "user.oci.digest") => {
                 f.digest().ok_or_else(FsError::no_attr)?.to_string()
             }

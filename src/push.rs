@@ -1,0 +1,284 @@
+//! Pushing by writing: a chunked blob upload driven by sequential `write`s.
+//!
+//! Bytes are hashed as they arrive and sent as PATCH chunks of the upload chunk size (at least the
+//! registry's `OCI-Chunk-Min-Length`). One PATCH is in flight while the next chunk fills, so memory
+//! stays at about two chunks whatever the file size. The commit (PUT `?digest=`) happens in
+//! [`BlobUpload::finish`]; any failure cancels the session so nothing claims to be complete.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::task::JoinHandle;
+
+use crate::digest::StreamingDigest;
+use crate::error::{FsError, FsResult, RegistryError, RegistryResult};
+use crate::registry::{Registry, UploadSession};
+
+type Inflight = JoinHandle<(UploadSession, RegistryResult<()>)>;
+
+/// One blob being written.
+pub struct BlobUpload {
+    reg: Arc<dyn Registry>,
+    repo: String,
+    chunk: u64,
+    /// The digest the content must have (`blobs/sha256/<hex>`), if known in advance.
+    expected: Option<String>,
+    /// The registry already has `expected`: hash to check the content, send nothing.
+    skip: bool,
+    written: u64,
+    hasher: StreamingDigest,
+    buf: BytesMut,
+    session: Option<UploadSession>,
+    inflight: Option<Inflight>,
+    /// The first failure; every later call returns it.
+    failed: Option<FsError>,
+}
+
+fn push_error(repo: &str, e: RegistryError) -> FsError {
+    // Whatever the cause, a failed push is an I/O error for the writer (close returns EIO).
+    FsError::io(format!("push to {repo}: {e}"))
+}
+
+impl BlobUpload {
+    pub fn new(
+        reg: Arc<dyn Registry>,
+        repo: &str,
+        chunk: u64,
+        expected: Option<String>,
+        skip: bool,
+    ) -> Self {
+        BlobUpload {
+            reg,
+            repo: repo.to_string(),
+            chunk,
+            expected,
+            skip,
+            written: 0,
+            hasher: StreamingDigest::default(),
+            buf: BytesMut::new(),
+            session: None,
+            inflight: None,
+            failed: None,
+        }
+    }
+
+    /// Bytes accepted so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn fail(&mut self, e: FsError) -> FsError {
+        if self.failed.is_none() {
+            self.failed = Some(e.clone());
+        }
+        e
+    }
+
+    /// Accept `data` at `offset`, which must be where the previous write ended.
+    pub async fn write(&mut self, offset: u64, data: &[u8]) -> FsResult<u32> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if offset != self.written {
+            return Err(FsError::invalid(format!(
+                "writes must be sequential: write at {offset}, expected {}",
+                self.written
+            )));
+        }
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        if !self.skip {
+            self.buf.extend_from_slice(data);
+            self.pump().await?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// The chunk size in force: ours, or the registry's minimum when that is larger.
+    fn threshold(&self) -> u64 {
+        let min = self.session.as_ref().and_then(|s| s.min_chunk).unwrap_or(0);
+        self.chunk.max(min)
+    }
+
+    /// Send every full chunk in the buffer (at most one PATCH in flight).
+    async fn pump(&mut self) -> FsResult<()> {
+        while self.buf.len() as u64 >= self.threshold() {
+            self.wait_inflight().await?;
+            if self.session.is_none() {
+                match self.reg.upload_start(&self.repo).await {
+                    Ok(s) => self.session = Some(s),
+                    Err(e) => {
+                        let e = push_error(&self.repo, e);
+                        return Err(self.fail(e));
+                    }
+                }
+                if (self.buf.len() as u64) < self.threshold() {
+                    break;
+                }
+            }
+            let data = self.buf.split_to(self.threshold() as usize).freeze();
+            let mut session = self.session.take().expect("session started above");
+            let (reg, repo) = (self.reg.clone(), self.repo.clone());
+            self.inflight = Some(tokio::spawn(async move {
+                let r = reg.upload_patch(&repo, &mut session, data).await;
+                (session, r)
+            }));
+        }
+        Ok(())
+    }
+
+    /// Wait for the PATCH in flight, if any, and take its session back.
+    async fn wait_inflight(&mut self) -> FsResult<()> {
+        let Some(h) = self.inflight.take() else {
+            return Ok(());
+        };
+        match h.await {
+            Ok((session, result)) => {
+                self.session = Some(session);
+                if let Err(e) = result {
+                    let e = push_error(&self.repo, e);
+                    return Err(self.fail(e));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let e = FsError::io(format!("push to {}: upload task failed: {e}", self.repo));
+                Err(self.fail(e))
+            }
+        }
+    }
+
+    /// `fsync`: send what can go as chunks now and wait for it; report a failed chunk.
+    pub async fn sync(&mut self) -> FsResult<()> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if !self.skip {
+            self.pump().await?;
+            self.wait_inflight().await?;
+        }
+        Ok(())
+    }
+
+    /// Commit: the last bytes and PUT `?digest=`. Returns the digest. On failure the session is
+    /// cancelled.
+    pub async fn finish(&mut self) -> FsResult<String> {
+        let result = self.finish_inner().await;
+        if result.is_err() {
+            self.abort().await;
+        }
+        result
+    }
+
+    async fn finish_inner(&mut self) -> FsResult<String> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        self.wait_inflight().await?;
+        let digest = self.hasher.clone().finish();
+        if let Some(exp) = &self.expected {
+            if *exp != digest {
+                let e = FsError::io(format!(
+                    "push to {}: the content written hashes to {digest}, not to its name {exp}",
+                    self.repo
+                ));
+                return Err(self.fail(e));
+            }
+        }
+        if self.skip {
+            return Ok(digest);
+        }
+        if self.session.is_none() {
+            // Everything fits in one request: skip it if the registry already has the blob.
+            if self.reg.blob_size(&self.repo, &digest).await.is_ok() {
+                self.buf.clear();
+                return Ok(digest);
+            }
+            match self.reg.upload_start(&self.repo).await {
+                Ok(s) => self.session = Some(s),
+                Err(e) => {
+                    let e = push_error(&self.repo, e);
+                    return Err(self.fail(e));
+                }
+            }
+        }
+        let session = self.session.clone().expect("session exists");
+        let last = self.buf.split().freeze();
+        match self
+            .reg
+            .upload_finish(&self.repo, session, &digest, last)
+            .await
+        {
+            Ok(()) => {
+                self.session = None;
+                Ok(digest)
+            }
+            Err(e) => {
+                let e = push_error(&self.repo, e);
+                Err(self.fail(e))
+            }
+        }
+    }
+
+    /// Cancel the upload session, if one is open.
+    pub async fn abort(&mut self) {
+        if let Some(h) = self.inflight.take() {
+            if let Ok((s, _)) = h.await {
+                self.session = Some(s);
+            }
+        }
+        if let Some(s) = self.session.take() {
+            self.reg.upload_cancel(&self.repo, s).await;
+        }
+        self.buf = BytesMut::new();
+    }
+}
+
+/// A manifest being written: kept whole (manifests are small), pushed at commit.
+pub struct ManifestWrite {
+    pub repo: String,
+    pub tag: String,
+    pub buf: Vec<u8>,
+}
+
+/// Registries refuse manifests above 4 MiB.
+pub const MAX_MANIFEST: usize = 4 << 20;
+
+impl ManifestWrite {
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> FsResult<u32> {
+        if offset != self.buf.len() as u64 {
+            return Err(FsError::invalid(format!(
+                "writes must be sequential: write at {offset}, expected {}",
+                self.buf.len()
+            )));
+        }
+        if self.buf.len() + data.len() > MAX_MANIFEST {
+            return Err(FsError::new(
+                libc::EFBIG,
+                log::Level::Warn,
+                "a manifest is at most 4 MiB",
+            ));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len() as u32)
+    }
+}
+
+/// The Content-Type to PUT a manifest body with: its `mediaType`, else OCI index or manifest by shape.
+pub fn manifest_content_type(body: &[u8]) -> FsResult<String> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| FsError::invalid(format!("manifest is not JSON: {e}")))?;
+    if let Some(mt) = v
+        .get("mediaType")
+        .and_then(|m| m.as_str())
+        .filter(|m| !m.is_empty())
+    {
+        return Ok(mt.to_string());
+    }
+    // No mediaType: an OCI document, by shape.
+    Ok(if v.get("manifests").is_some() {
+        crate::manifest::OCI_INDEX.to_string()
+    } else {
+        crate::manifest::OCI_MANIFEST.to_string()
+    })
+}
