@@ -24,24 +24,13 @@ trap cleanup EXIT
 start_registry "$work/registry"
 base="http://$REGISTRY_ADDR"
 
-# push_file REPO FILE: monolithic upload (POST + PUT), prints the digest.
-push_file() {
-    local repo=$1 file=$2 digest loc
-    digest="sha256:$(sha256sum "$file" | cut -d' ' -f1)"
-    loc=$(curl -fsS -X POST -D - -o /dev/null "$base/v2/$repo/blobs/uploads/" | tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
-    case "$loc" in http*) ;; *) loc="$base$loc" ;; esac
-    case "$loc" in *\?*) loc="$loc&digest=$digest" ;; *) loc="$loc?digest=$digest" ;; esac
-    curl -fsS -X PUT -H 'Content-Type: application/octet-stream' -T "$file" "$loc" -o /dev/null
-    echo "$digest"
-}
-
 echo "==> making a ${size_mib} MiB random blob"
 head -c $((size_mib * 1024 * 1024)) /dev/urandom >"$work/blob"
 printf '{"architecture":"amd64","os":"linux"}' >"$work/config.json"
 t0=$(date +%s.%N)
-layer=$(push_file bench/big "$work/blob")
+layer=$(push_file "$base" bench/big "$work/blob")
 t1=$(date +%s.%N)
-config=$(push_file bench/big "$work/config.json")
+config=$(push_file "$base" bench/big "$work/config.json")
 cat >"$work/manifest.json" <<JSON
 {"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",
  "config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"$config","size":$(stat -c %s "$work/config.json")},
@@ -55,13 +44,11 @@ target/release/regfs --log-file "$work/regfs.log" "$@" "$REGISTRY_ADDR" "$mnt"
 pid=$(pgrep -f "regfs --log-file $work/regfs.log" | head -1)
 file=$(echo "$mnt"/bench/big/tags/v1/layers/00-*)
 
-mibps() { awk -v s="$1" -v t="$2" 'BEGIN { printf "%.0f", s / t }'; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
 sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
 a=$(date +%s.%N); cat "$file" >/dev/null; b=$(date +%s.%N)
 cat_s=$(elapsed "$a" "$b")
-hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+hwm=$(peak_rss_mib "$pid")
 stats=$(getfattr --only-values -n user.regfs.stats "$mnt")
 
 sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
@@ -76,5 +63,5 @@ echo "| regfs: cat of a cold blob (flags: ${*:-defaults}) | ${size_mib} MiB | $c
 echo "| curl: GET of the same blob | ${size_mib} MiB | $curl_s | $(mibps "$size_mib" "$curl_s") |"
 echo "| curl -T: monolithic upload (seeding) | ${size_mib} MiB | $push_s | $(mibps "$size_mib" "$push_s") |"
 echo
-echo "regfs peak RSS (VmHWM) during the cat: $((hwm / 1024)) MiB"
+echo "regfs peak RSS (VmHWM) during the cat: $hwm MiB"
 echo "regfs counters: $stats"

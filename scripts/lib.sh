@@ -58,3 +58,22 @@ YAML
     fi
     REGISTRY_ADDR="127.0.0.1:$port"
 }
+
+# push_file BASE_URL REPO FILE: monolithic upload (POST, then PUT of the whole file with curl -T).
+# Prints the digest.
+push_file() {
+    local base=$1 repo=$2 file=$3 digest loc
+    digest="sha256:$(sha256sum "$file" | cut -d' ' -f1)"
+    loc=$(curl -fsS -X POST -D - -o /dev/null "$base/v2/$repo/blobs/uploads/" | tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
+    case "$loc" in http*) ;; *) loc="$base$loc" ;; esac
+    case "$loc" in *\?*) loc="$loc&digest=$digest" ;; *) loc="$loc?digest=$digest" ;; esac
+    curl -fsS -X PUT -H 'Content-Type: application/octet-stream' -T "$file" "$loc" -o /dev/null
+    echo "$digest"
+}
+
+# Arithmetic for benchmark tables.
+mibps() { awk -v s="$1" -v t="$2" 'BEGIN { printf "%.0f", s / t }'; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+
+# peak_rss_mib PID: VmHWM of a process, in MiB.
+peak_rss_mib() { awk '/VmHWM/ { printf "%d", $2 / 1024 }' "/proc/$1/status"; }
