@@ -26,6 +26,7 @@ fn help_explains_every_flag() {
         "--platform",
         "--request-timeout",
         "--readahead-chunks",
+        "--upload-chunk-size",
         "--log-file",
         "RUST_LOG",
     ] {
