@@ -1,0 +1,371 @@
+//! The HTTP client against a scripted stub server, for registry behaviours distribution 2.8 does
+//! not produce: a Range answered with 200, a wrong Content-Range, a truncated body, 429 with
+//! Retry-After, relative opaque pagination links, Bearer challenges, a lying Docker-Content-Digest,
+//! and a redirect to another host (which must not receive the credentials).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use regfs::digest::sha256_digest;
+use regfs::error::RegistryError;
+use regfs::registry::auth::Credentials;
+use regfs::registry::http::{HttpOptions, HttpRegistry};
+use regfs::registry::Registry;
+
+#[derive(Debug, Clone)]
+struct Req {
+    method: String,
+    path: String,
+    headers: HashMap<String, String>,
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// Send only this many body bytes, then close (a truncated body).
+    cut: Option<usize>,
+}
+
+fn resp(status: u16, body: impl Into<Vec<u8>>) -> Resp {
+    Resp {
+        status,
+        headers: vec![],
+        body: body.into(),
+        cut: None,
+    }
+}
+
+impl Resp {
+    fn h(mut self, k: &str, v: &str) -> Self {
+        self.headers.push((k.into(), v.into()));
+        self
+    }
+}
+
+type Handler = Arc<dyn Fn(&Req) -> Resp + Send + Sync>;
+
+/// Serve `handler` on 127.0.0.1:0; returns the port and the log of requests.
+fn stub(handler: Handler) -> (u16, Arc<Mutex<Vec<Req>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { break };
+            let handler = handler.clone();
+            let log = log2.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut first = String::new();
+                if r.read_line(&mut first).unwrap_or(0) == 0 {
+                    return;
+                }
+                let mut parts = first.split_whitespace();
+                let method = parts.next().unwrap_or("").to_string();
+                let path = parts.next().unwrap_or("").to_string();
+                let mut headers = HashMap::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let len: usize = headers
+                    .get("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0; len];
+                let _ = r.read_exact(&mut body);
+                let req = Req {
+                    method,
+                    path,
+                    headers,
+                };
+                log.lock().unwrap().push(req.clone());
+                let out = handler(&req);
+                let mut head = format!(
+                    "HTTP/1.1 {} X\r\nConnection: close\r\nContent-Length: {}\r\n",
+                    out.status,
+                    out.body.len()
+                );
+                for (k, v) in &out.headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let _ = s.write_all(head.as_bytes());
+                if req.method != "HEAD" {
+                    let n = out.cut.unwrap_or(out.body.len());
+                    let _ = s.write_all(&out.body[..n]);
+                }
+                let _ = s.flush();
+            });
+        }
+    });
+    (port, log)
+}
+
+fn client(port: u16, credentials: Option<Credentials>) -> HttpRegistry {
+    HttpRegistry::new(HttpOptions {
+        base: reqwest::Url::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
+        credentials,
+        ca_cert_pem: None,
+        insecure: false,
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+    })
+    .unwrap()
+}
+
+fn blob() -> Vec<u8> {
+    (0..2048u32).map(|i| (i % 251) as u8).collect()
+}
+
+fn digest() -> String {
+    sha256_digest(&blob())
+}
+
+#[tokio::test]
+async fn range_answered_with_200_is_sliced() {
+    let (port, _) = stub(Arc::new(|_r: &Req| resp(200, blob())));
+    let c = client(port, None);
+    let b = c.blob_range("a/b", &digest(), 500, 1499).await.unwrap();
+    assert_eq!(&b[..], &blob()[500..1500]);
+}
+
+#[tokio::test]
+async fn wrong_content_range_and_416_are_errors() {
+    let (port, _) = stub(Arc::new(|r: &Req| {
+        if r.headers.get("range").is_some_and(|v| v == "bytes=0-9") {
+            resp(206, &blob()[100..110]).h("Content-Range", "bytes 100-109/2048")
+        } else {
+            resp(416, "bad range")
+        }
+    }));
+    let c = client(port, None);
+    assert!(matches!(
+        c.blob_range("a/b", &digest(), 0, 9).await,
+        Err(RegistryError::Protocol(_))
+    ));
+    assert!(matches!(
+        c.blob_range("a/b", &digest(), 10, 19).await,
+        Err(RegistryError::Protocol(_))
+    ));
+}
+
+#[tokio::test]
+async fn truncated_bodies_are_errors_not_hangs() {
+    let (port, _) = stub(Arc::new(|_r: &Req| {
+        let mut r = resp(206, &blob()[0..1000]).h("Content-Range", "bytes 0-999/2048");
+        r.cut = Some(400);
+        r
+    }));
+    let c = client(port, None);
+    let e = c.blob_range("a/b", &digest(), 0, 999).await.unwrap_err();
+    assert!(
+        matches!(e, RegistryError::Protocol(_) | RegistryError::Transport(_)),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limits_wait_once_then_fail() {
+    let n = Arc::new(Mutex::new(0));
+    let n2 = n.clone();
+    let (port, _) = stub(Arc::new(move |r: &Req| {
+        if r.path.starts_with("/v2/slow/") {
+            let mut k = n2.lock().unwrap();
+            *k += 1;
+            if *k == 1 {
+                return resp(429, "slow down").h("Retry-After", "1");
+            }
+            return resp(200, r#"{"name":"slow","tags":["x"]}"#);
+        }
+        resp(429, "You have reached your pull rate limit")
+    }));
+    let c = client(port, None);
+    assert_eq!(c.tags("slow").await.unwrap(), vec!["x"]);
+    let e = c.tags("never").await.unwrap_err();
+    assert!(
+        matches!(&e, RegistryError::TooManyRequests(m) if m.contains("pull rate limit")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn relative_opaque_links_are_followed_and_null_tags_tolerated() {
+    let (port, log) = stub(Arc::new(|r: &Req| match r.path.as_str() {
+        "/v2/q/r/tags/list?n=100" => resp(200, r#"{"name":"q/r","tags":["b","a"]}"#).h(
+            "Link",
+            r#"</v2/q/r/tags/list?next_page=opaque1&n=100>; rel="next""#,
+        ),
+        "/v2/q/r/tags/list?next_page=opaque1&n=100" => {
+            resp(200, r#"{"name":"q/r","tags":["c","a"]}"#)
+                .h("Link", r#"<list?next_page=opaque2>; rel="next""#)
+        }
+        "/v2/q/r/tags/list?next_page=opaque2" => resp(200, r#"{"name":"q/r","tags":null}"#),
+        p => resp(404, format!("unexpected {p}")),
+    }));
+    let c = client(port, None);
+    assert_eq!(c.tags("q/r").await.unwrap(), vec!["a", "b", "c"]);
+    assert_eq!(log.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn bearer_challenge_fetches_a_token_once_per_scope() {
+    let port_cell = Arc::new(Mutex::new(0u16));
+    let pc = port_cell.clone();
+    let (port, log) = stub(Arc::new(move |r: &Req| {
+        if r.path.starts_with("/token") {
+            return resp(200, r#"{"access_token":"T0KEN","expires_in":300}"#);
+        }
+        if r.headers.get("authorization").map(String::as_str) != Some("Bearer T0KEN") {
+            let p = *pc.lock().unwrap();
+            return resp(401, r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#).h(
+                "WWW-Authenticate",
+                &format!(r#"Bearer realm="http://127.0.0.1:{p}/token",service="stub",scope="repository:a/b:pull""#),
+            );
+        }
+        resp(200, r#"{"name":"a/b","tags":["v1"]}"#)
+    }));
+    *port_cell.lock().unwrap() = port;
+    let c = client(
+        port,
+        Some(Credentials {
+            username: "u".into(),
+            password: "p".into(),
+        }),
+    );
+    assert_eq!(c.tags("a/b").await.unwrap(), vec!["v1"]);
+    assert_eq!(c.tags("a/b").await.unwrap(), vec!["v1"]);
+    let reqs = log.lock().unwrap().clone();
+    let token_reqs: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.path.starts_with("/token"))
+        .collect();
+    assert_eq!(token_reqs.len(), 1, "{reqs:?}");
+    assert!(token_reqs[0]
+        .path
+        .contains("scope=repository%3Aa%2Fb%3Apull"));
+    assert!(token_reqs[0].path.contains("service=stub"));
+    // The token request carried the credentials (loopback realm), the registry got the token.
+    assert!(token_reqs[0]
+        .headers
+        .get("authorization")
+        .is_some_and(|a| a.starts_with("Basic ")));
+    assert_eq!(c.stats().snapshot().token_fetches, 1);
+}
+
+#[tokio::test]
+async fn lying_docker_content_digest_is_a_mismatch() {
+    let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"digest":"sha256:aa","size":1},"layers":[]}"#;
+    let (port, _) = stub(Arc::new(move |_r: &Req| {
+        resp(200, body.to_vec())
+            .h("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            .h(
+                "Docker-Content-Digest",
+                &format!("sha256:{}", "0".repeat(64)),
+            )
+    }));
+    let c = client(port, None);
+    assert!(matches!(
+        c.manifest("a/b", "v1").await,
+        Err(RegistryError::DigestMismatch { .. })
+    ));
+    // Asked by digest, the body must hash to it.
+    let wrong = format!("sha256:{}", "1".repeat(64));
+    assert!(matches!(
+        c.manifest("a/b", &wrong).await,
+        Err(RegistryError::DigestMismatch { .. })
+    ));
+}
+
+#[tokio::test]
+async fn error_bodies_name_the_problem() {
+    let (port, _) = stub(Arc::new(|_r: &Req| {
+        resp(
+            404,
+            r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{"Tag":"v9"}}]}"#,
+        )
+    }));
+    let c = client(port, None);
+    let e = c.manifest("a/b", "v9").await.unwrap_err();
+    assert!(
+        matches!(&e, RegistryError::NotFound(m) if m.contains("MANIFEST_UNKNOWN: manifest unknown")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn redirects_to_another_host_drop_credentials_and_keep_range() {
+    let (storage, storage_log) = stub(Arc::new(|r: &Req| {
+        if r.headers.contains_key("authorization") {
+            return resp(400, "Only one auth mechanism allowed");
+        }
+        let range = r.headers.get("range").cloned().unwrap_or_default();
+        assert_eq!(range, "bytes=10-19");
+        resp(206, &blob()[10..20]).h("Content-Range", "bytes 10-19/2048")
+    }));
+    let (port, _) = stub(Arc::new(move |r: &Req| {
+        if r.headers.get("authorization").is_none() {
+            return resp(401, "").h("WWW-Authenticate", r#"Basic realm="x""#);
+        }
+        resp(307, "").h(
+            "Location",
+            &format!("http://127.0.0.1:{storage}/data?sig=1"),
+        )
+    }));
+    let c = client(
+        port,
+        Some(Credentials {
+            username: "u".into(),
+            password: "secret".into(),
+        }),
+    );
+    let b = c.blob_range("a/b", &digest(), 10, 19).await.unwrap();
+    assert_eq!(&b[..], &blob()[10..20]);
+    assert!(storage_log
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|r| !r.headers.contains_key("authorization")));
+}
+
+#[tokio::test]
+async fn out_of_order_patch_acknowledgements_are_errors() {
+    // distribution 2.8 appends silently; a client must check the Range it answers with.
+    let (port, _) = stub(Arc::new(|r: &Req| match r.method.as_str() {
+        "POST" => resp(202, "").h("Location", "/v2/a/b/blobs/uploads/u1?_state=x"),
+        "PATCH" => resp(202, "")
+            .h("Location", "/v2/a/b/blobs/uploads/u1?_state=y")
+            .h("Range", "0-4"),
+        _ => resp(204, ""),
+    }));
+    let c = client(port, None);
+    let mut s = c.upload_start("a/b").await.unwrap();
+    assert!(s
+        .location
+        .starts_with(&format!("http://127.0.0.1:{port}/v2/a/b/blobs/uploads/u1")));
+    c.upload_patch("a/b", &mut s, bytes::Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    assert!(
+        s.location.ends_with("_state=y"),
+        "the latest Location is used"
+    );
+    let e = c
+        .upload_patch("a/b", &mut s, bytes::Bytes::from_static(b"world"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, RegistryError::Protocol(m) if m.contains("acknowledged")),
+        "{e}"
+    );
+}
