@@ -45,7 +45,7 @@ impl ChunkCache {
         self.lru.lock().unwrap().map.get(key).cloned()
     }
 
-    fn insert(&self, key: ChunkKey, data: Bytes) {
+    pub fn insert(&self, key: ChunkKey, data: Bytes) {
         let mut lru = self.lru.lock().unwrap();
         if data.len() as u64 > self.capacity {
             return; // would evict everything and still not fit

@@ -9,6 +9,7 @@ pub mod digest;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod layer;
 pub mod manifest;
 pub mod push;
 pub mod registry;
