@@ -79,17 +79,25 @@ fn file_attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
         mtime: a.mtime,
         ctime: a.mtime,
         crtime: a.mtime,
-        kind: match a.kind {
-            Kind::Dir => FileType::Directory,
-            Kind::File => FileType::RegularFile,
-        },
+        kind: file_type(a.kind),
         perm: a.perm,
         nlink: a.nlink,
-        uid,
-        gid,
-        rdev: 0,
+        uid: a.uid.unwrap_or(uid),
+        gid: a.gid.unwrap_or(gid),
+        rdev: a.rdev,
         blksize: 4096,
         flags: 0,
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
     }
 }
 
@@ -163,6 +171,16 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         reply.error(erofs("mknod", parent.0));
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let fs = self.fs.clone();
+        self.spawn(async move {
+            match fs.readlink(ino.0).await {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(reply_error("readlink", ino.0, &e)),
+            }
+        });
     }
 
     fn mkdir(
@@ -407,10 +425,7 @@ impl Filesystem for FuseAdapter {
                 .iter()
                 .map(|&(i, n, k)| (i, n, k))
                 .chain(snapshot.iter().map(|e| {
-                    let k = match e.kind {
-                        Kind::Dir => FileType::Directory,
-                        Kind::File => FileType::RegularFile,
-                    };
+                    let k = file_type(e.kind);
                     (e.ino, e.name.as_str(), k)
                 }));
             for (i, (ino, name, kind)) in all.enumerate().skip(offset as usize) {

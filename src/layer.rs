@@ -81,8 +81,13 @@ impl LayerIndex {
     /// Read a whole uncompressed tar stream and index it. Errors on a corrupt header.
     pub fn build<R: Read>(r: R) -> std::io::Result<LayerIndex> {
         let mut archive = tar::Archive::new(r);
+        Self::from_entries(archive.entries()?)
+    }
+
+    /// Index the entries of an archive (from `entries()` or `entries_with_seek()`).
+    pub fn from_entries<R: Read>(entries: tar::Entries<'_, R>) -> std::io::Result<LayerIndex> {
         let mut idx = LayerIndex::default();
-        for entry in archive.entries()? {
+        for entry in entries {
             let mut entry = entry?;
             let path = normalise(&entry.path_bytes());
             let header = entry.header();

@@ -20,6 +20,7 @@ use crate::error::{FsError, FsResult, RegistryError, RegistryResult};
 use crate::manifest::{self, Descriptor, Parsed};
 use crate::registry::{is_valid_component, is_valid_tag, ManifestBlob, ManifestHead, Registry};
 
+mod contents;
 mod write;
 
 /// The root inode number.
@@ -34,6 +35,8 @@ pub const NS_ESCAPE: &str = "_ns";
 const IMMUTABLE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Out-of-order read data kept per handle while waiting for the gap, for digest verification.
 const MAX_PENDING_VERIFY: usize = 32 << 20;
+/// Layer indexes (and merged trees) kept in memory at once.
+const MAX_LAYER_INDEXES: usize = 64;
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
 /// Options of the core.
@@ -139,7 +142,60 @@ pub enum Node {
     /// A file being (or having been) written: `uploads/NAME`, `blobs/sha256/<hex>` or a tag's
     /// `manifest.json`. Its size and digest live in the staged table.
     Staged(StagedKey),
+    /// A directory of an image's `rootfs/` or of a layer's own tree (`layers/NN-<hex12>/`).
+    TreeDir(TreeDir),
+    /// A non-directory entry of those trees.
+    TreeEntry(TreeEntry),
     File(FileNode),
+}
+
+/// A layer, as the trees need it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LayerRef {
+    pub digest: String,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// Which tree a node belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum View {
+    /// `rootfs/` of the image manifest with this digest.
+    Rootfs { image: String },
+    /// One layer's own tree.
+    Layer(LayerRef),
+}
+
+/// Ownership, mode and time from a tar header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub mtime: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeDir {
+    pub repo: String,
+    pub view: View,
+    /// Path inside the tree ("" = its root).
+    pub path: String,
+    /// None for the tree's root (not in any tar).
+    pub meta: Option<Meta>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeEntry {
+    pub repo: String,
+    /// The layer whose bytes hold the entry.
+    pub layer: LayerRef,
+    /// Identifies the tree (image or layer digest), so hard links share an inode within it.
+    pub view_id: String,
+    /// The entry's index in its layer (hard links resolved to their target).
+    pub index: usize,
+    pub entry: crate::layer::TarEntry,
+    pub nlink: u32,
 }
 
 /// Where a written file lives.
@@ -172,7 +228,7 @@ impl Node {
     pub fn is_dir(&self) -> bool {
         !matches!(
             self,
-            Node::File(_) | Node::IndexJson { .. } | Node::Staged(_)
+            Node::File(_) | Node::IndexJson { .. } | Node::Staged(_) | Node::TreeEntry(_)
         )
     }
     /// Can the kernel cache this node's entry and attributes for long?
@@ -181,6 +237,7 @@ impl Node {
             Node::Image { tag: Some(_), .. } => false,
             Node::Image { tag: None, .. } | Node::Layers { .. } => true,
             Node::File(f) => !matches!(f.content, Content::Inline(_)),
+            Node::TreeDir(_) | Node::TreeEntry(_) => true,
             _ => false,
         }
     }
@@ -191,6 +248,10 @@ impl Node {
 pub enum Kind {
     Dir,
     File,
+    Symlink,
+    CharDevice,
+    BlockDevice,
+    Fifo,
 }
 
 /// Attributes the adapter turns into a stat.
@@ -202,6 +263,10 @@ pub struct Attr {
     pub perm: u16,
     pub nlink: u32,
     pub mtime: SystemTime,
+    /// Owner from a tar header; None = the mounting user.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub rdev: u32,
 }
 
 /// A looked-up entry: attributes plus how long the kernel may cache them.
@@ -237,7 +302,18 @@ struct InodeEntry {
 struct InodeTable {
     nodes: HashMap<u64, InodeEntry>,
     by_name: HashMap<(u64, String), u64>,
+    /// Hard links of a tree share one inode: (tree id, layer digest, entry index) -> ino.
+    shared: HashMap<(String, String, usize), u64>,
     next: u64,
+}
+
+fn link_key(node: &Node) -> Option<(String, String, usize)> {
+    match node {
+        Node::TreeEntry(e) if e.nlink > 1 => {
+            Some((e.view_id.clone(), e.layer.digest.clone(), e.index))
+        }
+        _ => None,
+    }
 }
 
 impl InodeTable {
@@ -254,6 +330,7 @@ impl InodeTable {
         InodeTable {
             nodes,
             by_name: HashMap::new(),
+            shared: HashMap::new(),
             next: ROOT_INO + 1,
         }
     }
@@ -274,8 +351,21 @@ impl InodeTable {
                 // (parent, name) as where it came from.
             }
         }
+        let lk = link_key(&node);
+        if let Some(&ino) = lk.as_ref().and_then(|k| self.shared.get(k)) {
+            if let Some(e) = self.nodes.get_mut(&ino) {
+                if lookup {
+                    e.lookups += 1;
+                }
+                self.by_name.insert(key, ino);
+                return ino;
+            }
+        }
         let ino = self.next;
         self.next += 1;
+        if let Some(k) = lk {
+            self.shared.insert(k, ino);
+        }
         self.nodes.insert(
             ino,
             InodeEntry {
@@ -305,6 +395,9 @@ impl InodeTable {
                     if self.by_name.get(&k) == Some(&ino) {
                         self.by_name.remove(&k);
                     }
+                }
+                if let Some(k) = link_key(&e.node) {
+                    self.shared.remove(&k);
                 }
             }
         }
@@ -424,6 +517,10 @@ pub struct Fs {
     writers: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<write::Writer>>>>,
     /// Tells the kernel to forget a cached name (set by the FUSE adapter).
     invalidator: std::sync::OnceLock<Invalidator>,
+    /// Layer indexes by layer digest (bounded by count), built once each.
+    indexes: Mutex<lru::LruCache<String, Arc<tokio::sync::OnceCell<Arc<crate::layer::LayerIndex>>>>>,
+    /// Merged root filesystems by image manifest digest.
+    merged_views: Mutex<lru::LruCache<String, Arc<tokio::sync::OnceCell<Arc<contents::MergedView>>>>>,
 }
 
 /// Called with (parent inode, name) when a name's meaning changed under the kernel's cache.
@@ -456,6 +553,12 @@ impl Fs {
             pending_tags: Mutex::new(BTreeSet::new()),
             writers: Mutex::new(HashMap::new()),
             invalidator: std::sync::OnceLock::new(),
+            indexes: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_LAYER_INDEXES).expect("non-zero"),
+            )),
+            merged_views: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_LAYER_INDEXES).expect("non-zero"),
+            )),
         }
     }
 
@@ -493,6 +596,9 @@ impl Fs {
     }
 
     fn attr_of(&self, ino: u64, node: &Node) -> Attr {
+        if let Some(a) = contents::tree_attr(ino, node) {
+            return a;
+        }
         let (kind, size, perm, nlink) = match node {
             Node::File(f) => (Kind::File, f.size, 0o444, 1),
             Node::IndexJson { .. } => (Kind::File, 0, 0o444, 1),
@@ -518,6 +624,9 @@ impl Fs {
             perm,
             nlink,
             mtime: self.mount_time,
+            uid: None,
+            gid: None,
+            rdev: 0,
         }
     }
 
@@ -883,6 +992,10 @@ impl Fs {
                                 media_type: Some(l.media_type.clone()),
                             }),
                         ));
+                        // The layer's own tree, beside its file (tar layers only).
+                        if let Some(dir) = contents::layer_tree_name(i, layers.len(), l) {
+                            out.push((dir, contents::layer_root(repo, l)));
+                        }
                     }
                 }
             }
@@ -905,7 +1018,8 @@ impl Fs {
                 }
                 out.sort_by(|a, b| a.0.cmp(&b.0));
             }
-            Node::File(_) | Node::IndexJson { .. } | Node::Staged(_) => {
+            Node::TreeDir(d) => out = self.tree_children(d).await?,
+            Node::File(_) | Node::IndexJson { .. } | Node::Staged(_) | Node::TreeEntry(_) => {
                 return Err(FsError::not_dir("not a directory"))
             }
         }
@@ -1001,8 +1115,19 @@ impl Fs {
                 "layers".into(),
                 Node::Layers {
                     repo: repo.to_string(),
-                    digest: image_digest,
+                    digest: image_digest.clone(),
                 },
+            ));
+            out.push((
+                "rootfs".into(),
+                Node::TreeDir(TreeDir {
+                    repo: repo.to_string(),
+                    view: View::Rootfs {
+                        image: image_digest,
+                    },
+                    path: String::new(),
+                    meta: None,
+                }),
             ));
         }
         Ok(out)
@@ -1237,7 +1362,7 @@ impl Fs {
         Ok(children
             .into_iter()
             .map(|(name, n)| {
-                let kind = if n.is_dir() { Kind::Dir } else { Kind::File };
+                let kind = self.attr_of(0, &n).kind;
                 let ino = t.child(ino, &name, n, false);
                 DirEntry { ino, name, kind }
             })
@@ -1254,6 +1379,21 @@ impl Fs {
             Node::Staged(k) => Arc::new(Node::File(self.staged_file(k)?)),
             _ => node,
         };
+        if let Node::TreeEntry(_) = &*node {
+            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            self.handles.lock().unwrap().insert(
+                fh,
+                Arc::new(Mutex::new(Handle {
+                    node: node.clone(),
+                    verifier: None,
+                    last_end: 0,
+                })),
+            );
+            return Ok(Opened {
+                fh,
+                keep_cache: false,
+            });
+        }
         let Node::File(f) = &*node else {
             return Err(FsError::is_dir("open of a directory for reading data"));
         };
@@ -1343,6 +1483,9 @@ impl Fs {
             h.last_end = offset + u64::from(size);
             (h.node.clone(), seq)
         };
+        if let Node::TreeEntry(t) = &*node {
+            return self.read_tree_entry(t, offset, size).await;
+        }
         let Node::File(f) = &*node else {
             return Err(FsError::is_dir("read of a directory"));
         };
@@ -1370,7 +1513,7 @@ impl Fs {
                         f.repo
                     )));
                 }
-                let data = self.read_blob(f, digest, offset, end, sequential).await?;
+                let data = self.read_blob(&f.repo, digest, f.size, offset, end, sequential).await?;
                 if f.size <= self.opts.chunk_size {
                     // One chunk: fetch_chunk verified it before caching.
                     self.verified.lock().unwrap().insert(digest.clone());
@@ -1403,8 +1546,9 @@ impl Fs {
     /// Bytes `offset..end` of a blob, through the chunk cache.
     async fn read_blob(
         &self,
-        f: &FileNode,
+        repo: &str,
         digest: &str,
+        blob_size: u64,
         offset: u64,
         end: u64,
         sequential: bool,
@@ -1414,7 +1558,7 @@ impl Fs {
         let last = (end - 1) / cs;
         let key_digest: Arc<str> = Arc::from(digest);
         if sequential && self.opts.readahead_chunks > 0 && last >= 1 {
-            let total = f.size.div_ceil(cs);
+            let total = blob_size.div_ceil(cs);
             for idx in (last + 1)..(last + 1 + self.opts.readahead_chunks).min(total) {
                 let key = (key_digest.clone(), idx);
                 if self.cache.get(&key).is_some() {
@@ -1423,9 +1567,9 @@ impl Fs {
                 let (reg, cache, repo, d, size) = (
                     self.reg.clone(),
                     self.cache.clone(),
-                    f.repo.clone(),
+                    repo.to_string(),
                     digest.to_string(),
-                    f.size,
+                    blob_size,
                 );
                 tokio::spawn(async move {
                     let _ = cache
@@ -1441,15 +1585,15 @@ impl Fs {
                 .get_or_fetch((key_digest.clone(), idx), || {
                     fetch_chunk(
                         self.reg.clone(),
-                        f.repo.clone(),
+                        repo.to_string(),
                         digest.to_string(),
                         idx,
                         cs,
-                        f.size,
+                        blob_size,
                     )
                 })
                 .await
-                .map_err(|e| fs_err_ctx(e, &format!("reading {}@{digest}", f.repo)))?;
+                .map_err(|e| fs_err_ctx(e, &format!("reading {}@{digest}", repo)))?;
             let cstart = idx * cs;
             let from = offset.max(cstart) - cstart;
             let to = end.min(cstart + chunk.len() as u64) - cstart;
@@ -1467,6 +1611,13 @@ impl Fs {
         Ok(match &*node {
             Node::Root => vec!["user.regfs.stats".into()],
             Node::Image { .. } => vec!["user.oci.digest".into()],
+            Node::TreeEntry(t) => t
+                .entry
+                .xattrs
+                .iter()
+                .filter(|(k, _)| k.starts_with("user."))
+                .map(|(k, _)| k.clone())
+                .collect(),
             Node::Staged(k) => match self.staged.lock().unwrap().get(k) {
                 Some(StagedInfo {
                     digest: Some(_), ..
@@ -1494,6 +1645,15 @@ impl Fs {
                 v.to_string()
             }
             (Node::Image { digest, .. }, "user.oci.digest") => digest.clone(),
+            (Node::TreeEntry(t), n) if n.starts_with("user.") => {
+                return t
+                    .entry
+                    .xattrs
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .map(|(_, v)| Bytes::from(v.clone()))
+                    .ok_or_else(FsError::no_attr)
+            }
             (Node::PendingTag { repo, tag }, "user.oci.digest") => {
                 match self.resolve_tag(repo, tag).await {
                     Ok(h) => h.digest,

@@ -1,0 +1,537 @@
+//! Image contents in the tree: `tags/<tag>/rootfs/` (the merged filesystem) and
+//! `layers/NN-<hex12>/` (one layer's tar as it is, whiteout markers included).
+//!
+//! A layer is indexed on first use (`crate::layer::LayerIndex`), once per digest, with concurrent
+//! users sharing the pass. An uncompressed tar is indexed by reading headers only (file data is
+//! skipped with seeks, so only the chunks holding headers are fetched) and its files are read with
+//! Range requests at their offsets. A gzip or zstd layer is decompressed from its start; the
+//! uncompressed stream is kept in the chunk cache in chunk-sized spans (key `<digest>#tar`), so
+//! reads of files hit those spans, and an evicted span is made again by decompressing up to it.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::OnceCell;
+
+use super::{
+    fetch_chunk, fs_err_ctx, Attr, Fs, Kind, LayerRef, Meta, Node, TreeDir, TreeEntry, View,
+};
+use crate::cache::ChunkCache;
+use crate::error::{FsError, FsResult, RegistryError};
+use crate::layer::{EntryKind, LayerIndex, Merged, TarEntry};
+use crate::manifest::{self, Descriptor, Parsed};
+use crate::registry::Registry;
+
+/// An image's merged tree with what it is made of.
+pub(crate) struct MergedView {
+    layers: Vec<LayerRef>,
+    indexes: Vec<Arc<LayerIndex>>,
+    merged: Merged,
+}
+
+/// How a layer's bytes are compressed (by magic number; media types can lie).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Tar,
+    Gzip,
+    Zstd,
+}
+
+/// `NN-<hex12>` for a layer whose tree can be shown (tar, tar.gz, tar.zst).
+pub(super) fn layer_tree_name(i: usize, count: usize, l: &Descriptor) -> Option<String> {
+    let file = manifest::layer_file_name(i, count, l);
+    let ext = manifest::layer_extension(&l.media_type);
+    (ext != "blob").then(|| file[..file.len() - ext.len() - 1].to_string())
+}
+
+pub(super) fn layer_ref(l: &Descriptor) -> LayerRef {
+    LayerRef {
+        digest: l.digest.clone(),
+        size: l.size,
+        media_type: l.media_type.clone(),
+    }
+}
+
+pub(super) fn layer_root(repo: &str, l: &Descriptor) -> Node {
+    Node::TreeDir(TreeDir {
+        repo: repo.to_string(),
+        view: View::Layer(layer_ref(l)),
+        path: String::new(),
+        meta: None,
+    })
+}
+
+fn meta(e: &TarEntry) -> Meta {
+    Meta {
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        mtime: e.mtime,
+    }
+}
+
+fn time(secs: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+}
+
+/// Attributes of tree nodes (None for other nodes).
+pub(super) fn tree_attr(ino: u64, node: &Node) -> Option<Attr> {
+    match node {
+        Node::TreeDir(d) => {
+            let m = d.meta.unwrap_or(Meta {
+                mode: 0o555,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+            });
+            Some(Attr {
+                ino,
+                kind: Kind::Dir,
+                size: 0,
+                perm: (m.mode & 0o7777) as u16,
+                nlink: 2,
+                mtime: time(m.mtime),
+                uid: d.meta.map(|m| m.uid as u32),
+                gid: d.meta.map(|m| m.gid as u32),
+                rdev: 0,
+            })
+        }
+        Node::TreeEntry(t) => {
+            let e = &t.entry;
+            let (kind, size) = match e.kind {
+                EntryKind::File | EntryKind::Hardlink | EntryKind::Dir => (Kind::File, e.size),
+                EntryKind::Symlink => (Kind::Symlink, e.link.as_ref().map_or(0, |l| l.len() as u64)),
+                EntryKind::Char => (Kind::CharDevice, 0),
+                EntryKind::Block => (Kind::BlockDevice, 0),
+                EntryKind::Fifo => (Kind::Fifo, 0),
+            };
+            Some(Attr {
+                ino,
+                kind,
+                size,
+                perm: (e.mode & 0o7777) as u16,
+                nlink: t.nlink.max(1),
+                mtime: time(e.mtime),
+                uid: Some(e.uid as u32),
+                gid: Some(e.gid as u32),
+                rdev: (e.dev.0 << 8) | (e.dev.1 & 0xff) | ((e.dev.1 & !0xff) << 12),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A blocking `Read + Seek` over a blob, chunk by chunk through the cache. Runs on a blocking
+/// thread and waits on the runtime for each chunk.
+struct ChunkReader {
+    rt: tokio::runtime::Handle,
+    reg: Arc<dyn Registry>,
+    cache: Arc<ChunkCache>,
+    repo: String,
+    digest: String,
+    size: u64,
+    chunk_size: u64,
+    pos: u64,
+    cur: Bytes,
+    cur_start: u64,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let in_cur = self.pos >= self.cur_start && self.pos < self.cur_start + self.cur.len() as u64;
+        if !in_cur {
+            let idx = self.pos / self.chunk_size;
+            let key = (Arc::<str>::from(self.digest.as_str()), idx);
+            let (reg, repo, digest, cs, size) = (
+                self.reg.clone(),
+                self.repo.clone(),
+                self.digest.clone(),
+                self.chunk_size,
+                self.size,
+            );
+            let cache = self.cache.clone();
+            self.cur = self
+                .rt
+                .block_on(cache.get_or_fetch(key, || fetch_chunk(reg, repo, digest, idx, cs, size)))
+                .map_err(std::io::Error::other)?;
+            self.cur_start = idx * self.chunk_size;
+        }
+        let from = (self.pos - self.cur_start) as usize;
+        let n = buf.len().min(self.cur.len() - from);
+        buf[..n].copy_from_slice(&self.cur[from..from + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for ChunkReader {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let new = match to {
+            SeekFrom::Start(p) => p as i128,
+            SeekFrom::Current(d) => self.pos as i128 + d as i128,
+            SeekFrom::End(d) => self.size as i128 + d as i128,
+        };
+        if new < 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"));
+        }
+        self.pos = new as u64;
+        Ok(self.pos)
+    }
+}
+
+/// Passes an uncompressed stream through, storing it in the cache in chunk-sized spans.
+struct SpanTee<R> {
+    inner: R,
+    cache: Arc<ChunkCache>,
+    key: Arc<str>,
+    span: u64,
+    buf: BytesMut,
+    idx: u64,
+}
+
+impl<R: Read> SpanTee<R> {
+    fn flush_span(&mut self) {
+        if !self.buf.is_empty() {
+            let data = std::mem::take(&mut self.buf).freeze();
+            self.cache.insert((self.key.clone(), self.idx), data);
+            self.idx += 1;
+        }
+    }
+}
+
+impl<R: Read> Read for SpanTee<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(out)?;
+        let mut rest = &out[..n];
+        while !rest.is_empty() {
+            let room = (self.span as usize) - self.buf.len();
+            let take = room.min(rest.len());
+            self.buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.buf.len() as u64 == self.span {
+                self.flush_span();
+            }
+        }
+        if n == 0 {
+            self.flush_span();
+        }
+        Ok(n)
+    }
+}
+
+fn span_key(digest: &str) -> Arc<str> {
+    Arc::from(format!("{digest}#tar").as_str())
+}
+
+fn io_to_fs(e: std::io::Error, what: &str) -> FsError {
+    FsError::io(format!("{what}: {e}"))
+}
+
+impl Fs {
+    fn chunk_reader(&self, repo: &str, layer: &LayerRef) -> ChunkReader {
+        ChunkReader {
+            rt: tokio::runtime::Handle::current(),
+            reg: self.reg.clone(),
+            cache: self.cache.clone(),
+            repo: repo.to_string(),
+            digest: layer.digest.clone(),
+            size: layer.size,
+            chunk_size: self.opts.chunk_size,
+            pos: 0,
+            cur: Bytes::new(),
+            cur_start: 0,
+        }
+    }
+
+    async fn layer_format(&self, repo: &str, layer: &LayerRef) -> FsResult<Format> {
+        if layer.size < 4 {
+            return Ok(Format::Tar);
+        }
+        let head = self
+            .read_blob(repo, &layer.digest, layer.size, 0, 4, false)
+            .await?;
+        Ok(match &head[..] {
+            [0x1f, 0x8b, ..] => Format::Gzip,
+            [0x28, 0xb5, 0x2f, 0xfd] => Format::Zstd,
+            _ => Format::Tar,
+        })
+    }
+
+    /// The index of a layer, built once (concurrent callers share the pass).
+    pub(super) async fn layer_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
+        let cell = self
+            .indexes
+            .lock()
+            .unwrap()
+            .get_or_insert(layer.digest.clone(), || Arc::new(OnceCell::new()))
+            .clone();
+        cell.get_or_try_init(|| self.build_index(repo, layer))
+            .await
+            .cloned()
+    }
+
+    async fn build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
+        let what = format!("layer {repo}@{}", layer.digest);
+        let format = self.layer_format(repo, layer).await?;
+        let reader = self.chunk_reader(repo, layer);
+        let (cache, key, span) = (self.cache.clone(), span_key(&layer.digest), self.opts.chunk_size);
+        let started = std::time::Instant::now();
+        let index = tokio::task::spawn_blocking(move || -> std::io::Result<LayerIndex> {
+            match format {
+                Format::Tar => {
+                    let mut archive = tar::Archive::new(reader);
+                    LayerIndex::from_entries(archive.entries_with_seek()?)
+                }
+                Format::Gzip => LayerIndex::build(SpanTee {
+                    inner: flate2::read::MultiGzDecoder::new(std::io::BufReader::new(reader)),
+                    cache,
+                    key,
+                    span,
+                    buf: BytesMut::new(),
+                    idx: 0,
+                }),
+                Format::Zstd => LayerIndex::build(SpanTee {
+                    inner: zstd::stream::read::Decoder::new(reader)?,
+                    cache,
+                    key,
+                    span,
+                    buf: BytesMut::new(),
+                    idx: 0,
+                }),
+            }
+        })
+        .await
+        .map_err(|e| FsError::io(format!("{what}: indexing task failed: {e}")))?
+        .map_err(|e| io_to_fs(e, &format!("{what}: cannot index ({format:?})")))?;
+        log::info!(
+            "indexed {what}: {} entries in {:?}",
+            index.entries.len(),
+            started.elapsed()
+        );
+        Ok(Arc::new(index))
+    }
+
+    /// The merged tree of the image manifest `image`.
+    async fn merged_view(&self, repo: &str, image: &str) -> FsResult<Arc<MergedView>> {
+        let cell = self
+            .merged_views
+            .lock()
+            .unwrap()
+            .get_or_insert(image.to_string(), || Arc::new(OnceCell::new()))
+            .clone();
+        cell.get_or_try_init(|| async {
+            let m = self.manifest(repo, image).await?;
+            let Parsed::Image { layers, .. } = &m.parsed else {
+                return Err(FsError::io(format!("{image} is not an image manifest")));
+            };
+            let mut refs = Vec::new();
+            let mut indexes = Vec::new();
+            for l in layers {
+                if manifest::layer_extension(&l.media_type) == "blob" {
+                    return Err(FsError::new(
+                        libc::EIO,
+                        log::Level::Warn,
+                        format!("rootfs of {repo}@{image}: layer {} has unsupported media type {}", l.digest, l.media_type),
+                    ));
+                }
+                let r = layer_ref(l);
+                indexes.push(self.layer_index(repo, &r).await?);
+                refs.push(r);
+            }
+            let merged = Merged::build(&indexes.iter().map(|i| i.as_ref()).collect::<Vec<_>>());
+            Ok(Arc::new(MergedView {
+                layers: refs,
+                indexes,
+                merged,
+            }))
+        })
+        .await
+        .cloned()
+    }
+
+    fn tree_node(
+        repo: &str,
+        view: &View,
+        layer: &LayerRef,
+        idx: &LayerIndex,
+        ei: usize,
+        path: String,
+    ) -> Node {
+        let ri = idx.resolve(ei);
+        let e = &idx.entries[ri];
+        if e.kind == EntryKind::Dir && ri == ei {
+            return Node::TreeDir(TreeDir {
+                repo: repo.to_string(),
+                view: view.clone(),
+                path,
+                meta: Some(meta(e)),
+            });
+        }
+        let view_id = match view {
+            View::Rootfs { image } => image.clone(),
+            View::Layer(l) => l.digest.clone(),
+        };
+        Node::TreeEntry(TreeEntry {
+            repo: repo.to_string(),
+            layer: layer.clone(),
+            view_id,
+            index: ri,
+            entry: e.clone(),
+            nlink: idx.nlink.get(&ri).copied().unwrap_or(1),
+        })
+    }
+
+    pub(super) async fn tree_children(&self, d: &TreeDir) -> FsResult<Vec<(String, Node)>> {
+        let child_path = |name: &str| {
+            if d.path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{}/{name}", d.path)
+            }
+        };
+        let mut out = Vec::new();
+        match &d.view {
+            View::Layer(l) => {
+                let idx = self.layer_index(&d.repo, l).await?;
+                if let Some(children) = idx.dirs.get(&d.path) {
+                    for (name, &ei) in children {
+                        out.push((
+                            name.clone(),
+                            Self::tree_node(&d.repo, &d.view, l, &idx, ei, child_path(name)),
+                        ));
+                    }
+                }
+            }
+            View::Rootfs { image } => {
+                let mv = self.merged_view(&d.repo, image).await?;
+                if let Some(children) = mv.merged.dirs.get(&d.path) {
+                    for (name, &(li, ei)) in children {
+                        out.push((
+                            name.clone(),
+                            Self::tree_node(
+                                &d.repo,
+                                &d.view,
+                                &mv.layers[li],
+                                &mv.indexes[li],
+                                ei,
+                                child_path(name),
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `readlink` of a symlink in a tree.
+    pub async fn readlink(&self, ino: u64) -> FsResult<Bytes> {
+        match &*self.node(ino)? {
+            Node::TreeEntry(t) if t.entry.kind == EntryKind::Symlink => {
+                Ok(Bytes::from(t.entry.link.clone().unwrap_or_default()))
+            }
+            _ => Err(FsError::invalid("not a symlink")),
+        }
+    }
+
+    /// Bytes `offset..end` of a file in a tree.
+    pub(super) async fn read_tree_entry(&self, t: &TreeEntry, offset: u64, size: u32) -> FsResult<Bytes> {
+        if !matches!(t.entry.kind, EntryKind::File | EntryKind::Hardlink) {
+            return Err(FsError::invalid("not a regular file"));
+        }
+        let len = t.entry.size;
+        if offset >= len || size == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = (offset + u64::from(size)).min(len);
+        let (start, stop) = (t.entry.offset + offset, t.entry.offset + end);
+        match self.layer_format(&t.repo, &t.layer).await? {
+            Format::Tar => {
+                self.read_blob(&t.repo, &t.layer.digest, t.layer.size, start, stop, false)
+                    .await
+            }
+            f => self.read_uncompressed(&t.repo, &t.layer, f, start, stop).await,
+        }
+    }
+
+    /// Bytes of a compressed layer's uncompressed stream, from cached spans or by decompressing.
+    async fn read_uncompressed(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        format: Format,
+        start: u64,
+        end: u64,
+    ) -> FsResult<Bytes> {
+        let span = self.opts.chunk_size;
+        let key = span_key(&layer.digest);
+        let mut out = BytesMut::with_capacity((end - start) as usize);
+        for idx in start / span..=(end - 1) / span {
+            let piece = self
+                .cache
+                .get_or_fetch((key.clone(), idx), || self.decompress_to(repo, layer, format, idx))
+                .await
+                .map_err(|e| fs_err_ctx(e, &format!("reading layer {repo}@{}", layer.digest)))?;
+            let s0 = idx * span;
+            let from = start.max(s0) - s0;
+            let to = (end.min(s0 + piece.len() as u64)).saturating_sub(s0);
+            if from >= to {
+                return Err(FsError::io(format!(
+                    "layer {}: uncompressed stream shorter than its index says",
+                    layer.digest
+                )));
+            }
+            out.extend_from_slice(&piece[from as usize..to as usize]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Decompress a layer from its start up to span `want`, caching every span passed.
+    async fn decompress_to(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        format: Format,
+        want: u64,
+    ) -> Result<Bytes, RegistryError> {
+        let reader = self.chunk_reader(repo, layer);
+        let (cache, key, span) = (self.cache.clone(), span_key(&layer.digest), self.opts.chunk_size);
+        let what = format!("{repo}@{}", layer.digest);
+        tokio::task::spawn_blocking(move || -> Result<Bytes, RegistryError> {
+            let io = |e: std::io::Error| RegistryError::Protocol(format!("decompressing {what}: {e}"));
+            let mut r: Box<dyn Read> = match format {
+                Format::Gzip => Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(reader))),
+                Format::Zstd => Box::new(zstd::stream::read::Decoder::new(reader).map_err(io)?),
+                Format::Tar => Box::new(reader),
+            };
+            let mut idx = 0u64;
+            loop {
+                let mut buf = vec![0u8; span as usize];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = r.read(&mut buf[filled..]).map_err(io)?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                let data = Bytes::from(buf);
+                if idx == want {
+                    return Ok(data);
+                }
+                if filled == 0 {
+                    return Err(RegistryError::Protocol(format!("decompressing {what}: stream ends before span {want}")));
+                }
+                cache.insert((key.clone(), idx), data);
+                idx += 1;
+            }
+        })
+        .await
+        .map_err(|e| RegistryError::Protocol(format!("decompression task failed: {e}")))?
+    }
+}
