@@ -110,7 +110,11 @@ impl LayerIndex {
                 header.device_major().ok().flatten().unwrap_or(0),
                 header.device_minor().ok().flatten().unwrap_or(0),
             );
-            let size = if kind == EntryKind::File { entry.size() } else { 0 };
+            let size = if kind == EntryKind::File {
+                entry.size()
+            } else {
+                0
+            };
             let link = entry.link_name_bytes().map(|l| match kind {
                 EntryKind::Hardlink => normalise(&l),
                 _ => String::from_utf8_lossy(&l).into_owned(),
@@ -236,7 +240,11 @@ impl LayerIndex {
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
 /// eStargz bookkeeping files, hidden from the merged view.
-const ESTARGZ_FILES: &[&str] = &["stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"];
+const ESTARGZ_FILES: &[&str] = &[
+    "stargz.index.json",
+    ".prefetch.landmark",
+    ".no.prefetch.landmark",
+];
 
 /// The merged root filesystem: path -> (layer index, entry index).
 #[derive(Debug, Default)]
@@ -344,7 +352,11 @@ mod tests {
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(*ty);
             h.set_size(data.len() as u64);
-            h.set_mode(if *ty == tar::EntryType::Directory { 0o755 } else { 0o644 });
+            h.set_mode(if *ty == tar::EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            });
             if let Some(l) = link {
                 h.set_link_name(l).unwrap();
             }
@@ -385,15 +397,24 @@ mod tests {
         let idx = LayerIndex::build(&t[..]).unwrap();
         let hosts = &idx.entries[idx.by_path["etc/hosts"]];
         assert_eq!(hosts.size, 4);
-        assert_eq!(&t[hosts.offset as usize..hosts.offset as usize + 4], b"new!");
+        assert_eq!(
+            &t[hosts.offset as usize..hosts.offset as usize + 4],
+            b"new!"
+        );
         assert!(idx.by_path.contains_key("bin"), "implicit parent");
         assert!(idx.by_path.contains_key("evil"), "'..' cannot escape");
         let ash = idx.by_path["bin/ash"];
         let sh = idx.by_path["bin/sh"];
         assert_eq!(idx.resolve(ash), sh);
         assert_eq!(idx.nlink[&sh], 2);
-        assert_eq!(idx.entries[idx.by_path["lib"]].link.as_deref(), Some("/usr/lib"));
-        assert_eq!(idx.dirs[""].keys().collect::<Vec<_>>(), vec!["bin", "etc", "evil", "lib"]);
+        assert_eq!(
+            idx.entries[idx.by_path["lib"]].link.as_deref(),
+            Some("/usr/lib")
+        );
+        assert_eq!(
+            idx.dirs[""].keys().collect::<Vec<_>>(),
+            vec!["bin", "etc", "evil", "lib"]
+        );
     }
 
     #[test]
@@ -416,10 +437,16 @@ mod tests {
             ("f/inside", F, b"5", None),
             ("d", F, b"now a file", None),
         ]);
-        let (i0, i1) = (LayerIndex::build(&l0[..]).unwrap(), LayerIndex::build(&l1[..]).unwrap());
+        let (i0, i1) = (
+            LayerIndex::build(&l0[..]).unwrap(),
+            LayerIndex::build(&l1[..]).unwrap(),
+        );
         let m = Merged::build(&[&i0, &i1]);
         let names: Vec<&String> = m.nodes.keys().collect();
-        assert_eq!(names, vec!["a", "a/keep", "d", "f", "f/inside", "o", "o/new"]);
+        assert_eq!(
+            names,
+            vec!["a", "a/keep", "d", "f", "f/inside", "o", "o/new"]
+        );
         assert!(!m.nodes.keys().any(|k| k.contains(".wh.")));
         assert_eq!(m.nodes["d"].0, 1);
         assert_eq!(m.dirs["o"].keys().collect::<Vec<_>>(), vec!["new"]);

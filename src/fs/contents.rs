@@ -101,7 +101,9 @@ pub(super) fn tree_attr(ino: u64, node: &Node) -> Option<Attr> {
             let e = &t.entry;
             let (kind, size) = match e.kind {
                 EntryKind::File | EntryKind::Hardlink | EntryKind::Dir => (Kind::File, e.size),
-                EntryKind::Symlink => (Kind::Symlink, e.link.as_ref().map_or(0, |l| l.len() as u64)),
+                EntryKind::Symlink => {
+                    (Kind::Symlink, e.link.as_ref().map_or(0, |l| l.len() as u64))
+                }
                 EntryKind::Char => (Kind::CharDevice, 0),
                 EntryKind::Block => (Kind::BlockDevice, 0),
                 EntryKind::Fifo => (Kind::Fifo, 0),
@@ -142,7 +144,8 @@ impl Read for ChunkReader {
         if self.pos >= self.size || buf.is_empty() {
             return Ok(0);
         }
-        let in_cur = self.pos >= self.cur_start && self.pos < self.cur_start + self.cur.len() as u64;
+        let in_cur =
+            self.pos >= self.cur_start && self.pos < self.cur_start + self.cur.len() as u64;
         if !in_cur {
             let idx = self.pos / self.chunk_size;
             let key = (Arc::<str>::from(self.digest.as_str()), idx);
@@ -176,7 +179,10 @@ impl Seek for ChunkReader {
             SeekFrom::End(d) => self.size as i128 + d as i128,
         };
         if new < 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before start",
+            ));
         }
         self.pos = new as u64;
         Ok(self.pos)
@@ -262,7 +268,11 @@ impl Fs {
     }
 
     /// The index of a layer, built once (concurrent callers share the pass).
-    pub(super) async fn layer_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
+    pub(super) async fn layer_index(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+    ) -> FsResult<Arc<LayerIndex>> {
         let cell = self
             .indexes
             .lock()
@@ -278,7 +288,11 @@ impl Fs {
         let what = format!("layer {repo}@{}", layer.digest);
         let format = self.layer_format(repo, layer).await?;
         let reader = self.chunk_reader(repo, layer);
-        let (cache, key, span) = (self.cache.clone(), span_key(&layer.digest), self.opts.chunk_size);
+        let (cache, key, span) = (
+            self.cache.clone(),
+            span_key(&layer.digest),
+            self.opts.chunk_size,
+        );
         let started = std::time::Instant::now();
         let index = tokio::task::spawn_blocking(move || -> std::io::Result<LayerIndex> {
             match format {
@@ -335,7 +349,10 @@ impl Fs {
                     return Err(FsError::new(
                         libc::EIO,
                         log::Level::Warn,
-                        format!("rootfs of {repo}@{image}: layer {} has unsupported media type {}", l.digest, l.media_type),
+                        format!(
+                            "rootfs of {repo}@{image}: layer {} has unsupported media type {}",
+                            l.digest, l.media_type
+                        ),
                     ));
                 }
                 let r = layer_ref(l);
@@ -439,7 +456,12 @@ impl Fs {
     }
 
     /// Bytes `offset..end` of a file in a tree.
-    pub(super) async fn read_tree_entry(&self, t: &TreeEntry, offset: u64, size: u32) -> FsResult<Bytes> {
+    pub(super) async fn read_tree_entry(
+        &self,
+        t: &TreeEntry,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<Bytes> {
         if !matches!(t.entry.kind, EntryKind::File | EntryKind::Hardlink) {
             return Err(FsError::invalid("not a regular file"));
         }
@@ -454,7 +476,10 @@ impl Fs {
                 self.read_blob(&t.repo, &t.layer.digest, t.layer.size, start, stop, false)
                     .await
             }
-            f => self.read_uncompressed(&t.repo, &t.layer, f, start, stop).await,
+            f => {
+                self.read_uncompressed(&t.repo, &t.layer, f, start, stop)
+                    .await
+            }
         }
     }
 
@@ -473,7 +498,9 @@ impl Fs {
         for idx in start / span..=(end - 1) / span {
             let piece = self
                 .cache
-                .get_or_fetch((key.clone(), idx), || self.decompress_to(repo, layer, format, idx))
+                .get_or_fetch((key.clone(), idx), || {
+                    self.decompress_to(repo, layer, format, idx)
+                })
                 .await
                 .map_err(|e| fs_err_ctx(e, &format!("reading layer {repo}@{}", layer.digest)))?;
             let s0 = idx * span;
@@ -499,12 +526,19 @@ impl Fs {
         want: u64,
     ) -> Result<Bytes, RegistryError> {
         let reader = self.chunk_reader(repo, layer);
-        let (cache, key, span) = (self.cache.clone(), span_key(&layer.digest), self.opts.chunk_size);
+        let (cache, key, span) = (
+            self.cache.clone(),
+            span_key(&layer.digest),
+            self.opts.chunk_size,
+        );
         let what = format!("{repo}@{}", layer.digest);
         tokio::task::spawn_blocking(move || -> Result<Bytes, RegistryError> {
-            let io = |e: std::io::Error| RegistryError::Protocol(format!("decompressing {what}: {e}"));
+            let io =
+                |e: std::io::Error| RegistryError::Protocol(format!("decompressing {what}: {e}"));
             let mut r: Box<dyn Read> = match format {
-                Format::Gzip => Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(reader))),
+                Format::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+                    std::io::BufReader::new(reader),
+                )),
                 Format::Zstd => Box::new(zstd::stream::read::Decoder::new(reader).map_err(io)?),
                 Format::Tar => Box::new(reader),
             };
@@ -525,7 +559,9 @@ impl Fs {
                     return Ok(data);
                 }
                 if filled == 0 {
-                    return Err(RegistryError::Protocol(format!("decompressing {what}: stream ends before span {want}")));
+                    return Err(RegistryError::Protocol(format!(
+                        "decompressing {what}: stream ends before span {want}"
+                    )));
                 }
                 cache.insert((key.clone(), idx), data);
                 idx += 1;

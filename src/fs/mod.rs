@@ -518,9 +518,11 @@ pub struct Fs {
     /// Tells the kernel to forget a cached name (set by the FUSE adapter).
     invalidator: std::sync::OnceLock<Invalidator>,
     /// Layer indexes by layer digest (bounded by count), built once each.
-    indexes: Mutex<lru::LruCache<String, Arc<tokio::sync::OnceCell<Arc<crate::layer::LayerIndex>>>>>,
+    indexes:
+        Mutex<lru::LruCache<String, Arc<tokio::sync::OnceCell<Arc<crate::layer::LayerIndex>>>>>,
     /// Merged root filesystems by image manifest digest.
-    merged_views: Mutex<lru::LruCache<String, Arc<tokio::sync::OnceCell<Arc<contents::MergedView>>>>>,
+    merged_views:
+        Mutex<lru::LruCache<String, Arc<tokio::sync::OnceCell<Arc<contents::MergedView>>>>>,
 }
 
 /// Called with (parent inode, name) when a name's meaning changed under the kernel's cache.
@@ -1513,7 +1515,9 @@ impl Fs {
                         f.repo
                     )));
                 }
-                let data = self.read_blob(&f.repo, digest, f.size, offset, end, sequential).await?;
+                let data = self
+                    .read_blob(&f.repo, digest, f.size, offset, end, sequential)
+                    .await?;
                 if f.size <= self.opts.chunk_size {
                     // One chunk: fetch_chunk verified it before caching.
                     self.verified.lock().unwrap().insert(digest.clone());
