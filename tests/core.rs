@@ -116,6 +116,15 @@ async fn names(fs: &Fs, path: &str) -> Vec<String> {
     v
 }
 
+/// The layer files of a `layers/` directory (not the per-layer trees beside them).
+async fn layer_files(fs: &Fs, path: &str) -> Vec<String> {
+    names(fs, path)
+        .await
+        .into_iter()
+        .filter(|n| n.contains('.'))
+        .collect()
+}
+
 fn gets(reg: &FakeRegistry) -> u64 {
     reg.stats().snapshot().blob_gets
 }
@@ -131,9 +140,9 @@ async fn tree_layout_and_contents() {
     );
     assert_eq!(
         names(&fs, "debian/min/tags/bookworm").await,
-        vec!["config.json", "layers", "manifest.json"]
+        vec!["config.json", "layers", "manifest.json", "rootfs"]
     );
-    let layers = names(&fs, "debian/min/tags/bookworm/layers").await;
+    let layers = layer_files(&fs, "debian/min/tags/bookworm/layers").await;
     assert_eq!(
         layers,
         vec![format!(
@@ -210,7 +219,7 @@ async fn missing_names_are_enoent() {
 async fn listing_fetches_no_blobs_and_reads_are_chunked() {
     let (reg, fs) = setup(64 * KIB);
     let img = add_image(&reg, "lazy/one", "v1", (640 * KIB) as usize);
-    let layers = names(&fs, "lazy/one/tags/v1/layers").await;
+    let layers = layer_files(&fs, "lazy/one/tags/v1/layers").await;
     let path = format!("lazy/one/tags/v1/layers/{}", layers[0]);
     let ino = walk(&fs, &path).await.unwrap();
     assert_eq!(
@@ -239,7 +248,7 @@ async fn concurrent_readers_share_one_fetch() {
     let (reg, fs) = setup(64 * KIB);
     let img = add_image(&reg, "c/one", "v1", (256 * KIB) as usize);
     let fs = Arc::new(fs);
-    let layers = names(&fs, "c/one/tags/v1/layers").await;
+    let layers = layer_files(&fs, "c/one/tags/v1/layers").await;
     let ino = walk(&fs, &format!("c/one/tags/v1/layers/{}", layers[0]))
         .await
         .unwrap();
@@ -264,7 +273,7 @@ async fn concurrent_readers_share_one_fetch() {
 async fn sequential_reads_prefetch_ahead() {
     let (reg, fs) = setup(64 * KIB);
     let img = add_image(&reg, "s/one", "v1", (1024 * KIB) as usize);
-    let layers = names(&fs, "s/one/tags/v1/layers").await;
+    let layers = layer_files(&fs, "s/one/tags/v1/layers").await;
     let data = read_all(&fs, &format!("s/one/tags/v1/layers/{}", layers[0]))
         .await
         .unwrap();
@@ -339,7 +348,7 @@ async fn truncated_refused_and_corrupt_bodies_are_eio_and_not_cached() {
         let img = add_image(&reg, "t/one", "v1", (200 * KIB) as usize);
         let cfg = walk(&fs, "t/one/tags/v1/config.json").await.unwrap();
         let _ = img;
-        let layers = names(&fs, "t/one/tags/v1/layers").await;
+        let layers = layer_files(&fs, "t/one/tags/v1/layers").await;
         let layer = walk(&fs, &format!("t/one/tags/v1/layers/{}", layers[0]))
             .await
             .unwrap();
@@ -366,7 +375,7 @@ async fn truncated_refused_and_corrupt_bodies_are_eio_and_not_cached() {
 async fn multi_chunk_digest_mismatch_evicts() {
     let (reg, fs) = setup(64 * KIB);
     add_image(&reg, "d/one", "v1", (200 * KIB) as usize);
-    let layers = names(&fs, "d/one/tags/v1/layers").await;
+    let layers = layer_files(&fs, "d/one/tags/v1/layers").await;
     let path = format!("d/one/tags/v1/layers/{}", layers[0]);
     // Corrupt one chunk: it has the right length, so only the whole-blob digest can tell.
     reg.inject(Op::BlobRange, Fault::Corrupt);
@@ -454,7 +463,7 @@ async fn moved_tags_get_new_inodes_after_ttl() {
             .unwrap_err(),
         libc::ENOENT
     );
-    let layers = names(&fs, "mv/one/tags/latest/layers").await;
+    let layers = layer_files(&fs, "mv/one/tags/latest/layers").await;
     assert!(layers[0].contains(&digest_hex(&b.layer_digest)[..12]));
 }
 

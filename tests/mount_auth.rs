@@ -191,7 +191,7 @@ fn bearer_token_flow() {
     let before = m.stat("token_fetches");
     assert!(before >= 1);
     std::fs::read(m.p("priv/app/tags/v1/manifest.json")).unwrap();
-    let layers = ls(&m.p("priv/app/tags/v1/layers"));
+    let layers = ls_files(&m.p("priv/app/tags/v1/layers"));
     std::fs::read(m.p("priv/app/tags/v1/layers").join(&layers[0])).unwrap();
     assert_eq!(m.stat("token_fetches"), before);
     assert_no_secret(&m.log_text(), &["tok-SECRET-abc123"]);

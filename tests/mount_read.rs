@@ -23,7 +23,10 @@ fn browse_image_tree() {
     );
     assert_eq!(ls(&m.p("debian/min/tags")), vec!["bookworm"]);
     let tag = m.p("debian/min/tags/bookworm");
-    assert_eq!(ls(&tag), vec!["config.json", "layers", "manifest.json"]);
+    assert_eq!(
+        ls(&tag),
+        vec!["config.json", "layers", "manifest.json", "rootfs"]
+    );
 
     // manifest.json: byte for byte, sha256 == its digest, xattrs.
     let manifest = std::fs::read(tag.join("manifest.json")).unwrap();
@@ -53,7 +56,7 @@ fn browse_image_tree() {
     );
 
     // layers: names, exact sizes, sha256 == digest, media types.
-    let names = ls(&tag.join("layers"));
+    let names = ls_files(&tag.join("layers"));
     let exts = ["tar.gz", "tar", "tar.zst"];
     assert_eq!(names.len(), 3);
     for (i, (digest, size, mt)) in s.min.layers.iter().enumerate() {
@@ -118,7 +121,8 @@ fn multi_arch_index() {
             "layers",
             "linux-amd64",
             "linux-arm64-v8",
-            "manifest.json"
+            "manifest.json",
+            "rootfs"
         ]
     );
     assert_eq!(
@@ -147,7 +151,7 @@ fn multi_arch_index() {
         xattr(&tag.join("linux-arm64-v8"), "user.oci.digest").unwrap(),
         s.arm.manifest_digest.as_bytes()
     );
-    let layers = ls(&tag.join("linux-amd64/layers"));
+    let layers = ls_files(&tag.join("linux-amd64/layers"));
     assert_eq!(layers.len(), 1);
     assert_eq!(
         sha256_file(&tag.join("linux-amd64/layers").join(&layers[0])),
@@ -227,7 +231,7 @@ fn sizes_and_reads_are_lazy() {
     let m = TestMount::new(&reg.addr(), &["--chunk-size", "1MiB"]);
     let layers = m.p("lazy/big/tags/v1/layers");
     // ls -l: exact sizes, no blob GET.
-    let names = ls(&layers);
+    let names = ls_files(&layers);
     let layer = layers.join(&names[0]);
     assert_eq!(std::fs::metadata(&layer).unwrap().len(), big.len() as u64);
     assert_eq!(
@@ -368,7 +372,7 @@ fn corrupt_blob_gives_eio_and_is_not_cached() {
         "bad bytes must not be served from cache"
     );
     // Multi-chunk blob: the full read fails at the end with EIO, and the chunks are dropped.
-    let layers = ls(&m.p("bad/blob/tags/v1/layers"));
+    let layers = ls_files(&m.p("bad/blob/tags/v1/layers"));
     let e = std::fs::read(m.p("bad/blob/tags/v1/layers").join(&layers[0]))
         .map(|v| v.len())
         .unwrap_err();

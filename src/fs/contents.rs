@@ -45,18 +45,20 @@ pub(super) fn layer_tree_name(i: usize, count: usize, l: &Descriptor) -> Option<
     (ext != "blob").then(|| file[..file.len() - ext.len() - 1].to_string())
 }
 
-pub(super) fn layer_ref(l: &Descriptor) -> LayerRef {
+pub(super) fn layer_ref(l: &Descriptor, image: &str, pos: usize) -> LayerRef {
     LayerRef {
         digest: l.digest.clone(),
         size: l.size,
         media_type: l.media_type.clone(),
+        image: image.to_string(),
+        pos,
     }
 }
 
-pub(super) fn layer_root(repo: &str, l: &Descriptor) -> Node {
+pub(super) fn layer_root(repo: &str, l: &Descriptor, image: &str, pos: usize) -> Node {
     Node::TreeDir(TreeDir {
         repo: repo.to_string(),
-        view: View::Layer(layer_ref(l)),
+        view: View::Layer(layer_ref(l, image, pos)),
         path: String::new(),
         meta: None,
     })
@@ -197,6 +199,35 @@ struct SpanTee<R> {
     span: u64,
     buf: BytesMut,
     idx: u64,
+    /// sha256 of the whole uncompressed stream (the layer's diff_id).
+    hasher: crate::digest::StreamingDigest,
+}
+
+impl<R: Read> SpanTee<R> {
+    fn new(inner: R, cache: Arc<ChunkCache>, key: Arc<str>, span: u64) -> Self {
+        SpanTee {
+            inner,
+            cache,
+            key,
+            span,
+            buf: BytesMut::new(),
+            idx: 0,
+            hasher: Default::default(),
+        }
+    }
+
+    /// Index the stream, read it to its end, and check it against `diff_id`.
+    fn index(mut self, diff_id: Option<String>) -> std::io::Result<LayerIndex> {
+        let idx = LayerIndex::build(&mut self)?;
+        std::io::copy(&mut self, &mut std::io::sink())?;
+        let actual = self.hasher.finish();
+        match diff_id {
+            Some(want) if want != actual => Err(std::io::Error::other(format!(
+                "uncompressed content hashes to {actual}, not to the config's diff_id {want}"
+            ))),
+            _ => Ok(idx),
+        }
+    }
 }
 
 impl<R: Read> SpanTee<R> {
@@ -212,6 +243,7 @@ impl<R: Read> SpanTee<R> {
 impl<R: Read> Read for SpanTee<R> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(out)?;
+        self.hasher.update(&out[..n]);
         let mut rest = &out[..n];
         while !rest.is_empty() {
             let room = (self.span as usize) - self.buf.len();
@@ -287,6 +319,7 @@ impl Fs {
     async fn build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
         let what = format!("layer {repo}@{}", layer.digest);
         let format = self.layer_format(repo, layer).await?;
+        let diff_id = self.diff_id(repo, layer).await;
         let reader = self.chunk_reader(repo, layer);
         let (cache, key, span) = (
             self.cache.clone(),
@@ -300,22 +333,17 @@ impl Fs {
                     let mut archive = tar::Archive::new(reader);
                     LayerIndex::from_entries(archive.entries_with_seek()?)
                 }
-                Format::Gzip => LayerIndex::build(SpanTee {
-                    inner: flate2::read::MultiGzDecoder::new(std::io::BufReader::new(reader)),
+                Format::Gzip => SpanTee::new(
+                    flate2::read::MultiGzDecoder::new(std::io::BufReader::new(reader)),
                     cache,
                     key,
                     span,
-                    buf: BytesMut::new(),
-                    idx: 0,
-                }),
-                Format::Zstd => LayerIndex::build(SpanTee {
-                    inner: zstd::stream::read::Decoder::new(reader)?,
-                    cache,
-                    key,
-                    span,
-                    buf: BytesMut::new(),
-                    idx: 0,
-                }),
+                )
+                .index(diff_id),
+                Format::Zstd => {
+                    SpanTee::new(zstd::stream::read::Decoder::new(reader)?, cache, key, span)
+                        .index(diff_id)
+                }
             }
         })
         .await
@@ -327,6 +355,25 @@ impl Fs {
             started.elapsed()
         );
         Ok(Arc::new(index))
+    }
+
+    /// The config's diff_id for a layer, when the config can be read and names one.
+    async fn diff_id(&self, repo: &str, layer: &LayerRef) -> Option<String> {
+        let m = self.manifest(repo, &layer.image).await.ok()?;
+        let Parsed::Image { config, .. } = &m.parsed else {
+            return None;
+        };
+        if config.size == 0 {
+            return None;
+        }
+        let body = self
+            .read_blob(repo, &config.digest, config.size, 0, config.size, false)
+            .await
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        v["rootfs"]["diff_ids"][layer.pos]
+            .as_str()
+            .map(str::to_string)
     }
 
     /// The merged tree of the image manifest `image`.
@@ -344,7 +391,7 @@ impl Fs {
             };
             let mut refs = Vec::new();
             let mut indexes = Vec::new();
-            for l in layers {
+            for (pos, l) in layers.iter().enumerate() {
                 if manifest::layer_extension(&l.media_type) == "blob" {
                     return Err(FsError::new(
                         libc::EIO,
@@ -355,7 +402,7 @@ impl Fs {
                         ),
                     ));
                 }
-                let r = layer_ref(l);
+                let r = layer_ref(l, image, pos);
                 indexes.push(self.layer_index(repo, &r).await?);
                 refs.push(r);
             }

@@ -155,6 +155,9 @@ pub struct LayerRef {
     pub digest: String,
     pub size: u64,
     pub media_type: String,
+    /// The image manifest and position it was reached through, to check its diff_id.
+    pub image: String,
+    pub pos: usize,
 }
 
 /// Which tree a node belongs to.
@@ -996,7 +999,7 @@ impl Fs {
                         ));
                         // The layer's own tree, beside its file (tar layers only).
                         if let Some(dir) = contents::layer_tree_name(i, layers.len(), l) {
-                            out.push((dir, contents::layer_root(repo, l)));
+                            out.push((dir, contents::layer_root(repo, l, digest, i)));
                         }
                     }
                 }

@@ -355,6 +355,14 @@ pub fn ls(path: &Path) -> Vec<String> {
     v
 }
 
+/// The regular files in a directory, sorted (in `layers/`: the layer files, not their trees).
+pub fn ls_files(path: &Path) -> Vec<String> {
+    ls(path)
+        .into_iter()
+        .filter(|n| std::fs::symlink_metadata(path.join(n)).is_ok_and(|m| m.is_file()))
+        .collect()
+}
+
 /// The errno of an io::Error.
 pub fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
