@@ -52,6 +52,8 @@ pub struct LayerIndex {
     pub dirs: HashMap<String, BTreeMap<String, usize>>,
     /// Entry index -> number of names that refer to it (1 + hardlinks).
     pub nlink: HashMap<usize, u32>,
+    /// gzip layers: where reads can restart inflating (see `crate::zran`).
+    pub checkpoints: Vec<crate::zran::Checkpoint>,
 }
 
 /// Normalise a tar path: no leading `/`, no `.` or empty components, `..` never above the root.
@@ -78,6 +80,17 @@ fn parent_of(path: &str) -> (&str, &str) {
 }
 
 impl LayerIndex {
+    /// Approximate memory held by this index, in bytes.
+    pub fn memory(&self) -> usize {
+        let entries: usize = self
+            .entries
+            .iter()
+            .map(|e| 96 + 2 * e.path.len() + e.link.as_ref().map_or(0, |l| l.len()))
+            .sum();
+        let checkpoints: usize = self.checkpoints.iter().map(|c| 40 + c.window.len()).sum();
+        entries + checkpoints
+    }
+
     /// Read a whole uncompressed tar stream and index it. Errors on a corrupt header.
     pub fn build<R: Read>(r: R) -> std::io::Result<LayerIndex> {
         let mut archive = tar::Archive::new(r);

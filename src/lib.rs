@@ -12,5 +12,5 @@ pub mod fuse;
 pub mod layer;
 pub mod manifest;
 pub mod push;
-pub mod zran;
 pub mod registry;
+pub mod zran;

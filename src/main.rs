@@ -214,6 +214,7 @@ fn run(
             readahead_chunks: cfg.readahead_chunks,
             platform: cfg.platform.clone(),
             upload_chunk_size: cfg.upload_chunk_size,
+            checkpoint_spacing: cfg.checkpoint_spacing,
         },
     ));
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());

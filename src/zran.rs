@@ -52,7 +52,10 @@ struct Inflater {
 unsafe impl Send for Inflater {}
 
 fn zerr(what: &str, code: i32) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("{what}: zlib error {code}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{what}: zlib error {code}"),
+    )
 }
 
 impl Inflater {
@@ -112,7 +115,8 @@ impl Inflater {
             return Ok(());
         }
         // SAFETY: initialised stream; dict outlives the call (zlib copies it).
-        let r = unsafe { z::inflateSetDictionary(&mut *self.strm, dict.as_ptr(), dict.len() as u32) };
+        let r =
+            unsafe { z::inflateSetDictionary(&mut *self.strm, dict.as_ptr(), dict.len() as u32) };
         if r == z::Z_OK {
             Ok(())
         } else {
@@ -180,7 +184,10 @@ impl<R: Read> Input<R> {
     fn skip(&mut self, mut n: usize) -> io::Result<()> {
         while n > 0 {
             if !self.fill()? {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated gzip trailer"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "truncated gzip trailer",
+                ));
             }
             let k = n.min(self.len - self.pos);
             self.consume(k);
@@ -227,7 +234,10 @@ impl<R: Read> Read for Indexer<R> {
                 return Ok(0);
             }
             if !self.input.fill()? {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated gzip stream"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "truncated gzip stream",
+                ));
             }
             let (pos, len) = (self.input.pos, self.input.len);
             let (consumed, produced, r, data_type) =
@@ -326,7 +336,10 @@ impl<R: Read> Read for FromCheckpoint<R> {
                 return Ok(0);
             }
             if !self.input.fill()? {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated gzip stream"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "truncated gzip stream",
+                ));
             }
             let (pos, len) = (self.input.pos, self.input.len);
             let (consumed, produced, r, _) =
@@ -402,9 +415,17 @@ mod tests {
         let mut all = Vec::new();
         ix.read_to_end(&mut all).unwrap();
         assert_eq!(all, d);
-        assert!(ix.checkpoints.len() >= 8, "{} checkpoints", ix.checkpoints.len());
+        assert!(
+            ix.checkpoints.len() >= 8,
+            "{} checkpoints",
+            ix.checkpoints.len()
+        );
         for at in [0u64, 1, 100_000, 1 << 20, (3 << 20) - 5000, 2_500_001] {
-            assert_eq!(read_at(&comp, &ix.checkpoints, at, 4000), &d[at as usize..at as usize + 4000], "at {at}");
+            assert_eq!(
+                read_at(&comp, &ix.checkpoints, at, 4000),
+                &d[at as usize..at as usize + 4000],
+                "at {at}"
+            );
         }
     }
 
@@ -420,7 +441,10 @@ mod tests {
         assert_eq!(all, whole);
         // Across the member boundary, from a checkpoint in the first member.
         let at = 690_000u64;
-        assert_eq!(read_at(&comp, &ix.checkpoints, at, 30_000), &whole[at as usize..at as usize + 30_000]);
+        assert_eq!(
+            read_at(&comp, &ix.checkpoints, at, 30_000),
+            &whole[at as usize..at as usize + 30_000]
+        );
     }
 
     #[test]

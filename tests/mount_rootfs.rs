@@ -447,3 +447,98 @@ fn a_corrupt_layer_gives_eio_and_the_rest_of_the_mount_works() {
     let layers = ls_files(&m.p("bad/img/tags/v1/layers"));
     assert!(std::fs::read(m.p("bad/img/tags/v1/layers").join(&layers[0])).is_ok());
 }
+
+/// Compressible text, different for each seed.
+fn text(len: usize, seed: u64) -> Vec<u8> {
+    use std::io::Write;
+    let mut v = Vec::with_capacity(len + 32);
+    let mut i = seed;
+    while v.len() < len {
+        write!(v, "{} {} ", i % 1009, i.wrapping_mul(2654435761) % 9973).unwrap();
+        i += 1;
+    }
+    v.truncate(len);
+    v
+}
+
+#[test]
+fn a_small_file_deep_in_a_gzip_layer_inflates_from_a_checkpoint() {
+    let reg = TestRegistry::start();
+    let client = reg.client();
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..24 {
+        add(
+            &mut b,
+            &format!("f{i:02}"),
+            F,
+            &text(1 << 20, i * 1000),
+            None,
+            (0o644, 0, 0),
+            &[],
+        );
+    }
+    add(
+        &mut b,
+        "deep/target",
+        F,
+        b"found me\n",
+        None,
+        (0o644, 0, 0),
+        &[],
+    );
+    let t = b.into_inner().unwrap();
+    let layer = Layer::gzip(&t);
+    let compressed = layer.data.len() as u64;
+    rt().block_on(push_image(
+        &client,
+        "gz/deep",
+        Some("v1"),
+        "amd64",
+        &[layer],
+    ));
+    let m = TestMount::new(
+        &reg.addr(),
+        &[
+            "--chunk-size",
+            "256KiB",
+            "--cache-size",
+            "1MiB",
+            "--checkpoint-spacing",
+            "1MiB",
+        ],
+    );
+    // The first look indexes the layer (one pass over it) and records checkpoints.
+    assert_eq!(
+        ls(&m.p("gz/deep/tags/v1/rootfs")),
+        vec![
+            "deep", "f00", "f01", "f02", "f03", "f04", "f05", "f06", "f07", "f08", "f09", "f10",
+            "f11", "f12", "f13", "f14", "f15", "f16", "f17", "f18", "f19", "f20", "f21", "f22",
+            "f23"
+        ]
+    );
+    assert!(m.log_text().contains("checkpoints"), "{}", m.log_text());
+    let before = m.stat("blob_bytes");
+    assert_eq!(
+        std::fs::read(m.p("gz/deep/tags/v1/rootfs/deep/target")).unwrap(),
+        b"found me\n"
+    );
+    let fetched = m.stat("blob_bytes") - before;
+    // At most one checkpoint span (1 MiB of output, less compressed) plus chunk rounding, out of
+    // a layer of several MiB: not a decompression from the start.
+    assert!(
+        fetched <= (1 << 20) + 2 * (256 << 10),
+        "fetched {fetched} bytes of a {compressed}-byte layer"
+    );
+    assert!(
+        fetched < compressed / 2,
+        "fetched {fetched} of {compressed}"
+    );
+    // Files anywhere read correctly from their checkpoints.
+    for i in [0u64, 7, 23] {
+        assert_eq!(
+            std::fs::read(m.p(&format!("gz/deep/tags/v1/rootfs/f{i:02}"))).unwrap(),
+            text(1 << 20, i * 1000),
+            "f{i:02}"
+        );
+    }
+}

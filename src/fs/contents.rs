@@ -217,7 +217,8 @@ impl<R: Read> SpanTee<R> {
     }
 
     /// Index the stream, read it to its end, and check it against `diff_id`.
-    fn index(mut self, diff_id: Option<String>) -> std::io::Result<LayerIndex> {
+    /// Returns the index and the inner reader.
+    fn index(mut self, diff_id: Option<String>) -> std::io::Result<(LayerIndex, R)> {
         let idx = LayerIndex::build(&mut self)?;
         std::io::copy(&mut self, &mut std::io::sink())?;
         let actual = self.hasher.finish();
@@ -225,7 +226,7 @@ impl<R: Read> SpanTee<R> {
             Some(want) if want != actual => Err(std::io::Error::other(format!(
                 "uncompressed content hashes to {actual}, not to the config's diff_id {want}"
             ))),
-            _ => Ok(idx),
+            _ => Ok((idx, self.inner)),
         }
     }
 }
@@ -326,6 +327,7 @@ impl Fs {
             span_key(&layer.digest),
             self.opts.chunk_size,
         );
+        let spacing = self.opts.checkpoint_spacing;
         let started = std::time::Instant::now();
         let index = tokio::task::spawn_blocking(move || -> std::io::Result<LayerIndex> {
             match format {
@@ -333,16 +335,17 @@ impl Fs {
                     let mut archive = tar::Archive::new(reader);
                     LayerIndex::from_entries(archive.entries_with_seek()?)
                 }
-                Format::Gzip => SpanTee::new(
-                    flate2::read::MultiGzDecoder::new(std::io::BufReader::new(reader)),
-                    cache,
-                    key,
-                    span,
-                )
-                .index(diff_id),
+                Format::Gzip => {
+                    let indexer = crate::zran::Indexer::new(reader, spacing)?;
+                    let (mut idx, indexer) =
+                        SpanTee::new(indexer, cache, key, span).index(diff_id)?;
+                    idx.checkpoints = indexer.checkpoints;
+                    Ok(idx)
+                }
                 Format::Zstd => {
                     SpanTee::new(zstd::stream::read::Decoder::new(reader)?, cache, key, span)
                         .index(diff_id)
+                        .map(|(idx, _)| idx)
                 }
             }
         })
@@ -350,8 +353,10 @@ impl Fs {
         .map_err(|e| FsError::io(format!("{what}: indexing task failed: {e}")))?
         .map_err(|e| io_to_fs(e, &format!("{what}: cannot index ({format:?})")))?;
         log::info!(
-            "indexed {what}: {} entries in {:?}",
+            "indexed {what}: {} entries, {} checkpoints, about {} KiB of index memory, in {:?}",
             index.entries.len(),
+            index.checkpoints.len(),
+            index.memory() / 1024,
             started.elapsed()
         );
         Ok(Arc::new(index))
@@ -545,8 +550,11 @@ impl Fs {
         for idx in start / span..=(end - 1) / span {
             let piece = self
                 .cache
-                .get_or_fetch((key.clone(), idx), || {
-                    self.decompress_to(repo, layer, format, idx)
+                .get_or_fetch((key.clone(), idx), || async {
+                    match format {
+                        Format::Gzip => self.inflate_span(repo, layer, idx).await,
+                        _ => self.decompress_to(repo, layer, format, idx).await,
+                    }
                 })
                 .await
                 .map_err(|e| fs_err_ctx(e, &format!("reading layer {repo}@{}", layer.digest)))?;
@@ -562,6 +570,37 @@ impl Fs {
             out.extend_from_slice(&piece[from as usize..to as usize]);
         }
         Ok(out.freeze())
+    }
+
+    /// Span `want` of a gzip layer, inflated from the nearest checkpoint before it only.
+    async fn inflate_span(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        want: u64,
+    ) -> Result<Bytes, RegistryError> {
+        let index = self
+            .layer_index(repo, layer)
+            .await
+            .map_err(|e| RegistryError::Protocol(e.message))?;
+        let span = self.opts.chunk_size;
+        let start = want * span;
+        let mut reader = self.chunk_reader(repo, layer);
+        let what = format!("{repo}@{}", layer.digest);
+        tokio::task::spawn_blocking(move || -> Result<Bytes, RegistryError> {
+            let io = |e: std::io::Error| RegistryError::Protocol(format!("inflating {what}: {e}"));
+            let cp = crate::zran::nearest(&index.checkpoints, start);
+            let from = crate::zran::FromCheckpoint::<ChunkReader>::source_offset(cp);
+            reader.seek(SeekFrom::Start(from)).map_err(io)?;
+            let mut r = crate::zran::FromCheckpoint::new(reader, cp).map_err(io)?;
+            let skip = start - cp.map_or(0, |c| c.out);
+            std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io)?;
+            let mut buf = Vec::with_capacity(span as usize);
+            (&mut r).take(span).read_to_end(&mut buf).map_err(io)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| RegistryError::Protocol(format!("inflate task failed: {e}")))?
     }
 
     /// Decompress a layer from its start up to span `want`, caching every span passed.

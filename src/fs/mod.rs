@@ -50,6 +50,8 @@ pub struct FsOptions {
     pub platform: (String, String, Option<String>),
     /// PATCH size of uploads.
     pub upload_chunk_size: u64,
+    /// Uncompressed bytes between gzip checkpoints.
+    pub checkpoint_spacing: u64,
 }
 
 impl Default for FsOptions {
@@ -61,6 +63,7 @@ impl Default for FsOptions {
             readahead_chunks: crate::config::DEFAULT_READAHEAD_CHUNKS,
             platform: ("linux".into(), "amd64".into(), None),
             upload_chunk_size: crate::config::DEFAULT_UPLOAD_CHUNK_SIZE,
+            checkpoint_spacing: crate::config::DEFAULT_CHECKPOINT_SPACING,
         }
     }
 }
