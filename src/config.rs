@@ -103,6 +103,10 @@ pub struct Cli {
         help_heading = "Cache"
     )]
     pub checkpoint_spacing: String,
+    /// Directory where layer indexes (tar entries, gzip checkpoints) persist across mounts,
+    /// keyed by layer digest (created if missing; default: indexes live in memory only).
+    #[arg(long, value_name = "DIR", help_heading = "Cache")]
+    pub cache_dir: Option<PathBuf>,
     /// PATCH size when pushing (64KiB to 1GiB); raised to the registry's OCI-Chunk-Min-Length.
     #[arg(
         long,
@@ -167,6 +171,7 @@ pub struct Config {
     pub readahead_chunks: u64,
     pub upload_chunk_size: u64,
     pub checkpoint_spacing: u64,
+    pub cache_dir: Option<PathBuf>,
     pub ca_cert: Option<PathBuf>,
     pub insecure: bool,
     pub username: Option<String>,
@@ -307,6 +312,7 @@ impl TryFrom<Cli> for Config {
             readahead_chunks: cli.readahead_chunks,
             upload_chunk_size,
             checkpoint_spacing,
+            cache_dir: cli.cache_dir,
             ca_cert: cli.ca_cert,
             insecure: cli.insecure,
             username: cli.username,

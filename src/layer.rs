@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 
 /// What a tar entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum EntryKind {
     File,
     Dir,
@@ -23,7 +23,7 @@ pub enum EntryKind {
 }
 
 /// One tar entry, as the index keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct TarEntry {
     /// Normalised path without a leading `/`.
     pub path: String,
@@ -79,7 +79,45 @@ fn parent_of(path: &str) -> (&str, &str) {
     }
 }
 
+/// What `--cache-dir` keeps of an index; the rest is derived again on load.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    version: u32,
+    entries: Vec<TarEntry>,
+    by_path: HashMap<String, usize>,
+    checkpoints: Vec<crate::zran::Checkpoint>,
+}
+
+const STORED_VERSION: u32 = 1;
+
 impl LayerIndex {
+    /// Serialise for the on-disk cache.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&Stored {
+            version: STORED_VERSION,
+            entries: self.entries.clone(),
+            by_path: self.by_path.clone(),
+            checkpoints: self.checkpoints.clone(),
+        })
+        .expect("index serialises")
+    }
+
+    /// Load from the on-disk cache; None if it is not a valid index of this version.
+    pub fn from_bytes(b: &[u8]) -> Option<LayerIndex> {
+        let s: Stored = serde_json::from_slice(b).ok()?;
+        if s.version != STORED_VERSION || s.by_path.values().any(|&i| i >= s.entries.len()) {
+            return None;
+        }
+        let mut idx = LayerIndex {
+            entries: s.entries,
+            by_path: s.by_path,
+            checkpoints: s.checkpoints,
+            ..Default::default()
+        };
+        idx.finish();
+        Some(idx)
+    }
+
     /// Approximate memory held by this index, in bytes.
     pub fn memory(&self) -> usize {
         let entries: usize = self

@@ -30,6 +30,11 @@ fn main() -> ExitCode {
         Ok(_) => return fail(&format!("{} is not a directory", cfg.mountpoint.display())),
         Err(e) => return fail(&format!("mountpoint {}: {e}", cfg.mountpoint.display())),
     }
+    if let Some(d) = &cfg.cache_dir {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            return fail(&format!("--cache-dir {}: {e}", d.display()));
+        }
+    }
     let credentials = match credentials(&cfg) {
         Ok(c) => c,
         Err(e) => return fail(&e),
@@ -215,6 +220,7 @@ fn run(
             platform: cfg.platform.clone(),
             upload_chunk_size: cfg.upload_chunk_size,
             checkpoint_spacing: cfg.checkpoint_spacing,
+            cache_dir: cfg.cache_dir.clone(),
         },
     ));
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());

@@ -542,3 +542,76 @@ fn a_small_file_deep_in_a_gzip_layer_inflates_from_a_checkpoint() {
         );
     }
 }
+
+#[test]
+fn cache_dir_keeps_indexes_across_mounts() {
+    let reg = TestRegistry::start();
+    let client = reg.client();
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..8 {
+        add(
+            &mut b,
+            &format!("f{i}"),
+            F,
+            &text(1 << 20, i),
+            None,
+            (0o644, 0, 0),
+            &[],
+        );
+    }
+    add(
+        &mut b,
+        "etc/os-release",
+        F,
+        b"ID=cached\n",
+        None,
+        (0o644, 0, 0),
+        &[],
+    );
+    let layer = Layer::gzip(&b.into_inner().unwrap());
+    let compressed = layer.data.len() as u64;
+    rt().block_on(push_image(
+        &client,
+        "cached/img",
+        Some("v1"),
+        "amd64",
+        &[layer],
+    ));
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().to_str().unwrap();
+    let args = [
+        "--cache-dir",
+        dir,
+        "--checkpoint-spacing",
+        "1MiB",
+        "--chunk-size",
+        "256KiB",
+    ];
+    {
+        let m = TestMount::new(&reg.addr(), &args);
+        assert_eq!(
+            std::fs::read(m.p("cached/img/tags/v1/rootfs/etc/os-release")).unwrap(),
+            b"ID=cached\n"
+        );
+        assert!(
+            m.stat("blob_bytes") >= compressed,
+            "the first mount reads the whole layer once"
+        );
+    }
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 1);
+    let m = TestMount::new(&reg.addr(), &args);
+    assert_eq!(
+        std::fs::read(m.p("cached/img/tags/v1/rootfs/etc/os-release")).unwrap(),
+        b"ID=cached\n"
+    );
+    let fetched = m.stat("blob_bytes");
+    assert!(
+        fetched < compressed / 2,
+        "second mount fetched {fetched} of {compressed} bytes"
+    );
+    assert!(
+        m.log_text().contains("loaded the index"),
+        "{}",
+        m.log_text()
+    );
+}

@@ -312,9 +312,49 @@ impl Fs {
             .unwrap()
             .get_or_insert(layer.digest.clone(), || Arc::new(OnceCell::new()))
             .clone();
-        cell.get_or_try_init(|| self.build_index(repo, layer))
+        cell.get_or_try_init(|| self.load_or_build_index(repo, layer))
             .await
             .cloned()
+    }
+
+    /// From `--cache-dir` when it holds this layer's index, else built (and stored there).
+    async fn load_or_build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
+        let path = self.opts.cache_dir.as_ref().map(|d| {
+            d.join(format!(
+                "{}.index.json",
+                crate::digest::digest_hex(&layer.digest)
+            ))
+        });
+        if let Some(p) = &path {
+            if let Ok(bytes) = tokio::fs::read(p).await {
+                match LayerIndex::from_bytes(&bytes) {
+                    Some(idx) => {
+                        log::info!(
+                            "loaded the index of layer {} from {}",
+                            layer.digest,
+                            p.display()
+                        );
+                        return Ok(Arc::new(idx));
+                    }
+                    None => log::warn!("ignoring unreadable index {}", p.display()),
+                }
+            }
+        }
+        let idx = self.build_index(repo, layer).await?;
+        if let Some(p) = path {
+            // Write a temp file and rename it, so a crash never leaves half an index.
+            let tmp = p.with_extension(format!("tmp.{}", std::process::id()));
+            let bytes = idx.to_bytes();
+            let stored = async {
+                tokio::fs::write(&tmp, &bytes).await?;
+                tokio::fs::rename(&tmp, &p).await
+            };
+            if let Err(e) = stored.await {
+                log::warn!("could not store the index in {}: {e}", p.display());
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
+        }
+        Ok(idx)
     }
 
     async fn build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {

@@ -52,6 +52,8 @@ pub struct FsOptions {
     pub upload_chunk_size: u64,
     /// Uncompressed bytes between gzip checkpoints.
     pub checkpoint_spacing: u64,
+    /// Where layer indexes persist across mounts (keyed by layer digest).
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FsOptions {
@@ -64,6 +66,7 @@ impl Default for FsOptions {
             platform: ("linux".into(), "amd64".into(), None),
             upload_chunk_size: crate::config::DEFAULT_UPLOAD_CHUNK_SIZE,
             checkpoint_spacing: crate::config::DEFAULT_CHECKPOINT_SPACING,
+            cache_dir: None,
         }
     }
 }
