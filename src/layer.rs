@@ -54,6 +54,9 @@ pub struct LayerIndex {
     pub nlink: HashMap<usize, u32>,
     /// gzip layers: where reads can restart inflating (see `crate::zran`).
     pub checkpoints: Vec<crate::zran::Checkpoint>,
+    /// eStargz and zstd:chunked layers: entry index -> where its content chunks are
+    /// (see `crate::toc`). Files listed here are read chunk by chunk, never from a full pass.
+    pub toc_chunks: HashMap<usize, Vec<crate::toc::TocChunk>>,
 }
 
 /// Normalise a tar path: no leading `/`, no `.` or empty components, `..` never above the root.
@@ -86,6 +89,8 @@ struct Stored {
     entries: Vec<TarEntry>,
     by_path: HashMap<String, usize>,
     checkpoints: Vec<crate::zran::Checkpoint>,
+    #[serde(default)]
+    toc_chunks: HashMap<usize, Vec<crate::toc::TocChunk>>,
 }
 
 const STORED_VERSION: u32 = 1;
@@ -98,6 +103,7 @@ impl LayerIndex {
             entries: self.entries.clone(),
             by_path: self.by_path.clone(),
             checkpoints: self.checkpoints.clone(),
+            toc_chunks: self.toc_chunks.clone(),
         })
         .expect("index serialises")
     }
@@ -112,6 +118,7 @@ impl LayerIndex {
             entries: s.entries,
             by_path: s.by_path,
             checkpoints: s.checkpoints,
+            toc_chunks: s.toc_chunks,
             ..Default::default()
         };
         idx.finish();
@@ -206,7 +213,7 @@ impl LayerIndex {
         Ok(idx)
     }
 
-    fn add(&mut self, e: TarEntry) {
+    pub(crate) fn add(&mut self, e: TarEntry) {
         // Parents that the tar does not list are implied, as extraction would make them.
         let mut p = e.path.as_str();
         let mut missing = Vec::new();
@@ -246,7 +253,7 @@ impl LayerIndex {
         self.entries.push(e);
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         self.dirs.insert(String::new(), BTreeMap::new());
         let mut paths: Vec<(&String, &usize)> = self.by_path.iter().collect();
         paths.sort();

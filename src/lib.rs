@@ -13,4 +13,5 @@ pub mod layer;
 pub mod manifest;
 pub mod push;
 pub mod registry;
+pub mod toc;
 pub mod zran;

@@ -615,3 +615,82 @@ fn cache_dir_keeps_indexes_across_mounts() {
         m.log_text()
     );
 }
+
+#[test]
+fn estargz_and_zstd_chunked_read_only_footer_toc_and_the_file() {
+    let reg = TestRegistry::start();
+    let client = reg.client();
+    let bulk: Vec<(String, Vec<u8>)> = (0..16)
+        .map(|i| {
+            (
+                format!("usr/lib/blob{i:02}"),
+                pseudo_random(200_000, i + 300),
+            )
+        })
+        .collect();
+    let mut files: Vec<(&str, &[u8])> = bulk
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.as_slice()))
+        .collect();
+    files.push(("etc/os-release", b"ID=seekable\n"));
+    files.push(("etc/empty", b""));
+    rt().block_on(async {
+        push_image(
+            &client,
+            "seek/img",
+            Some("estargz"),
+            "amd64",
+            &[estargz(&files)],
+        )
+        .await;
+        push_image(
+            &client,
+            "seek/img",
+            Some("zstdchunked"),
+            "amd64",
+            &[zstd_chunked(&files)],
+        )
+        .await;
+    });
+    for tag in ["estargz", "zstdchunked"] {
+        let m = TestMount::new(&reg.addr(), &["--chunk-size", "64KiB"]);
+        let layers = m.p(&format!("seek/img/tags/{tag}/layers"));
+        let layer_size = std::fs::metadata(layers.join(&ls_files(&layers)[0]))
+            .unwrap()
+            .len();
+        assert_eq!(
+            std::fs::read(m.p(&format!("seek/img/tags/{tag}/rootfs/etc/os-release"))).unwrap(),
+            b"ID=seekable\n",
+            "{tag}\n{}",
+            m.log_text()
+        );
+        // Footer, TOC and one small file: a few 64 KiB chunks of a 3+ MiB layer.
+        let fetched = m.stat("blob_bytes");
+        assert!(
+            fetched <= 4 * 65536,
+            "{tag}: fetched {fetched} of {layer_size} bytes"
+        );
+        assert!(
+            m.log_text().contains("TOC alone"),
+            "{tag}: {}",
+            m.log_text()
+        );
+        // Every file reads back right, and the bookkeeping entries stay hidden.
+        for (p, d) in &bulk {
+            assert_eq!(
+                &std::fs::read(m.p(&format!("seek/img/tags/{tag}/rootfs/{p}"))).unwrap(),
+                d,
+                "{tag} {p}"
+            );
+        }
+        assert_eq!(
+            std::fs::read(m.p(&format!("seek/img/tags/{tag}/rootfs/etc/empty"))).unwrap(),
+            b""
+        );
+        assert_eq!(
+            ls(&m.p(&format!("seek/img/tags/{tag}/rootfs"))),
+            vec!["etc", "usr"],
+            "{tag}"
+        );
+    }
+}

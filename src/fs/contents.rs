@@ -52,7 +52,29 @@ pub(super) fn layer_ref(l: &Descriptor, image: &str, pos: usize) -> LayerRef {
         media_type: l.media_type.clone(),
         image: image.to_string(),
         pos,
+        toc_annotations: l
+            .annotations
+            .iter()
+            .flatten()
+            .filter(|(k, _)| {
+                [
+                    crate::toc::ESTARGZ_TOC_DIGEST,
+                    crate::toc::ZSTD_MANIFEST_POSITION,
+                    crate::toc::ZSTD_MANIFEST_CHECKSUM,
+                ]
+                .contains(&k.as_str())
+            })
+            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+            .collect(),
     }
+}
+
+fn annotation<'a>(layer: &'a LayerRef, key: &str) -> Option<&'a str> {
+    layer
+        .toc_annotations
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
 pub(super) fn layer_root(repo: &str, l: &Descriptor, image: &str, pos: usize) -> Node {
@@ -357,9 +379,94 @@ impl Fs {
         Ok(idx)
     }
 
+    /// The index of an eStargz or zstd:chunked layer from its TOC alone, or None for other
+    /// layers. Fetches only the footer and the TOC.
+    async fn toc_index(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        format: Format,
+    ) -> FsResult<Option<LayerIndex>> {
+        use crate::toc;
+        let what = format!("layer {repo}@{}", layer.digest);
+        let bytes = |start: u64, end: u64| {
+            self.read_blob(repo, &layer.digest, layer.size, start, end, false)
+        };
+        let (json, codec, toc_start, want_digest, digest_of_json) = match format {
+            Format::Gzip if layer.size > toc::ESTARGZ_FOOTER => {
+                let footer = bytes(layer.size - toc::ESTARGZ_FOOTER, layer.size).await?;
+                let Some(off) = toc::estargz_toc_offset(&footer) else {
+                    return Ok(None);
+                };
+                if off >= layer.size - toc::ESTARGZ_FOOTER {
+                    return Err(FsError::io(format!(
+                        "{what}: eStargz footer points past the TOC"
+                    )));
+                }
+                let region = bytes(off, layer.size - toc::ESTARGZ_FOOTER).await?;
+                let json = toc::estargz_toc_json(&region)
+                    .map_err(|e| io_to_fs(e, &format!("{what}: eStargz TOC")))?;
+                let want = annotation(layer, toc::ESTARGZ_TOC_DIGEST).map(str::to_string);
+                (json, toc::Codec::Gzip, off, want, true)
+            }
+            Format::Zstd => {
+                let footer = if layer.size > toc::ZSTD_CHUNKED_FOOTER {
+                    Some(bytes(layer.size - toc::ZSTD_CHUNKED_FOOTER, layer.size).await?)
+                } else {
+                    None
+                };
+                let Some((off, len)) = toc::zstd_chunked_toc(
+                    annotation(layer, toc::ZSTD_MANIFEST_POSITION),
+                    footer.as_deref(),
+                ) else {
+                    return Ok(None);
+                };
+                if len == 0 || off + len > layer.size {
+                    return Err(FsError::io(format!(
+                        "{what}: zstd:chunked TOC position is outside the layer"
+                    )));
+                }
+                let frame = bytes(off, off + len).await?;
+                // The checksum annotation is the digest of the compressed TOC.
+                if let Some(want) = annotation(layer, toc::ZSTD_MANIFEST_CHECKSUM) {
+                    if crate::digest::verify(want, &frame).is_err() {
+                        return Err(FsError::io(format!(
+                            "{what}: the zstd:chunked TOC does not match {want}"
+                        )));
+                    }
+                }
+                let json = toc::zstd_chunked_toc_json(&frame)
+                    .map_err(|e| io_to_fs(e, &format!("{what}: zstd:chunked TOC")))?;
+                (json, toc::Codec::Zstd, off.saturating_sub(8), None, false)
+            }
+            _ => return Ok(None),
+        };
+        if let (Some(want), true) = (want_digest, digest_of_json) {
+            if crate::digest::verify(&want, &json).is_err() {
+                return Err(FsError::io(format!(
+                    "{what}: the eStargz TOC does not match {want}"
+                )));
+            }
+        }
+        let idx = toc::index_from_toc(&json, codec, toc_start).map_err(|e| io_to_fs(e, &what))?;
+        log::info!(
+            "indexed {what} from its {} TOC alone: {} entries",
+            if codec == toc::Codec::Gzip {
+                "eStargz"
+            } else {
+                "zstd:chunked"
+            },
+            idx.entries.len()
+        );
+        Ok(Some(idx))
+    }
+
     async fn build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
         let what = format!("layer {repo}@{}", layer.digest);
         let format = self.layer_format(repo, layer).await?;
+        if let Some(idx) = self.toc_index(repo, layer, format).await? {
+            return Ok(Arc::new(idx));
+        }
         let diff_id = self.diff_id(repo, layer).await;
         let reader = self.chunk_reader(repo, layer);
         let (cache, key, span) = (
@@ -562,6 +669,10 @@ impl Fs {
             return Ok(Bytes::new());
         }
         let end = (offset + u64::from(size)).min(len);
+        let index = self.layer_index(&t.repo, &t.layer).await?;
+        if let Some(chunks) = index.toc_chunks.get(&t.index) {
+            return self.read_toc_chunks(t, chunks, offset, end).await;
+        }
         let (start, stop) = (t.entry.offset + offset, t.entry.offset + end);
         match self.layer_format(&t.repo, &t.layer).await? {
             Format::Tar => {
@@ -573,6 +684,60 @@ impl Fs {
                     .await
             }
         }
+    }
+
+    /// Bytes `offset..end` of a file of an eStargz or zstd:chunked layer, from its own chunks.
+    async fn read_toc_chunks(
+        &self,
+        t: &TreeEntry,
+        chunks: &[crate::toc::TocChunk],
+        offset: u64,
+        end: u64,
+    ) -> FsResult<Bytes> {
+        let key: Arc<str> = Arc::from(format!("{}#toc", t.layer.digest).as_str());
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for (i, c) in chunks.iter().enumerate() {
+            let c_end = if c.size > 0 {
+                c.file_offset + c.size
+            } else {
+                chunks.get(i + 1).map_or(t.entry.size, |n| n.file_offset)
+            };
+            if c_end <= offset || c.file_offset >= end {
+                continue;
+            }
+            let codec = c.codec;
+            let (start, stop) = (c.start, c.end);
+            let data = self
+                .cache
+                .get_or_fetch((key.clone(), start), || async {
+                    let raw = self
+                        .read_blob(&t.repo, &t.layer.digest, t.layer.size, start, stop, false)
+                        .await
+                        .map_err(|e| RegistryError::Protocol(e.message))?;
+                    crate::toc::decompress_chunk(codec, &raw)
+                        .map(Bytes::from)
+                        .map_err(|e| RegistryError::Protocol(format!("chunk at {start}: {e}")))
+                })
+                .await
+                .map_err(|e| {
+                    fs_err_ctx(e, &format!("reading layer {}@{}", t.repo, t.layer.digest))
+                })?;
+            let from = offset.max(c.file_offset) - c.file_offset;
+            let to = (end.min(c_end) - c.file_offset).min(data.len() as u64);
+            if from < to {
+                out.extend_from_slice(&data[from as usize..to as usize]);
+            }
+        }
+        if out.len() as u64 != end - offset {
+            return Err(FsError::io(format!(
+                "{}: chunks of {} hold {} of the {} bytes asked",
+                t.layer.digest,
+                t.entry.path,
+                out.len(),
+                end - offset
+            )));
+        }
+        Ok(out.freeze())
     }
 
     /// Bytes of a compressed layer's uncompressed stream, from cached spans or by decompressing.

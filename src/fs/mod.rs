@@ -164,6 +164,8 @@ pub struct LayerRef {
     /// The image manifest and position it was reached through, to check its diff_id.
     pub image: String,
     pub pos: usize,
+    /// The descriptor's annotations that locate or check a TOC (eStargz, zstd:chunked).
+    pub toc_annotations: Vec<(String, String)>,
 }
 
 /// Which tree a node belongs to.

@@ -52,6 +52,8 @@ pub struct Layer {
     pub data: Vec<u8>,
     pub media_type: &'static str,
     pub diff_id: String,
+    /// Descriptor annotations (eStargz TOC digest, zstd:chunked TOC position).
+    pub annotations: Vec<(String, String)>,
 }
 
 impl Layer {
@@ -60,6 +62,7 @@ impl Layer {
             data: gzip(tar),
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
             diff_id: sha256_digest(tar),
+            annotations: vec![],
         }
     }
     pub fn zstd(tar: &[u8]) -> Self {
@@ -67,6 +70,7 @@ impl Layer {
             data: zstd(tar),
             media_type: "application/vnd.oci.image.layer.v1.tar+zstd",
             diff_id: sha256_digest(tar),
+            annotations: vec![],
         }
     }
     pub fn tar(tar: &[u8]) -> Self {
@@ -74,6 +78,7 @@ impl Layer {
             data: tar.to_vec(),
             media_type: "application/vnd.oci.image.layer.v1.tar",
             diff_id: sha256_digest(tar),
+            annotations: vec![],
         }
     }
     /// An opaque blob layer with an arbitrary media type.
@@ -82,6 +87,7 @@ impl Layer {
             diff_id: sha256_digest(&data),
             data,
             media_type,
+            annotations: vec![],
         }
     }
 }
@@ -122,9 +128,17 @@ pub async fn push_image(
             .push_blob(repo, Bytes::from(l.data.clone()))
             .await
             .unwrap();
-        descs.push(
-            serde_json::json!({"mediaType": l.media_type, "digest": d, "size": l.data.len()}),
-        );
+        let mut desc =
+            serde_json::json!({"mediaType": l.media_type, "digest": d, "size": l.data.len()});
+        if !l.annotations.is_empty() {
+            let map: serde_json::Map<String, serde_json::Value> = l
+                .annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().into()))
+                .collect();
+            desc["annotations"] = map.into();
+        }
+        descs.push(desc);
         out_layers.push((d, l.data.len() as u64, l.media_type.to_string()));
     }
     let manifest = serde_json::to_vec_pretty(&serde_json::json!({
@@ -194,4 +208,165 @@ pub async fn push_index(
         .await
         .unwrap();
     (body, d)
+}
+
+/// A 512-byte ustar header for a regular file.
+fn file_header(path: &str, len: usize) -> Vec<u8> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(path).unwrap();
+    h.set_size(len as u64);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+fn pad512(v: &mut Vec<u8>) {
+    let rem = v.len() % 512;
+    if rem != 0 {
+        v.resize(v.len() + 512 - rem, 0);
+    }
+}
+
+/// A TOC entry for a regular file whose content starts at `offset` (0 = no content).
+fn toc_entry(path: &str, data: &[u8], offset: usize, end: Option<usize>) -> serde_json::Value {
+    let mut e = serde_json::json!({
+        "name": path, "type": "reg", "size": data.len(), "modtime": "2023-11-14T22:13:20Z",
+        "mode": 420, "uid": 0, "gid": 0, "digest": sha256_digest(data),
+    });
+    if offset > 0 {
+        e["offset"] = offset.into();
+    }
+    if let Some(end) = end {
+        e["endOffset"] = end.into();
+    }
+    e
+}
+
+fn flush_with(out: &mut Vec<u8>, cur: &mut Vec<u8>, compress: fn(&[u8]) -> Vec<u8>) {
+    if !cur.is_empty() {
+        out.extend(compress(cur));
+        cur.clear();
+    }
+}
+
+/// An eStargz layer (containerd/stargz-snapshotter docs/estargz.md): every file's content starts
+/// a gzip member, the TOC `stargz.index.json` is the last tar entry in its own member, then the
+/// 51-byte footer. Returns the layer with its `toc.digest` annotation.
+pub fn estargz(files: &[(&str, &[u8])]) -> Layer {
+    let (mut out, mut cur, mut tar_stream, mut entries) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (path, data) in files {
+        let h = file_header(path, data.len());
+        cur.extend(&h);
+        tar_stream.extend(&h);
+        let mut offset = 0;
+        if !data.is_empty() {
+            flush_with(&mut out, &mut cur, gzip);
+            offset = out.len();
+            let mut body = data.to_vec();
+            pad512(&mut body);
+            tar_stream.extend(&body);
+            cur.extend(body);
+            flush_with(&mut out, &mut cur, gzip);
+        }
+        entries.push(toc_entry(path, data, offset, None));
+    }
+    flush_with(&mut out, &mut cur, gzip);
+    let toc_offset = out.len();
+    let toc = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap();
+    let mut member = file_header("stargz.index.json", toc.len());
+    member.extend(&toc);
+    pad512(&mut member);
+    member.extend([0u8; 1024]); // end of archive
+    tar_stream.extend(&member);
+    out.extend(gzip(&member));
+    // Footer: an empty gzip member whose extra field holds the TOC offset.
+    let mut footer = vec![
+        0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
+    ];
+    footer.extend(format!("{toc_offset:016x}STARGZ").as_bytes());
+    footer.extend([1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(footer.len(), 51);
+    out.extend(footer);
+    Layer {
+        data: out,
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+        diff_id: sha256_digest(&tar_stream),
+        annotations: vec![(
+            "containerd.io/snapshot/stargz/toc.digest".into(),
+            sha256_digest(&toc),
+        )],
+    }
+}
+
+/// A zstd:chunked layer (containers/storage pkg/chunked): every file's content is its own zstd
+/// frame; the TOC, the tar-split and a 64-byte footer follow as skippable frames. Returns the
+/// layer with its manifest-position and manifest-checksum annotations.
+pub fn zstd_chunked(files: &[(&str, &[u8])]) -> Layer {
+    fn skippable(out: &mut Vec<u8>, payload: &[u8]) -> usize {
+        out.extend([0x50, 0x2a, 0x4d, 0x18]);
+        out.extend((payload.len() as u32).to_le_bytes());
+        let at = out.len();
+        out.extend(payload);
+        at
+    }
+    let (mut out, mut cur, mut tar_stream, mut entries) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (path, data) in files {
+        let h = file_header(path, data.len());
+        cur.extend(&h);
+        tar_stream.extend(&h);
+        let (mut offset, mut end) = (0, None);
+        if !data.is_empty() {
+            flush_with(&mut out, &mut cur, zstd);
+            offset = out.len();
+            // The content frame holds exactly the file's bytes; the tar padding follows.
+            out.extend(zstd(data));
+            end = Some(out.len());
+            let mut body = data.to_vec();
+            pad512(&mut body);
+            tar_stream.extend(&body);
+            cur.extend(&body[data.len()..]);
+        }
+        entries.push(toc_entry(path, data, offset, end));
+    }
+    cur.extend([0u8; 1024]);
+    tar_stream.extend([0u8; 1024]);
+    flush_with(&mut out, &mut cur, zstd);
+    let toc = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap();
+    let toc_z = zstd(&toc);
+    let toc_at = skippable(&mut out, &toc_z);
+    let split_z = zstd(b"");
+    let split_at = skippable(&mut out, &split_z);
+    let mut footer = Vec::new();
+    for v in [
+        toc_at as u64,
+        toc_z.len() as u64,
+        toc.len() as u64,
+        1,
+        split_at as u64,
+        split_z.len() as u64,
+        0,
+    ] {
+        footer.extend(v.to_le_bytes());
+    }
+    footer.extend(b"GNUlInUx");
+    skippable(&mut out, &footer);
+    Layer {
+        data: out,
+        media_type: "application/vnd.oci.image.layer.v1.tar+zstd",
+        diff_id: sha256_digest(&tar_stream),
+        annotations: vec![
+            (
+                "io.github.containers.zstd-chunked.manifest-position".into(),
+                format!("{toc_at}:{}:{}:1", toc_z.len(), toc.len()),
+            ),
+            (
+                "io.github.containers.zstd-chunked.manifest-checksum".into(),
+                sha256_digest(&toc_z),
+            ),
+        ],
+    }
 }
