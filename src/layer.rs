@@ -57,6 +57,8 @@ pub struct LayerIndex {
     /// eStargz and zstd:chunked layers: entry index -> where its content chunks are
     /// (see `crate::toc`). Files listed here are read chunk by chunk, never from a full pass.
     pub toc_chunks: HashMap<usize, Vec<crate::toc::TocChunk>>,
+    /// zstd layers: recorded frame starts (see `crate::zstd_frames`).
+    pub zstd_frames: Vec<crate::zstd_frames::FrameStart>,
 }
 
 /// Normalise a tar path: no leading `/`, no `.` or empty components, `..` never above the root.
@@ -91,6 +93,8 @@ struct Stored {
     checkpoints: Vec<crate::zran::Checkpoint>,
     #[serde(default)]
     toc_chunks: HashMap<usize, Vec<crate::toc::TocChunk>>,
+    #[serde(default)]
+    zstd_frames: Vec<crate::zstd_frames::FrameStart>,
 }
 
 const STORED_VERSION: u32 = 1;
@@ -104,6 +108,7 @@ impl LayerIndex {
             by_path: self.by_path.clone(),
             checkpoints: self.checkpoints.clone(),
             toc_chunks: self.toc_chunks.clone(),
+            zstd_frames: self.zstd_frames.clone(),
         })
         .expect("index serialises")
     }
@@ -119,6 +124,7 @@ impl LayerIndex {
             by_path: s.by_path,
             checkpoints: s.checkpoints,
             toc_chunks: s.toc_chunks,
+            zstd_frames: s.zstd_frames,
             ..Default::default()
         };
         idx.finish();

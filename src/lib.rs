@@ -15,3 +15,4 @@ pub mod push;
 pub mod registry;
 pub mod toc;
 pub mod zran;
+pub mod zstd_frames;

@@ -462,7 +462,7 @@ fn text(len: usize, seed: u64) -> Vec<u8> {
 }
 
 #[test]
-fn a_small_file_deep_in_a_gzip_layer_inflates_from_a_checkpoint() {
+fn a_small_file_deep_in_a_compressed_layer_decompresses_from_a_checkpoint() {
     let reg = TestRegistry::start();
     let client = reg.client();
     let mut b = tar::Builder::new(Vec::new());
@@ -487,59 +487,62 @@ fn a_small_file_deep_in_a_gzip_layer_inflates_from_a_checkpoint() {
         &[],
     );
     let t = b.into_inner().unwrap();
-    let layer = Layer::gzip(&t);
-    let compressed = layer.data.len() as u64;
-    rt().block_on(push_image(
-        &client,
-        "gz/deep",
-        Some("v1"),
-        "amd64",
-        &[layer],
-    ));
-    let m = TestMount::new(
-        &reg.addr(),
-        &[
-            "--chunk-size",
-            "256KiB",
-            "--cache-size",
-            "1MiB",
-            "--checkpoint-spacing",
-            "1MiB",
-        ],
-    );
-    // The first look indexes the layer (one pass over it) and records checkpoints.
-    assert_eq!(
-        ls(&m.p("gz/deep/tags/v1/rootfs")),
-        vec![
-            "deep", "f00", "f01", "f02", "f03", "f04", "f05", "f06", "f07", "f08", "f09", "f10",
-            "f11", "f12", "f13", "f14", "f15", "f16", "f17", "f18", "f19", "f20", "f21", "f22",
-            "f23"
-        ]
-    );
-    assert!(m.log_text().contains("checkpoints"), "{}", m.log_text());
-    let before = m.stat("blob_bytes");
-    assert_eq!(
-        std::fs::read(m.p("gz/deep/tags/v1/rootfs/deep/target")).unwrap(),
-        b"found me\n"
-    );
-    let fetched = m.stat("blob_bytes") - before;
-    // At most one checkpoint span (1 MiB of output, less compressed) plus chunk rounding, out of
-    // a layer of several MiB: not a decompression from the start.
-    assert!(
-        fetched <= (1 << 20) + 2 * (256 << 10),
-        "fetched {fetched} bytes of a {compressed}-byte layer"
-    );
-    assert!(
-        fetched < compressed / 2,
-        "fetched {fetched} of {compressed}"
-    );
-    // Files anywhere read correctly from their checkpoints.
-    for i in [0u64, 7, 23] {
-        assert_eq!(
-            std::fs::read(m.p(&format!("gz/deep/tags/v1/rootfs/f{i:02}"))).unwrap(),
-            text(1 << 20, i * 1000),
-            "f{i:02}"
+    // A multi-frame zstd stream: one frame per MiB of tar, as seekable zstd writers make.
+    let multi_frame: Vec<u8> = t.chunks(1 << 20).flat_map(zstd).collect();
+    let zst = Layer {
+        data: multi_frame,
+        media_type: "application/vnd.oci.image.layer.v1.tar+zstd",
+        diff_id: sha256_digest(&t),
+        annotations: vec![],
+    };
+    for (tag, layer) in [("gzip", Layer::gzip(&t)), ("zstd", zst)] {
+        let compressed = layer.data.len() as u64;
+        rt().block_on(push_image(
+            &client,
+            "deep/img",
+            Some(tag),
+            "amd64",
+            &[layer],
+        ));
+        let m = TestMount::new(
+            &reg.addr(),
+            &[
+                "--chunk-size",
+                "256KiB",
+                "--cache-size",
+                "1MiB",
+                "--checkpoint-spacing",
+                "1MiB",
+            ],
         );
+        let root = m.p(&format!("deep/img/tags/{tag}/rootfs"));
+        // The first look indexes the layer (one pass over it) and records checkpoints.
+        assert_eq!(ls(&root).len(), 25, "{tag}");
+        let before = m.stat("blob_bytes");
+        assert_eq!(
+            std::fs::read(root.join("deep/target")).unwrap(),
+            b"found me\n",
+            "{tag}"
+        );
+        let fetched = m.stat("blob_bytes") - before;
+        // At most one checkpoint span (1 MiB of output, less compressed) plus chunk rounding,
+        // out of a layer of several MiB: not a decompression from the start.
+        assert!(
+            fetched <= (1 << 20) + 2 * (256 << 10),
+            "{tag}: fetched {fetched} bytes of a {compressed}-byte layer"
+        );
+        assert!(
+            fetched < compressed / 2,
+            "{tag}: fetched {fetched} of {compressed}"
+        );
+        // Files anywhere read correctly from their checkpoints.
+        for i in [0u64, 7, 23] {
+            assert_eq!(
+                std::fs::read(root.join(format!("f{i:02}"))).unwrap(),
+                text(1 << 20, i * 1000),
+                "{tag} f{i:02}"
+            );
+        }
     }
 }
 

@@ -490,9 +490,11 @@ impl Fs {
                     Ok(idx)
                 }
                 Format::Zstd => {
-                    SpanTee::new(zstd::stream::read::Decoder::new(reader)?, cache, key, span)
-                        .index(diff_id)
-                        .map(|(idx, _)| idx)
+                    let indexer = crate::zstd_frames::FrameIndexer::new(reader, spacing);
+                    let (mut idx, indexer) =
+                        SpanTee::new(indexer, cache, key, span).index(diff_id)?;
+                    idx.zstd_frames = indexer.frames;
+                    Ok(idx)
                 }
             }
         })
@@ -757,8 +759,10 @@ impl Fs {
                 .cache
                 .get_or_fetch((key.clone(), idx), || async {
                     match format {
-                        Format::Gzip => self.inflate_span(repo, layer, idx).await,
-                        _ => self.decompress_to(repo, layer, format, idx).await,
+                        Format::Gzip | Format::Zstd => {
+                            self.seek_span(repo, layer, format, idx).await
+                        }
+                        Format::Tar => self.decompress_to(repo, layer, format, idx).await,
                     }
                 })
                 .await
@@ -777,35 +781,53 @@ impl Fs {
         Ok(out.freeze())
     }
 
-    /// Span `want` of a gzip layer, inflated from the nearest checkpoint before it only.
-    async fn inflate_span(
+    /// Span `want` of a gzip or zstd layer, decompressed from the nearest gzip checkpoint or
+    /// zstd frame start before it only.
+    async fn seek_span(
         &self,
         repo: &str,
         layer: &LayerRef,
+        format: Format,
         want: u64,
     ) -> Result<Bytes, RegistryError> {
         let index = self
             .layer_index(repo, layer)
             .await
             .map_err(|e| RegistryError::Protocol(e.message))?;
+        if format == Format::Zstd && index.zstd_frames.len() < 2 {
+            // One frame: nothing to seek to; decompress from the start, caching spans.
+            return self.decompress_to(repo, layer, format, want).await;
+        }
         let span = self.opts.chunk_size;
         let start = want * span;
         let mut reader = self.chunk_reader(repo, layer);
         let what = format!("{repo}@{}", layer.digest);
         tokio::task::spawn_blocking(move || -> Result<Bytes, RegistryError> {
-            let io = |e: std::io::Error| RegistryError::Protocol(format!("inflating {what}: {e}"));
-            let cp = crate::zran::nearest(&index.checkpoints, start);
-            let from = crate::zran::FromCheckpoint::<ChunkReader>::source_offset(cp);
-            reader.seek(SeekFrom::Start(from)).map_err(io)?;
-            let mut r = crate::zran::FromCheckpoint::new(reader, cp).map_err(io)?;
-            let skip = start - cp.map_or(0, |c| c.out);
+            let io =
+                |e: std::io::Error| RegistryError::Protocol(format!("decompressing {what}: {e}"));
+            let (mut r, base): (Box<dyn Read>, u64) = if format == Format::Zstd {
+                let f = crate::zstd_frames::nearest(&index.zstd_frames, start)
+                    .unwrap_or(crate::zstd_frames::FrameStart { out: 0, input: 0 });
+                reader.seek(SeekFrom::Start(f.input)).map_err(io)?;
+                (
+                    Box::new(zstd::stream::read::Decoder::new(reader).map_err(io)?),
+                    f.out,
+                )
+            } else {
+                let cp = crate::zran::nearest(&index.checkpoints, start);
+                let from = crate::zran::FromCheckpoint::<ChunkReader>::source_offset(cp);
+                reader.seek(SeekFrom::Start(from)).map_err(io)?;
+                let r = crate::zran::FromCheckpoint::new(reader, cp).map_err(io)?;
+                (Box::new(r), cp.map_or(0, |c| c.out))
+            };
+            let skip = start - base;
             std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io)?;
             let mut buf = Vec::with_capacity(span as usize);
             (&mut r).take(span).read_to_end(&mut buf).map_err(io)?;
             Ok(Bytes::from(buf))
         })
         .await
-        .map_err(|e| RegistryError::Protocol(format!("inflate task failed: {e}")))?
+        .map_err(|e| RegistryError::Protocol(format!("decompression task failed: {e}")))?
     }
 
     /// Decompress a layer from its start up to span `want`, caching every span passed.
