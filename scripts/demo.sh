@@ -38,6 +38,8 @@ run cat debian/min/tags/bookworm/config.json
 run sha256sum debian/min/tags/bookworm/layers/00-*.tar.gz
 run getfattr -n user.oci.digest debian/min/tags/bookworm/manifest.json
 run ls multi/arch/tags/latest/
+run ls -l debian/min/tags/bookworm/rootfs/
+run cat debian/min/tags/bookworm/rootfs/etc/os-release
 run cat debian/min/index.json
 big=$(echo apps/big/tags/v1/layers/00-*)
 run ls -l "$big"

@@ -6,6 +6,7 @@ ensure_deps() {
     command -v fusermount3 >/dev/null || missing+=(fuse3)
     command -v docker-registry >/dev/null || missing+=(docker-registry)
     command -v skopeo >/dev/null || missing+=(skopeo)
+    command -v umoci >/dev/null || missing+=(umoci)
     command -v getfattr >/dev/null || missing+=(attr)
     command -v curl >/dev/null || missing+=(curl)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
