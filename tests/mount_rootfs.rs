@@ -306,6 +306,8 @@ fn rootfs_matches_umoci_for_tar_gzip_and_zstd() {
         ("gzip", Layer::gzip as fn(&[u8]) -> Layer),
         ("tar", Layer::tar),
         ("zstd", Layer::zstd),
+        ("estargz", estargz_of),
+        ("zstdchunked", zstd_chunked_of),
     ] {
         let ls: Vec<Layer> = tars.iter().map(|t| make(t)).collect();
         rt.block_on(push_image(&client, "edge/img", Some(tag), "amd64", &ls));
@@ -318,7 +320,7 @@ fn rootfs_matches_umoci_for_tar_gzip_and_zstd() {
     );
 
     let m = TestMount::new(&reg.addr(), &["--chunk-size", "1MiB"]);
-    for tag in ["gzip", "tar", "zstd"] {
+    for tag in ["gzip", "tar", "zstd", "estargz", "zstdchunked"] {
         let root = m.p(&format!("edge/img/tags/{tag}/rootfs"));
         let ours = walk(&root);
         let a: Vec<&String> = reference.keys().collect();
@@ -353,6 +355,22 @@ fn rootfs_matches_umoci_for_tar_gzip_and_zstd() {
         );
     }
     assert!(m.log_text().contains("indexed layer"), "{}", m.log_text());
+    assert!(
+        m.log_text().contains("eStargz TOC alone"),
+        "{}",
+        m.log_text()
+    );
+    assert!(
+        m.log_text().contains("zstd:chunked TOC alone"),
+        "{}",
+        m.log_text()
+    );
+    // umoci reads the eStargz image too (it is a valid tar.gz): the same tree, plus the TOC file
+    // that rootfs/ hides.
+    let work2 = tempfile::tempdir().unwrap();
+    let mut theirs = walk(&umoci_rootfs(&reg, "edge/img", "estargz", work2.path()));
+    assert!(theirs.remove("stargz.index.json").is_some());
+    assert_eq!(theirs, reference);
 }
 
 #[test]
@@ -637,13 +655,14 @@ fn estargz_and_zstd_chunked_read_only_footer_toc_and_the_file() {
         .collect();
     files.push(("etc/os-release", b"ID=seekable\n"));
     files.push(("etc/empty", b""));
+    let t = make_tar(&files);
     rt().block_on(async {
         push_image(
             &client,
             "seek/img",
             Some("estargz"),
             "amd64",
-            &[estargz(&files)],
+            &[estargz_of(&t)],
         )
         .await;
         push_image(
@@ -651,7 +670,7 @@ fn estargz_and_zstd_chunked_read_only_footer_toc_and_the_file() {
             "seek/img",
             Some("zstdchunked"),
             "amd64",
-            &[zstd_chunked(&files)],
+            &[zstd_chunked_of(&t)],
         )
         .await;
     });

@@ -229,71 +229,149 @@ fn pad512(v: &mut Vec<u8>) {
     }
 }
 
-/// A TOC entry for a regular file whose content starts at `offset` (0 = no content).
-fn toc_entry(path: &str, data: &[u8], offset: usize, end: Option<usize>) -> serde_json::Value {
-    let mut e = serde_json::json!({
-        "name": path, "type": "reg", "size": data.len(), "modtime": "2023-11-14T22:13:20Z",
-        "mode": 420, "uid": 0, "gid": 0, "digest": sha256_digest(data),
-    });
-    if offset > 0 {
-        e["offset"] = offset.into();
-    }
-    if let Some(end) = end {
-        e["endOffset"] = end.into();
-    }
-    e
+/// RFC 3339 UTC time of a Unix time.
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
-fn flush_with(out: &mut Vec<u8>, cur: &mut Vec<u8>, compress: fn(&[u8]) -> Vec<u8>) {
-    if !cur.is_empty() {
-        out.extend(compress(cur));
-        cur.clear();
-    }
-}
-
-/// An eStargz layer (containerd/stargz-snapshotter docs/estargz.md): every file's content starts
-/// a gzip member, the TOC `stargz.index.json` is the last tar entry in its own member, then the
-/// 51-byte footer. Returns the layer with its `toc.digest` annotation.
-pub fn estargz(files: &[(&str, &[u8])]) -> Layer {
-    let (mut out, mut cur, mut tar_stream, mut entries) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (path, data) in files {
-        let h = file_header(path, data.len());
-        cur.extend(&h);
-        tar_stream.extend(&h);
-        let mut offset = 0;
-        if !data.is_empty() {
-            flush_with(&mut out, &mut cur, gzip);
-            offset = out.len();
-            let mut body = data.to_vec();
-            pad512(&mut body);
-            tar_stream.extend(&body);
-            cur.extend(body);
-            flush_with(&mut out, &mut cur, gzip);
+/// TOC entries (eStargz / zstd:chunked schema) for every entry of `tar`, with `offsets[i]` the
+/// compressed (offset, end) of entry i's content when it has any.
+fn toc_entries(
+    tar: &[u8],
+    offsets: &std::collections::HashMap<u64, (usize, usize)>,
+) -> Vec<serde_json::Value> {
+    use base64::Engine as _;
+    let mut out = Vec::new();
+    let mut archive = tar::Archive::new(tar);
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let h = entry.header().clone();
+        let kind = match h.entry_type() {
+            tar::EntryType::Directory => "dir",
+            tar::EntryType::Symlink => "symlink",
+            tar::EntryType::Link => "hardlink",
+            tar::EntryType::Char => "char",
+            tar::EntryType::Block => "block",
+            tar::EntryType::Fifo => "fifo",
+            _ => "reg",
+        };
+        let mut e = serde_json::json!({
+            "name": name, "type": kind, "size": entry.size(),
+            "modtime": rfc3339(h.mtime().unwrap_or(0)), "mode": h.mode().unwrap_or(0),
+            "uid": h.uid().unwrap_or(0), "gid": h.gid().unwrap_or(0),
+        });
+        if let Some(l) = entry.link_name_bytes() {
+            e["linkName"] = String::from_utf8_lossy(&l).into_owned().into();
         }
-        entries.push(toc_entry(path, data, offset, None));
+        let mut xattrs = serde_json::Map::new();
+        if let Ok(Some(exts)) = entry.pax_extensions() {
+            for ext in exts.flatten() {
+                if let Some(k) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
+                    xattrs.insert(
+                        k.to_string(),
+                        base64::engine::general_purpose::STANDARD
+                            .encode(ext.value_bytes())
+                            .into(),
+                    );
+                }
+            }
+        }
+        if !xattrs.is_empty() {
+            e["xattrs"] = xattrs.into();
+        }
+        if let Some(&(off, end)) = offsets.get(&entry.raw_file_position()) {
+            e["offset"] = off.into();
+            e["endOffset"] = end.into();
+        }
+        out.push(e);
     }
-    flush_with(&mut out, &mut cur, gzip);
+    out
+}
+
+/// Where the content of each non-empty regular file of `tar` is: (start, len).
+fn contents(tar: &[u8]) -> Vec<(u64, u64)> {
+    let mut archive = tar::Archive::new(tar);
+    let mut v = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        if entry.header().entry_type().is_file() && entry.size() > 0 {
+            v.push((entry.raw_file_position(), entry.size()));
+        }
+    }
+    v
+}
+
+/// `tar` re-laid as a seekable layer: the byte stream is unchanged (same diff_id), but every
+/// file's content is its own compressed unit (gzip member or zstd frame).
+fn seekable(
+    tar: &[u8],
+    compress: fn(&[u8]) -> Vec<u8>,
+) -> (Vec<u8>, std::collections::HashMap<u64, (usize, usize)>) {
+    let mut out = Vec::new();
+    let mut offsets = std::collections::HashMap::new();
+    let mut pos = 0usize;
+    for (start, len) in contents(tar) {
+        let (start, len) = (start as usize, len as usize);
+        if start > pos {
+            out.extend(compress(&tar[pos..start]));
+        }
+        let off = out.len();
+        out.extend(compress(&tar[start..start + len]));
+        offsets.insert(start as u64, (off, out.len()));
+        pos = start + len;
+    }
+    if pos < tar.len() {
+        out.extend(compress(&tar[pos..]));
+    }
+    (out, offsets)
+}
+
+/// An eStargz layer holding exactly `tar` (plus the TOC entry and footer).
+pub fn estargz_of(tar: &[u8]) -> Layer {
+    // The TOC goes before the end-of-archive blocks.
+    let end = tar.len() - 1024;
+    let (mut out, offsets) = seekable(&tar[..end], gzip);
     let toc_offset = out.len();
-    let toc = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap();
+    let toc = serde_json::to_vec(
+        &serde_json::json!({"version": 1, "entries": toc_entries(tar, &offsets)}),
+    )
+    .unwrap();
     let mut member = file_header("stargz.index.json", toc.len());
     member.extend(&toc);
     pad512(&mut member);
-    member.extend([0u8; 1024]); // end of archive
-    tar_stream.extend(&member);
+    member.extend([0u8; 1024]);
     out.extend(gzip(&member));
-    // Footer: an empty gzip member whose extra field holds the TOC offset.
     let mut footer = vec![
         0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
     ];
     footer.extend(format!("{toc_offset:016x}STARGZ").as_bytes());
     footer.extend([1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
-    assert_eq!(footer.len(), 51);
     out.extend(footer);
+    let mut stream = tar[..end].to_vec();
+    stream.extend(&member);
     Layer {
         data: out,
         media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
-        diff_id: sha256_digest(&tar_stream),
+        diff_id: sha256_digest(&stream),
         annotations: vec![(
             "containerd.io/snapshot/stargz/toc.digest".into(),
             sha256_digest(&toc),
@@ -301,10 +379,8 @@ pub fn estargz(files: &[(&str, &[u8])]) -> Layer {
     }
 }
 
-/// A zstd:chunked layer (containers/storage pkg/chunked): every file's content is its own zstd
-/// frame; the TOC, the tar-split and a 64-byte footer follow as skippable frames. Returns the
-/// layer with its manifest-position and manifest-checksum annotations.
-pub fn zstd_chunked(files: &[(&str, &[u8])]) -> Layer {
+/// A zstd:chunked layer holding exactly `tar`.
+pub fn zstd_chunked_of(tar: &[u8]) -> Layer {
     fn skippable(out: &mut Vec<u8>, payload: &[u8]) -> usize {
         out.extend([0x50, 0x2a, 0x4d, 0x18]);
         out.extend((payload.len() as u32).to_le_bytes());
@@ -312,30 +388,11 @@ pub fn zstd_chunked(files: &[(&str, &[u8])]) -> Layer {
         out.extend(payload);
         at
     }
-    let (mut out, mut cur, mut tar_stream, mut entries) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (path, data) in files {
-        let h = file_header(path, data.len());
-        cur.extend(&h);
-        tar_stream.extend(&h);
-        let (mut offset, mut end) = (0, None);
-        if !data.is_empty() {
-            flush_with(&mut out, &mut cur, zstd);
-            offset = out.len();
-            // The content frame holds exactly the file's bytes; the tar padding follows.
-            out.extend(zstd(data));
-            end = Some(out.len());
-            let mut body = data.to_vec();
-            pad512(&mut body);
-            tar_stream.extend(&body);
-            cur.extend(&body[data.len()..]);
-        }
-        entries.push(toc_entry(path, data, offset, end));
-    }
-    cur.extend([0u8; 1024]);
-    tar_stream.extend([0u8; 1024]);
-    flush_with(&mut out, &mut cur, zstd);
-    let toc = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap();
+    let (mut out, offsets) = seekable(tar, zstd);
+    let toc = serde_json::to_vec(
+        &serde_json::json!({"version": 1, "entries": toc_entries(tar, &offsets)}),
+    )
+    .unwrap();
     let toc_z = zstd(&toc);
     let toc_at = skippable(&mut out, &toc_z);
     let split_z = zstd(b"");
@@ -357,7 +414,7 @@ pub fn zstd_chunked(files: &[(&str, &[u8])]) -> Layer {
     Layer {
         data: out,
         media_type: "application/vnd.oci.image.layer.v1.tar+zstd",
-        diff_id: sha256_digest(&tar_stream),
+        diff_id: sha256_digest(tar),
         annotations: vec![
             (
                 "io.github.containers.zstd-chunked.manifest-position".into(),
