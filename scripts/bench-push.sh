@@ -11,18 +11,7 @@ shift || true
 ensure_deps
 cargo build --release --quiet --bin regfs
 
-work=$(mktemp -d -t regfs-bench.XXXXXX)
-mnt="$work/mnt"
-mkdir -p "$mnt"
-cleanup() {
-    cd /
-    fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || true
-    [ -n "${REGISTRY_PID:-}" ] && kill "$REGISTRY_PID" 2>/dev/null || true
-    if ! mountpoint -q "$mnt"; then rm -rf "$work"; fi
-}
-trap cleanup EXIT
-start_registry "$work/registry"
-base="http://$REGISTRY_ADDR"
+work_setup
 
 echo "==> making a ${size_mib} MiB random file"
 head -c $((size_mib * 1024 * 1024)) /dev/urandom >"$work/file"

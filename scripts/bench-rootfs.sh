@@ -13,18 +13,7 @@ ensure_deps
 export RUST_LOG=regfs=info
 cargo build --release --quiet --bin regfs
 
-work=$(mktemp -d -t regfs-bench.XXXXXX)
-mnt="$work/mnt"
-mkdir -p "$mnt"
-cleanup() {
-    cd /
-    fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || true
-    [ -n "${REGISTRY_PID:-}" ] && kill "$REGISTRY_PID" 2>/dev/null || true
-    if ! mountpoint -q "$mnt"; then rm -rf "$work"; fi
-}
-trap cleanup EXIT
-start_registry "$work/registry"
-base="http://$REGISTRY_ADDR"
+work_setup
 
 echo "==> building the layer"
 tar -C / -cf "$work/layer.tar" usr/bin etc usr/lib/os-release 2>/dev/null || true

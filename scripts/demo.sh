@@ -9,19 +9,7 @@ ensure_deps
 echo "==> building regfs (release)"
 cargo build --release --quiet --bin regfs --example seed
 
-work=$(mktemp -d -t regfs-demo.XXXXXX)
-mnt="$work/mnt"
-mkdir -p "$mnt"
-cleanup() {
-    cd /
-    fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || true
-    [ -n "${REGISTRY_PID:-}" ] && kill "$REGISTRY_PID" 2>/dev/null || true
-    # Never delete through a live mount.
-    if ! mountpoint -q "$mnt"; then rm -rf "$work"; fi
-}
-trap cleanup EXIT
-
-start_registry "$work/registry"
+work_setup
 echo "==> registry on $REGISTRY_ADDR (pid $REGISTRY_PID), seeding sample images"
 target/release/examples/seed "$REGISTRY_ADDR"
 
@@ -41,7 +29,7 @@ run ls multi/arch/tags/latest/
 run ls -l debian/min/tags/bookworm/rootfs/
 run cat debian/min/tags/bookworm/rootfs/etc/os-release
 run cat debian/min/index.json
-big=$(echo apps/big/tags/v1/layers/00-*)
+big=$(echo apps/big/tags/v1/layers/00-*.tar)
 run ls -l "$big"
 run dd if="$big" of=/dev/null bs=4k count=1 status=none
 echo "(read 4 KiB of a 64 MiB layer; request counters:)"

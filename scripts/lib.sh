@@ -78,3 +78,22 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
 # peak_rss_mib PID: VmHWM of a process, in MiB.
 peak_rss_mib() { awk '/VmHWM/ { printf "%d", $2 / 1024 }' "/proc/$1/status"; }
+
+# work_setup: a fresh work dir ($work) with a mount point ($mnt), a loopback registry
+# ($REGISTRY_ADDR, $base), and an EXIT trap that unmounts, stops the registry and cleans up
+# (never deleting through a live mount).
+work_setup() {
+    work=$(mktemp -d -t regfs.XXXXXX)
+    mnt="$work/mnt"
+    mkdir -p "$mnt"
+    trap work_cleanup EXIT
+    start_registry "$work/registry"
+    base="http://$REGISTRY_ADDR"
+}
+
+work_cleanup() {
+    cd /
+    fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || true
+    [ -n "${REGISTRY_PID:-}" ] && kill "$REGISTRY_PID" 2>/dev/null || true
+    if ! mountpoint -q "$mnt"; then rm -rf "$work"; fi
+}

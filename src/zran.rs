@@ -215,6 +215,46 @@ impl<R: Read> Input<R> {
     }
 }
 
+/// One inflate step over buffered input: (produced, stream ended, data_type). At the end of a
+/// gzip member the next member, if any, is started (`skip_trailer` when inflating raw, since zlib
+/// then leaves the member's 8-byte trailer unread). Returns `done` when the input is exhausted.
+fn inflate_step<R: Read>(
+    input: &mut Input<R>,
+    inf: &mut Inflater,
+    out: &mut [u8],
+    flush: i32,
+    skip_trailer: &mut bool,
+) -> io::Result<(usize, bool, i32)> {
+    if !input.fill()? {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "truncated gzip stream",
+        ));
+    }
+    let (pos, len) = (input.pos, input.len);
+    let (consumed, produced, r, data_type) = inf.step(&input.buf[pos..len], out, flush);
+    input.consume(consumed);
+    match r {
+        z::Z_OK | z::Z_BUF_ERROR => Ok((produced, false, data_type)),
+        z::Z_STREAM_END => {
+            if *skip_trailer {
+                input.skip(8)?; // CRC32 + ISIZE of the member
+                *skip_trailer = false;
+            }
+            // Another member may follow (multi-member gzip, eStargz).
+            let more = input.fill()?;
+            if more {
+                inf.reset(AUTO_HEADER)?;
+            }
+            Ok((produced, !more, data_type | STREAM_END))
+        }
+        code => Err(zerr("corrupt deflate stream", code)),
+    }
+}
+
+/// Flag added to data_type by `inflate_step` when a member ended.
+const STREAM_END: i32 = 1 << 16;
+
 /// Inflates a whole gzip stream and records checkpoints every `spacing` output bytes.
 pub struct Indexer<R> {
     input: Input<R>,
@@ -251,37 +291,25 @@ impl<R: Read> Read for Indexer<R> {
             if self.done {
                 return Ok(0);
             }
-            if !self.input.fill()? {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "truncated gzip stream",
-                ));
-            }
-            let (pos, len) = (self.input.pos, self.input.len);
-            let (consumed, produced, r, data_type) =
-                self.inf.step(&self.input.buf[pos..len], out, z::Z_BLOCK);
-            self.input.consume(consumed);
+            let mut no_trailer = false;
+            let (produced, done, data_type) = inflate_step(
+                &mut self.input,
+                &mut self.inf,
+                out,
+                z::Z_BLOCK,
+                &mut no_trailer,
+            )?;
+            self.done = done;
             self.out_total += produced as u64;
             self.window.extend(&out[..produced]);
             if self.window.len() > WINDOW {
                 let excess = self.window.len() - WINDOW;
                 self.window.drain(..excess);
             }
-            match r {
-                z::Z_OK | z::Z_BUF_ERROR => {}
-                z::Z_STREAM_END => {
-                    // End of a member: another may follow (multi-member gzip, eStargz).
-                    if self.input.fill()? {
-                        self.inf.reset(AUTO_HEADER)?;
-                    } else {
-                        self.done = true;
-                    }
-                }
-                code => return Err(zerr("corrupt deflate stream", code)),
-            }
             // At a block boundary (bit 7) that is not the end of the stream (bit 6).
             let boundary = data_type & 128 != 0 && data_type & 64 == 0;
-            if boundary && r != z::Z_STREAM_END && self.out_total - self.last >= self.spacing {
+            let ended = data_type & STREAM_END != 0;
+            if boundary && !ended && self.out_total - self.last >= self.spacing {
                 let window: Vec<u8> = self.window.iter().copied().collect();
                 self.checkpoints.push(Checkpoint {
                     out: self.out_total,
@@ -353,31 +381,14 @@ impl<R: Read> Read for FromCheckpoint<R> {
             if self.done {
                 return Ok(0);
             }
-            if !self.input.fill()? {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "truncated gzip stream",
-                ));
-            }
-            let (pos, len) = (self.input.pos, self.input.len);
-            let (consumed, produced, r, _) =
-                self.inf.step(&self.input.buf[pos..len], out, z::Z_NO_FLUSH);
-            self.input.consume(consumed);
-            match r {
-                z::Z_OK | z::Z_BUF_ERROR => {}
-                z::Z_STREAM_END => {
-                    if self.raw {
-                        self.input.skip(8)?; // CRC32 + ISIZE of the member
-                        self.raw = false;
-                    }
-                    if self.input.fill()? {
-                        self.inf.reset(AUTO_HEADER)?;
-                    } else {
-                        self.done = true;
-                    }
-                }
-                code => return Err(zerr("corrupt deflate stream", code)),
-            }
+            let (produced, done, _) = inflate_step(
+                &mut self.input,
+                &mut self.inf,
+                out,
+                z::Z_NO_FLUSH,
+                &mut self.raw,
+            )?;
+            self.done = done;
             if produced > 0 {
                 return Ok(produced);
             }

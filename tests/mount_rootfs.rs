@@ -377,28 +377,10 @@ fn rootfs_matches_umoci_for_tar_gzip_and_zstd() {
 fn reading_one_file_of_a_plain_tar_layer_is_a_range_read() {
     let reg = TestRegistry::start();
     let client = reg.client();
-    let mut b = tar::Builder::new(Vec::new());
-    for i in 0..8 {
-        add(
-            &mut b,
-            &format!("blob{i}"),
-            F,
-            &pseudo_random(1 << 20, i),
-            None,
-            (0o644, 0, 0),
-            &[],
-        );
-    }
-    add(
-        &mut b,
-        "etc/os-release",
-        F,
-        b"ID=plain\n",
-        None,
-        (0o644, 0, 0),
-        &[],
-    );
-    let t = b.into_inner().unwrap();
+    let blobs: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("blob{i}"), pseudo_random(1 << 20, i)))
+        .collect();
+    let t = tar_of(&blobs, ("etc/os-release", b"ID=plain\n"));
     rt().block_on(push_image(
         &client,
         "plain/img",
@@ -466,6 +448,16 @@ fn a_corrupt_layer_gives_eio_and_the_rest_of_the_mount_works() {
     assert!(std::fs::read(m.p("bad/img/tags/v1/layers").join(&layers[0])).is_ok());
 }
 
+/// A tar of `files` followed by one more small file.
+fn tar_of(files: &[(String, Vec<u8>)], last: (&str, &[u8])) -> Vec<u8> {
+    let mut all: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.as_slice()))
+        .collect();
+    all.push(last);
+    make_tar(&all)
+}
+
 /// Compressible text, different for each seed.
 fn text(len: usize, seed: u64) -> Vec<u8> {
     use std::io::Write;
@@ -483,28 +475,10 @@ fn text(len: usize, seed: u64) -> Vec<u8> {
 fn a_small_file_deep_in_a_compressed_layer_decompresses_from_a_checkpoint() {
     let reg = TestRegistry::start();
     let client = reg.client();
-    let mut b = tar::Builder::new(Vec::new());
-    for i in 0..24 {
-        add(
-            &mut b,
-            &format!("f{i:02}"),
-            F,
-            &text(1 << 20, i * 1000),
-            None,
-            (0o644, 0, 0),
-            &[],
-        );
-    }
-    add(
-        &mut b,
-        "deep/target",
-        F,
-        b"found me\n",
-        None,
-        (0o644, 0, 0),
-        &[],
-    );
-    let t = b.into_inner().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..24)
+        .map(|i| (format!("f{i:02}"), text(1 << 20, i * 1000)))
+        .collect();
+    let t = tar_of(&files, ("deep/target", b"found me\n"));
     // A multi-frame zstd stream: one frame per MiB of tar, as seekable zstd writers make.
     let multi_frame: Vec<u8> = t.chunks(1 << 20).flat_map(zstd).collect();
     let zst = Layer {
@@ -568,28 +542,10 @@ fn a_small_file_deep_in_a_compressed_layer_decompresses_from_a_checkpoint() {
 fn cache_dir_keeps_indexes_across_mounts() {
     let reg = TestRegistry::start();
     let client = reg.client();
-    let mut b = tar::Builder::new(Vec::new());
-    for i in 0..8 {
-        add(
-            &mut b,
-            &format!("f{i}"),
-            F,
-            &text(1 << 20, i),
-            None,
-            (0o644, 0, 0),
-            &[],
-        );
-    }
-    add(
-        &mut b,
-        "etc/os-release",
-        F,
-        b"ID=cached\n",
-        None,
-        (0o644, 0, 0),
-        &[],
-    );
-    let layer = Layer::gzip(&b.into_inner().unwrap());
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("f{i}"), text(1 << 20, i)))
+        .collect();
+    let layer = Layer::gzip(&tar_of(&files, ("etc/os-release", b"ID=cached\n")));
     let compressed = layer.data.len() as u64;
     rt().block_on(push_image(
         &client,

@@ -242,6 +242,20 @@ impl Node {
             Node::File(_) | Node::IndexJson { .. } | Node::Staged(_) | Node::TreeEntry(_)
         )
     }
+    /// A directory where something can be created (mkdir, an upload, a manifest).
+    pub fn accepts_entries(&self) -> bool {
+        matches!(
+            self,
+            Node::Root
+                | Node::Dir { .. }
+                | Node::NsEscape { .. }
+                | Node::Tags { .. }
+                | Node::Image { tag: Some(_), .. }
+                | Node::PendingTag { .. }
+                | Node::Uploads { .. }
+                | Node::BlobsAlgo { .. }
+        )
+    }
     /// Can the kernel cache this node's entry and attributes for long?
     fn immutable(&self) -> bool {
         match self {
@@ -619,15 +633,7 @@ impl Fs {
                 let size = self.staged.lock().unwrap().get(k).map_or(0, |i| i.size);
                 (Kind::File, size, 0o644, 1)
             }
-            // Where something can be created.
-            Node::Root
-            | Node::Dir { .. }
-            | Node::NsEscape { .. }
-            | Node::Tags { .. }
-            | Node::Image { tag: Some(_), .. }
-            | Node::PendingTag { .. }
-            | Node::Uploads { .. }
-            | Node::BlobsAlgo { .. } => (Kind::Dir, 0, 0o755, 2),
+            n if n.accepts_entries() => (Kind::Dir, 0, 0o755, 2),
             _ => (Kind::Dir, 0, 0o555, 2),
         };
         Attr {

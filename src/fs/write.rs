@@ -65,15 +65,8 @@ impl Fs {
             return false;
         };
         match &*node {
-            Node::Root
-            | Node::Dir { .. }
-            | Node::NsEscape { .. }
-            | Node::Tags { .. }
-            | Node::Image { tag: Some(_), .. }
-            | Node::PendingTag { .. }
-            | Node::Uploads { .. }
-            | Node::BlobsAlgo { .. }
-            | Node::Staged(_) => true,
+            n if n.accepts_entries() => true,
+            Node::Staged(_) => true,
             Node::File(_) => self.manifest_target(ino).is_some() || self.blob_target(ino).is_some(),
             _ => false,
         }
