@@ -43,6 +43,10 @@ pub struct TocChunk {
     pub start: u64,
     pub end: u64,
     pub codec: Codec,
+    /// sha256 the decompressed chunk must have, when the TOC says (`chunkDigest`, or `digest`
+    /// for a file stored as a single chunk).
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 /// Where the TOC of an eStargz layer starts, from its 51-byte footer.
@@ -116,6 +120,10 @@ struct TocEntry {
     chunk_offset: u64,
     #[serde(default)]
     chunk_size: u64,
+    #[serde(default)]
+    digest: Option<String>,
+    #[serde(default)]
+    chunk_digest: Option<String>,
 }
 
 /// Seconds since the epoch of an RFC 3339 UTC time (`2023-11-14T22:13:20Z`); 0 if unparsable.
@@ -173,6 +181,12 @@ pub fn index_from_toc(json: &[u8], codec: Codec, toc_end: u64) -> std::io::Resul
             } else {
                 next_start(e.offset)
             };
+            let whole_file = e.kind == "reg" && (e.chunk_size == 0 || e.chunk_size == e.size);
+            let digest = e
+                .chunk_digest
+                .clone()
+                .or_else(|| whole_file.then(|| e.digest.clone()).flatten())
+                .filter(|d| d.starts_with("sha256:"));
             chunks.push((
                 path.clone(),
                 TocChunk {
@@ -181,6 +195,7 @@ pub fn index_from_toc(json: &[u8], codec: Codec, toc_end: u64) -> std::io::Resul
                     start: e.offset,
                     end,
                     codec,
+                    digest,
                 },
             ));
         }

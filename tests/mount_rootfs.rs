@@ -433,7 +433,41 @@ fn a_corrupt_layer_gives_eio_and_the_rest_of_the_mount_works() {
         )
         .await;
     });
+    rt().block_on(async {
+        // A layer whose TOC lies about one file's digest.
+        let t = make_tar(&[("ok", b"fine"), ("lied", b"real bytes")]);
+        push_image(
+            &client,
+            "tocliar/img",
+            Some("v1"),
+            "amd64",
+            &[estargz_lying_about(&t, Some("lied"))],
+        )
+        .await;
+        // A layer of a media type regfs cannot open.
+        push_image(
+            &client,
+            "odd/img",
+            Some("v1"),
+            "amd64",
+            &[Layer::raw(b"opaque".to_vec(), "application/x-something")],
+        )
+        .await;
+    });
     let m = TestMount::new(&reg.addr(), &[]);
+    let ok = std::fs::read(m.p("tocliar/img/tags/v1/rootfs/ok"));
+    assert!(ok.is_ok(), "{ok:?}\n{}", m.log_text());
+    let e = std::fs::read(m.p("tocliar/img/tags/v1/rootfs/lied")).unwrap_err();
+    assert_eq!(errno(&e), libc::EIO, "{e}");
+    let e = std::fs::read_dir(m.p("odd/img/tags/v1/rootfs"))
+        .and_then(|d| d.collect::<Result<Vec<_>, _>>())
+        .unwrap_err();
+    assert_eq!(errno(&e), libc::EIO, "{e}");
+    assert!(
+        m.log_text().contains("unsupported media type"),
+        "{}",
+        m.log_text()
+    );
     let e = std::fs::read_dir(m.p("bad/img/tags/v1/rootfs"))
         .and_then(|d| d.collect::<Result<Vec<_>, _>>())
         .unwrap_err();

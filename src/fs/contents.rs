@@ -707,7 +707,8 @@ impl Fs {
             if c_end <= offset || c.file_offset >= end {
                 continue;
             }
-            let codec = c.codec;
+            let (codec, want) = (c.codec, c.digest.clone());
+            let len = (c_end - c.file_offset) as usize;
             let (start, stop) = (c.start, c.end);
             let data = self
                 .cache
@@ -716,9 +717,22 @@ impl Fs {
                         .read_blob(&t.repo, &t.layer.digest, t.layer.size, start, stop, false)
                         .await
                         .map_err(|e| RegistryError::Protocol(e.message))?;
-                    crate::toc::decompress_chunk(codec, &raw)
-                        .map(Bytes::from)
-                        .map_err(|e| RegistryError::Protocol(format!("chunk at {start}: {e}")))
+                    let mut data = crate::toc::decompress_chunk(codec, &raw)
+                        .map_err(|e| RegistryError::Protocol(format!("chunk at {start}: {e}")))?;
+                    // An eStargz member may go on past the chunk (tar padding, the next
+                    // header): the chunk is its first `len` bytes.
+                    if data.len() < len {
+                        return Err(RegistryError::Protocol(format!(
+                            "chunk at {start} holds {} of its {len} bytes",
+                            data.len()
+                        )));
+                    }
+                    data.truncate(len);
+                    // Checked before it can be cached.
+                    if let Some(d) = &want {
+                        crate::digest::verify(d, &data)?;
+                    }
+                    Ok(Bytes::from(data))
                 })
                 .await
                 .map_err(|e| {

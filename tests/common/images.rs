@@ -301,6 +301,9 @@ fn toc_entries(
         if let Some(&(off, end)) = offsets.get(&entry.raw_file_position()) {
             e["offset"] = off.into();
             e["endOffset"] = end.into();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+            e["digest"] = sha256_digest(&data).into();
         }
         out.push(e);
     }
@@ -347,14 +350,20 @@ fn seekable(
 
 /// An eStargz layer holding exactly `tar` (plus the TOC entry and footer).
 pub fn estargz_of(tar: &[u8]) -> Layer {
+    estargz_lying_about(tar, None)
+}
+
+/// The same, but the TOC claims a wrong digest for the file `lie` (if any).
+pub fn estargz_lying_about(tar: &[u8], lie: Option<&str>) -> Layer {
     // The TOC goes before the end-of-archive blocks.
     let end = tar.len() - 1024;
     let (mut out, offsets) = seekable(&tar[..end], gzip);
     let toc_offset = out.len();
-    let toc = serde_json::to_vec(
-        &serde_json::json!({"version": 1, "entries": toc_entries(tar, &offsets)}),
-    )
-    .unwrap();
+    let mut entries = toc_entries(tar, &offsets);
+    for e in entries.iter_mut().filter(|e| e["name"].as_str() == lie) {
+        e["digest"] = sha256_digest(b"not this file").into();
+    }
+    let toc = serde_json::to_vec(&serde_json::json!({"version": 1, "entries": entries})).unwrap();
     let mut member = file_header("stargz.index.json", toc.len());
     member.extend(&toc);
     pad512(&mut member);
