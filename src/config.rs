@@ -62,8 +62,8 @@ pub struct Cli {
     /// /etc/fuse.conf for non-root users).
     #[arg(short = 'o', value_name = "OPTS", help_heading = "Mount")]
     pub options: Vec<String>,
-    /// Platform whose config.json and layers/ show at the tag level of a multi-arch image,
-    /// as os/arch[/variant].
+    /// Platform whose config.json, layers/ and rootfs/ show at the tag level of a multi-arch
+    /// image, as os/arch[/variant].
     #[arg(long, value_name = "OS/ARCH", help_heading = "Mount", default_value_t = default_platform())]
     pub platform: String,
     /// Where the background daemon writes its log (default: discarded). Foreground logs go to stderr.
@@ -112,7 +112,7 @@ pub struct Cli {
         long,
         value_name = "SIZE",
         default_value = "8MiB",
-        help_heading = "Cache"
+        help_heading = "Push"
     )]
     pub upload_chunk_size: String,
     /// Chunks to prefetch ahead of a sequential reader (0 disables readahead).
