@@ -35,6 +35,15 @@ run dd if="$big" of=/dev/null bs=4k count=1 status=none
 echo "(read 4 KiB of a 64 MiB layer; request counters:)"
 run getfattr --only-values -n user.regfs.stats .
 echo
+echo "Pushing is copying:"
+run mkdir demo
+run cp /etc/hostname demo/uploads/hostname
+run getfattr -n user.oci.digest demo/uploads/hostname
+run mkdir -p demo/app/tags/v1
+run cp debian/min/tags/bookworm/manifest.json demo/app/tags/v1/manifest.json
+echo "(promoted without moving layer bytes: blobs were mounted across repositories)"
+run ls demo/app/tags/ demo/app/tags/v1/
+echo
 cd /
 if [ -t 0 ]; then
     echo "The mount stays at $mnt until you press Enter."
