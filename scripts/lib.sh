@@ -9,6 +9,7 @@ ensure_deps() {
     command -v umoci >/dev/null || missing+=(umoci)
     command -v getfattr >/dev/null || missing+=(attr)
     command -v curl >/dev/null || missing+=(curl)
+    command -v openssl >/dev/null || missing+=(openssl)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
     dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
     if [ ${#missing[@]} -gt 0 ]; then

@@ -196,3 +196,41 @@ fn bearer_token_flow() {
     assert_eq!(m.stat("token_fetches"), before);
     assert_no_secret(&m.log_text(), &["tok-SECRET-abc123"]);
 }
+
+#[test]
+fn tls_with_ca_cert_insecure_and_refusal() {
+    let reg = TestRegistry::start_tls();
+    let pushed = seed(&reg);
+    let cert = reg.dir.path().join("cert.pem");
+    let url = reg.url();
+    assert!(url.starts_with("https://"));
+    // Trusted through --ca-cert.
+    let m = TestMount::new(&url, &["--ca-cert", cert.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(m.p("priv/app/tags/v1/config.json")).unwrap(),
+        pushed.config
+    );
+    drop(m);
+    // --insecure skips verification.
+    let m = TestMount::new(&url, &["--insecure"]);
+    assert_eq!(
+        std::fs::read(m.p("priv/app/tags/v1/config.json")).unwrap(),
+        pushed.config
+    );
+    drop(m);
+    // Neither: the mount is refused with a reason, not a hang.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(regfs_bin())
+        .args(["-f", &url])
+        .arg(dir.path())
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot use registry") && err.to_lowercase().contains("certif"),
+        "{err}"
+    );
+    assert!(!is_mounted(dir.path()));
+}

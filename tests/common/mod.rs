@@ -38,6 +38,8 @@ pub struct TestRegistry {
     pub port: u16,
     child: Child,
     pub auth: Auth,
+    /// The self-signed certificate (PEM) when serving https.
+    pub tls_cert: Option<Vec<u8>>,
 }
 
 /// Start `docker-registry serve CONFIG`; returns the child and the port it listens on.
@@ -80,7 +82,49 @@ impl TestRegistry {
 
     /// Start with an auth mode and extra top-level YAML.
     pub fn start_with(auth: Auth, extra_yaml: &str) -> Self {
+        Self::start_full(auth, extra_yaml, false)
+    }
+
+    /// Serve https with a fresh self-signed certificate for 127.0.0.1 (made with openssl).
+    pub fn start_tls() -> Self {
+        Self::start_full(Auth::None, "", true)
+    }
+
+    fn start_full(auth: Auth, extra_yaml: &str, tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let (mut http_tls, mut tls_cert) = (String::new(), None);
+        if tls {
+            let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            let st = Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ])
+                .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .output()
+                .expect("openssl must be installed");
+            assert!(
+                st.status.success(),
+                "openssl: {}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+            http_tls = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            );
+            tls_cert = Some(std::fs::read(&cert).unwrap());
+        }
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         let auth_yaml = match &auth {
@@ -99,7 +143,7 @@ impl TestRegistry {
             }
         };
         let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n  secret: regfs-test-secret\n{auth_yaml}{extra_yaml}",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:0\n  secret: regfs-test-secret\n{http_tls}{auth_yaml}{extra_yaml}",
             data.display()
         );
         let cfg_path = dir.path().join("config.yml");
@@ -110,6 +154,7 @@ impl TestRegistry {
             port,
             child,
             auth,
+            tls_cert,
         }
     }
 
@@ -118,7 +163,12 @@ impl TestRegistry {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -147,7 +197,7 @@ impl TestRegistry {
         HttpRegistry::new(HttpOptions {
             base: reqwest::Url::parse(&self.url()).unwrap(),
             credentials,
-            ca_cert_pem: None,
+            ca_cert_pem: self.tls_cert.clone(),
             insecure: false,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
