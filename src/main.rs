@@ -17,6 +17,13 @@ use regfs::registry::auth::Credentials;
 use regfs::registry::http::{HttpOptions, HttpRegistry};
 
 fn main() -> ExitCode {
+    // Chunks are megabytes each: keep such buffers in their own mappings so freeing one returns
+    // it to the system (glibc's adaptive threshold would otherwise move them into the heap,
+    // where fragmentation keeps peak RSS far above the cache's byte cap).
+    // SAFETY: mallopt only tunes the allocator; called before any thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     let cli = Cli::parse();
     let cfg = match Config::try_from(cli) {
         Ok(c) => c,
