@@ -250,7 +250,10 @@ pub fn registry_url(reg: &str) -> Result<(Url, String), String> {
     base.set_query(None);
     // Docker Hub answers the API on registry-1.docker.io; its credentials are stored under
     // index.docker.io (`https://index.docker.io/v1/`).
-    if matches!(host.as_str(), "docker.io" | "index.docker.io" | "registry-1.docker.io") {
+    if matches!(
+        host.as_str(),
+        "docker.io" | "index.docker.io" | "registry-1.docker.io"
+    ) {
         base = Url::parse("https://registry-1.docker.io/").expect("valid URL");
         return Ok((base, "index.docker.io".to_string()));
     }
@@ -371,7 +374,11 @@ mod tests {
         assert_eq!(u("reg.example:443").0.as_str(), "https://reg.example/");
         assert_eq!(u("http://reg.example:8080").1, "reg.example:8080");
         assert!(registry_url("https://x/v2/foo").is_err());
-        for hub in ["docker.io", "index.docker.io", "https://registry-1.docker.io"] {
+        for hub in [
+            "docker.io",
+            "index.docker.io",
+            "https://registry-1.docker.io",
+        ] {
             let (url, key) = registry_url(hub).unwrap();
             assert_eq!(url.as_str(), "https://registry-1.docker.io/");
             assert_eq!(key, "index.docker.io");
