@@ -255,6 +255,17 @@ fn run(
     };
     fuse_cfg.n_threads = Some(2);
 
+    // Handlers for SIGINT/SIGTERM are in place before the mount is, so a signal that arrives
+    // the moment the mount appears still unmounts cleanly instead of killing the process.
+    let signals = rt
+        .block_on(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
     let mut session = fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg)
         .map_err(|e| format!("mounting on {}: {e}", cfg.mountpoint.display()))?;
     log::info!("mounted {} on {}", cfg.base_url, cfg.mountpoint.display());
@@ -279,14 +290,8 @@ fn run(
     }));
 
     let mut unmounter = session.unmount_callable();
+    let (mut int, mut term) = signals;
     rt.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            return;
-        };
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
