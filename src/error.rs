@@ -87,9 +87,6 @@ impl FsError {
     pub fn no_attr() -> Self {
         Self::new(libc::ENODATA, log::Level::Trace, "no such xattr")
     }
-    pub fn range(message: impl Into<String>) -> Self {
-        Self::new(libc::ERANGE, log::Level::Debug, message)
-    }
     pub fn bad_handle() -> Self {
         Self::new(libc::EBADF, log::Level::Warn, "unknown file handle")
     }

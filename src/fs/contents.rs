@@ -771,13 +771,8 @@ impl Fs {
         for idx in start / span..=(end - 1) / span {
             let piece = self
                 .cache
-                .get_or_fetch((key.clone(), idx), || async {
-                    match format {
-                        Format::Gzip | Format::Zstd => {
-                            self.seek_span(repo, layer, format, idx).await
-                        }
-                        Format::Tar => self.decompress_to(repo, layer, format, idx).await,
-                    }
+                .get_or_fetch((key.clone(), idx), || {
+                    self.seek_span(repo, layer, format, idx)
                 })
                 .await
                 .map_err(|e| fs_err_ctx(e, &format!("reading layer {repo}@{}", layer.digest)))?;
@@ -810,7 +805,7 @@ impl Fs {
             .map_err(|e| RegistryError::Protocol(e.message))?;
         if format == Format::Zstd && index.zstd_frames.len() < 2 {
             // One frame: nothing to seek to; decompress from the start, caching spans.
-            return self.decompress_to(repo, layer, format, want).await;
+            return self.unzstd_to(repo, layer, want).await;
         }
         let span = self.opts.chunk_size;
         let start = want * span;
@@ -844,12 +839,12 @@ impl Fs {
         .map_err(|e| RegistryError::Protocol(format!("decompression task failed: {e}")))?
     }
 
-    /// Decompress a layer from its start up to span `want`, caching every span passed.
-    async fn decompress_to(
+    /// Decompress a single-frame zstd layer from its start up to span `want`, caching every
+    /// span passed.
+    async fn unzstd_to(
         &self,
         repo: &str,
         layer: &LayerRef,
-        format: Format,
         want: u64,
     ) -> Result<Bytes, RegistryError> {
         let reader = self.chunk_reader(repo, layer);
@@ -862,13 +857,7 @@ impl Fs {
         tokio::task::spawn_blocking(move || -> Result<Bytes, RegistryError> {
             let io =
                 |e: std::io::Error| RegistryError::Protocol(format!("decompressing {what}: {e}"));
-            let mut r: Box<dyn Read> = match format {
-                Format::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
-                    std::io::BufReader::new(reader),
-                )),
-                Format::Zstd => Box::new(zstd::stream::read::Decoder::new(reader).map_err(io)?),
-                Format::Tar => Box::new(reader),
-            };
+            let mut r = zstd::stream::read::Decoder::new(reader).map_err(io)?;
             let mut idx = 0u64;
             loop {
                 let mut buf = vec![0u8; span as usize];

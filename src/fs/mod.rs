@@ -589,10 +589,6 @@ impl Fs {
         }
     }
 
-    pub fn registry(&self) -> &Arc<dyn Registry> {
-        &self.reg
-    }
-
     pub fn cache(&self) -> &ChunkCache {
         &self.cache
     }
@@ -1398,45 +1394,35 @@ impl Fs {
             Node::Staged(k) => Arc::new(Node::File(self.staged_file(k)?)),
             _ => node,
         };
-        if let Node::TreeEntry(_) = &*node {
-            let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-            self.handles.lock().unwrap().insert(
-                fh,
-                Arc::new(Mutex::new(Handle {
-                    node: node.clone(),
-                    verifier: None,
-                    last_end: 0,
-                })),
-            );
-            return Ok(Opened {
-                fh,
-                keep_cache: false,
-            });
-        }
-        let Node::File(f) = &*node else {
-            return Err(FsError::is_dir("open of a directory for reading data"));
-        };
-        let verifier = match &f.content {
-            Content::Blob { digest }
-                if f.size > self.opts.chunk_size && digest.starts_with("sha256:") =>
-            {
-                Some(Verifier {
-                    digest: digest.clone(),
-                    size: f.size,
-                    hasher: StreamingDigest::default(),
-                    pending: BTreeMap::new(),
-                    pending_bytes: 0,
-                    done: false,
-                    failed: None,
-                })
+        let (verifier, keep_cache) = match &*node {
+            // Tree files are read through their layer; no whole-blob check per handle.
+            Node::TreeEntry(_) => (None, false),
+            Node::File(f) => {
+                let verifier = match &f.content {
+                    Content::Blob { digest }
+                        if f.size > self.opts.chunk_size && digest.starts_with("sha256:") =>
+                    {
+                        Some(Verifier {
+                            digest: digest.clone(),
+                            size: f.size,
+                            hasher: StreamingDigest::default(),
+                            pending: BTreeMap::new(),
+                            pending_bytes: 0,
+                            done: false,
+                            failed: None,
+                        })
+                    }
+                    _ => None,
+                };
+                // The kernel keeps pages across opens only for content already verified
+                // against its digest; unverified pages are dropped at the next open.
+                let keep_cache = node.immutable()
+                    && f.digest()
+                        .is_some_and(|d| self.verified.lock().unwrap().contains(d));
+                (verifier, keep_cache)
             }
-            _ => None,
+            _ => return Err(FsError::is_dir("open of a directory for reading data")),
         };
-        // The kernel keeps pages across opens only for content already verified against its
-        // digest; unverified pages are dropped at the next open.
-        let keep_cache = node.immutable()
-            && f.digest()
-                .is_some_and(|d| self.verified.lock().unwrap().contains(d));
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().unwrap().insert(
             fh,
