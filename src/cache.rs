@@ -1,7 +1,9 @@
-//! The chunk cache: blob bytes in fixed-size chunks, keyed by `(digest, chunk index)`, in an LRU
-//! capped in bytes. Concurrent readers of a chunk that is not cached yet share one fetch.
+//! The chunk cache: bytes in chunks under typed keys ([`ChunkKey`]: a blob chunk, a span of a
+//! layer's uncompressed stream, or a TOC chunk of a file), in an LRU capped in bytes. Concurrent
+//! readers of a chunk that is not cached yet share one fetch.
 //!
-//! Lock order: `inflight` is never held while `lru` is taken, and neither is held across `.await`.
+//! Lock order: `inflight` is never held while `lru` is taken, and neither is held across `.await`
+//! (see `fs::inodes` for the whole crate).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,10 +13,31 @@ use bytes::Bytes;
 use lru::LruCache;
 use tokio::sync::OnceCell;
 
-use crate::error::RegistryResult;
+use crate::digest::Digest;
 
-/// `(digest, chunk index)`.
-pub type ChunkKey = (Arc<str>, u64);
+/// What a cached chunk is. Every key names the blob its bytes come from, so dropping a blob
+/// ([`ChunkCache::evict_digest`]) drops every kind of chunk made from it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ChunkKey {
+    /// Chunk `index` (of `--chunk-size` bytes) of a blob, as fetched.
+    Blob { digest: Digest, index: u64 },
+    /// Span `index` (of `--chunk-size` bytes) of a compressed layer's uncompressed stream.
+    Span { digest: Digest, index: u64 },
+    /// The decompressed, verified chunk of an eStargz / zstd:chunked file that starts at
+    /// compressed offset `start` of the layer.
+    TocChunk { digest: Digest, start: u64 },
+}
+
+impl ChunkKey {
+    /// The blob the chunk comes from.
+    pub fn digest(&self) -> &Digest {
+        match self {
+            ChunkKey::Blob { digest, .. }
+            | ChunkKey::Span { digest, .. }
+            | ChunkKey::TocChunk { digest, .. } => digest,
+        }
+    }
+}
 
 struct Lru {
     map: LruCache<ChunkKey, Bytes>,
@@ -64,10 +87,10 @@ impl ChunkCache {
 
     /// The chunk for `key`: from the cache, from a fetch already in flight, or by running `fetch`.
     /// A failed fetch caches nothing, and the next reader fetches again.
-    pub async fn get_or_fetch<F, Fut>(&self, key: ChunkKey, fetch: F) -> RegistryResult<Bytes>
+    pub async fn get_or_fetch<F, Fut, E>(&self, key: ChunkKey, fetch: F) -> Result<Bytes, E>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = RegistryResult<Bytes>>,
+        Fut: Future<Output = Result<Bytes, E>>,
     {
         if let Some(b) = self.get(&key) {
             return Ok(b);
@@ -95,13 +118,13 @@ impl ChunkCache {
         result
     }
 
-    /// Drop every chunk of `digest` (after a digest mismatch).
+    /// Drop every chunk made from `digest`, of every kind (after a digest mismatch, a delete).
     pub fn evict_digest(&self, digest: &str) {
         let mut lru = self.lru.lock().unwrap();
         let keys: Vec<ChunkKey> = lru
             .map
             .iter()
-            .filter(|(k, _)| &*k.0 == digest)
+            .filter(|(k, _)| k.digest().as_str() == digest)
             .map(|(k, _)| k.clone())
             .collect();
         for k in keys {
@@ -132,22 +155,47 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn key(d: &str, i: u64) -> ChunkKey {
-        (Arc::from(d), i)
+        ChunkKey::Blob {
+            digest: Digest::from(d),
+            index: i,
+        }
     }
 
     #[tokio::test]
     async fn caps_bytes_and_evicts_lru() {
         let c = ChunkCache::new(10);
         for i in 0..4 {
-            c.get_or_fetch(key("a", i), || async { Ok(Bytes::from_static(b"1234")) })
-                .await
-                .unwrap();
+            c.get_or_fetch(key("a", i), || async {
+                Ok::<_, ()>(Bytes::from_static(b"1234"))
+            })
+            .await
+            .unwrap();
         }
         assert_eq!(c.used_bytes(), 8);
         assert_eq!(c.len(), 2);
         assert!(c.get(&key("a", 3)).is_some());
         assert!(c.get(&key("a", 0)).is_none());
+        c.insert(
+            ChunkKey::Span {
+                digest: Digest::from("a"),
+                index: 0,
+            },
+            Bytes::from_static(b"s"),
+        );
+        c.insert(
+            ChunkKey::TocChunk {
+                digest: Digest::from("b"),
+                start: 0,
+            },
+            Bytes::from_static(b"t"),
+        );
         c.evict_digest("a");
+        assert_eq!(
+            c.len(),
+            1,
+            "every kind of chunk of a digest goes, others stay"
+        );
+        c.evict_digest("b");
         assert!(c.is_empty());
         assert_eq!(c.used_bytes(), 0);
     }
@@ -164,7 +212,7 @@ mod tests {
                 c.get_or_fetch(key("d", 0), || async move {
                     fetches.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    Ok(Bytes::from_static(b"x"))
+                    Ok::<_, ()>(Bytes::from_static(b"x"))
                 })
                 .await
                 .unwrap()
@@ -187,7 +235,9 @@ mod tests {
         assert!(r.is_err());
         assert!(c.is_empty());
         let r = c
-            .get_or_fetch(key("e", 0), || async { Ok(Bytes::from_static(b"ok")) })
+            .get_or_fetch(key("e", 0), || async {
+                Ok::<_, crate::error::RegistryError>(Bytes::from_static(b"ok"))
+            })
             .await
             .unwrap();
         assert_eq!(&r[..], b"ok");

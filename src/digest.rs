@@ -60,6 +60,73 @@ impl StreamingDigest {
     }
 }
 
+/// A content digest (`algo:hex`) as the core passes it around: cheap to clone, compared and
+/// hashed as its text. Made from registry answers as they are; [`Digest::is_sha256`] says whether
+/// it can be verified.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(std::sync::Arc<str>);
+
+impl Digest {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The hex part (everything after the first `:`).
+    pub fn hex(&self) -> &str {
+        digest_hex(&self.0)
+    }
+    /// `sha256:` digests are the ones regfs can check.
+    pub fn is_sha256(&self) -> bool {
+        self.0.starts_with("sha256:")
+    }
+    /// `sha256:<hex>` for 64 lowercase hex digits.
+    pub fn sha256_of_hex(hex: &str) -> Option<Digest> {
+        is_sha256_hex(hex).then(|| Digest::from(format!("sha256:{hex}")))
+    }
+}
+
+impl From<&str> for Digest {
+    fn from(s: &str) -> Self {
+        Digest(std::sync::Arc::from(s))
+    }
+}
+
+impl From<String> for Digest {
+    fn from(s: String) -> Self {
+        Digest(std::sync::Arc::from(s))
+    }
+}
+
+impl From<&String> for Digest {
+    fn from(s: &String) -> Self {
+        Digest::from(s.as_str())
+    }
+}
+
+impl std::ops::Deref for Digest {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for Digest {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for Digest {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

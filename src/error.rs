@@ -46,9 +46,70 @@ pub enum RegistryError {
 
 pub type RegistryResult<T> = Result<T, RegistryError>;
 
-/// An error as the filesystem reports it: an errno plus a log line.
+/// What kind of failure a filesystem operation had. [`FsErrorKind::errno`] is the one table from
+/// kinds to errnos; code elsewhere branches on kinds, never on errno values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsErrorKind {
+    /// No such name (ENOENT).
+    NotFound,
+    /// The name exists already (EEXIST).
+    Exists,
+    /// In use: being written, or shared with something the user did not name (EBUSY).
+    Busy,
+    /// Writing where the tree is read-only (EROFS).
+    ReadOnly,
+    /// The registry refuses the operation itself, e.g. a delete answered 405 (EPERM).
+    NotPermitted,
+    /// Unauthorized or denied by the registry (EACCES).
+    AccessDenied,
+    /// Rate limited: try again later (EAGAIN).
+    Again,
+    /// Transport, server, protocol or verification failure (EIO).
+    Io,
+    /// A request that cannot be honoured as asked: bad name, out-of-order write (EINVAL).
+    Invalid,
+    /// Beyond a size regfs can handle (EFBIG).
+    TooBig,
+    /// A directory operation on a file (ENOTDIR).
+    NotDir,
+    /// A file operation on a directory (EISDIR).
+    IsDir,
+    /// No such extended attribute (ENODATA).
+    NoAttr,
+    /// An unknown file handle (EBADF).
+    BadHandle,
+    /// An inode the core no longer knows (ESTALE).
+    Stale,
+}
+
+impl FsErrorKind {
+    /// The errno the kernel sees for this kind.
+    pub fn errno(self) -> i32 {
+        match self {
+            FsErrorKind::NotFound => libc::ENOENT,
+            FsErrorKind::Exists => libc::EEXIST,
+            FsErrorKind::Busy => libc::EBUSY,
+            FsErrorKind::ReadOnly => libc::EROFS,
+            FsErrorKind::NotPermitted => libc::EPERM,
+            FsErrorKind::AccessDenied => libc::EACCES,
+            FsErrorKind::Again => libc::EAGAIN,
+            FsErrorKind::Io => libc::EIO,
+            FsErrorKind::Invalid => libc::EINVAL,
+            FsErrorKind::TooBig => libc::EFBIG,
+            FsErrorKind::NotDir => libc::ENOTDIR,
+            FsErrorKind::IsDir => libc::EISDIR,
+            FsErrorKind::NoAttr => libc::ENODATA,
+            FsErrorKind::BadHandle => libc::EBADF,
+            FsErrorKind::Stale => libc::ESTALE,
+        }
+    }
+}
+
+/// An error as the filesystem reports it: a kind (and so an errno) plus a log line.
 #[derive(Debug, Clone)]
 pub struct FsError {
+    pub kind: FsErrorKind,
+    /// `kind.errno()`, kept for the adapter and for tests.
     pub errno: i32,
     pub message: String,
     pub level: log::Level,
@@ -57,43 +118,91 @@ pub struct FsError {
 pub type FsResult<T> = Result<T, FsError>;
 
 impl FsError {
-    pub fn new(errno: i32, level: log::Level, message: impl Into<String>) -> Self {
+    pub fn new(kind: FsErrorKind, level: log::Level, message: impl Into<String>) -> Self {
         FsError {
-            errno,
+            kind,
+            errno: kind.errno(),
             message: message.into(),
             level,
         }
     }
     /// A name that does not exist: an ordinary lookup miss, logged at debug.
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(libc::ENOENT, log::Level::Debug, message)
+        Self::new(FsErrorKind::NotFound, log::Level::Debug, message)
+    }
+    /// The name exists already (mkdir of a known repository or tag).
+    pub fn exists(message: impl Into<String>) -> Self {
+        Self::new(FsErrorKind::Exists, log::Level::Debug, message)
+    }
+    /// Busy, logged at `level` (debug for "still being written", warn for a refused delete).
+    pub fn busy(level: log::Level, message: impl Into<String>) -> Self {
+        Self::new(FsErrorKind::Busy, level, message)
     }
     /// Writing where the tree is read-only.
     pub fn read_only(message: impl Into<String>) -> Self {
-        Self::new(libc::EROFS, log::Level::Debug, message)
+        Self::new(FsErrorKind::ReadOnly, log::Level::Debug, message)
     }
     pub fn io(message: impl Into<String>) -> Self {
-        Self::new(libc::EIO, log::Level::Error, message)
+        Self::new(FsErrorKind::Io, log::Level::Error, message)
+    }
+    /// An I/O error that is the input's fault, not regfs's or the network's (logged at warn).
+    pub fn bad_input(message: impl Into<String>) -> Self {
+        Self::new(FsErrorKind::Io, log::Level::Warn, message)
     }
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(libc::EINVAL, log::Level::Warn, message)
+        Self::new(FsErrorKind::Invalid, log::Level::Warn, message)
+    }
+    pub fn too_big(message: impl Into<String>) -> Self {
+        Self::new(FsErrorKind::TooBig, log::Level::Warn, message)
     }
     pub fn not_dir(message: impl Into<String>) -> Self {
-        Self::new(libc::ENOTDIR, log::Level::Debug, message)
+        Self::new(FsErrorKind::NotDir, log::Level::Debug, message)
     }
     pub fn is_dir(message: impl Into<String>) -> Self {
-        Self::new(libc::EISDIR, log::Level::Debug, message)
+        Self::new(FsErrorKind::IsDir, log::Level::Debug, message)
     }
     pub fn no_attr() -> Self {
-        Self::new(libc::ENODATA, log::Level::Trace, "no such xattr")
+        Self::new(FsErrorKind::NoAttr, log::Level::Trace, "no such xattr")
     }
     pub fn bad_handle() -> Self {
-        Self::new(libc::EBADF, log::Level::Warn, "unknown file handle")
+        Self::new(
+            FsErrorKind::BadHandle,
+            log::Level::Warn,
+            "unknown file handle",
+        )
+    }
+    pub fn stale(message: impl Into<String>) -> Self {
+        Self::new(FsErrorKind::Stale, log::Level::Warn, message)
+    }
+    pub fn is_not_found(&self) -> bool {
+        self.kind == FsErrorKind::NotFound
     }
     /// Prefix the message with context (the path or operation).
     pub fn context(mut self, ctx: impl fmt::Display) -> Self {
         self.message = format!("{ctx}: {}", self.message);
         self
+    }
+    /// The same failure reported as EIO (a push whose cause was anything else fails with EIO at
+    /// close).
+    pub fn into_io(self) -> Self {
+        if self.kind == FsErrorKind::Io {
+            self
+        } else {
+            FsError::io(self.message)
+        }
+    }
+    /// A registry error with context: `ctx: error`.
+    pub fn registry(e: RegistryError, ctx: impl fmt::Display) -> Self {
+        FsError::from(e).context(ctx)
+    }
+    /// A delete the registry refused (405) is EPERM with its message; anything else as usual.
+    pub fn from_delete(e: RegistryError, what: impl fmt::Display) -> Self {
+        match e {
+            RegistryError::Unsupported(m) => {
+                FsError::new(FsErrorKind::NotPermitted, log::Level::Warn, m)
+            }
+            e => FsError::registry(e, what),
+        }
     }
 }
 
@@ -106,19 +215,20 @@ impl fmt::Display for FsError {
 impl From<RegistryError> for FsError {
     fn from(e: RegistryError) -> Self {
         use log::Level::*;
-        let (errno, level) = match &e {
-            RegistryError::NotFound(_) => (libc::ENOENT, Debug),
-            RegistryError::Unauthorized(_) | RegistryError::Denied(_) => (libc::EACCES, Warn),
-            RegistryError::TooManyRequests(_) => (libc::EAGAIN, Warn),
+        use FsErrorKind as K;
+        let (kind, level) = match &e {
+            RegistryError::NotFound(_) => (K::NotFound, Debug),
+            RegistryError::Unauthorized(_) | RegistryError::Denied(_) => (K::AccessDenied, Warn),
+            RegistryError::TooManyRequests(_) => (K::Again, Warn),
             RegistryError::Server { .. }
             | RegistryError::Transport(_)
             | RegistryError::DigestMismatch { .. }
             | RegistryError::Protocol(_)
-            | RegistryError::Malformed(_) => (libc::EIO, Error),
-            RegistryError::Unsupported(_) => (libc::EIO, Warn),
-            RegistryError::Invalid(_) => (libc::EINVAL, Debug),
+            | RegistryError::Malformed(_) => (K::Io, Error),
+            RegistryError::Unsupported(_) => (K::Io, Warn),
+            RegistryError::Invalid(_) => (K::Invalid, Debug),
         };
-        FsError::new(errno, level, e.to_string())
+        FsError::new(kind, level, e.to_string())
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::runtime::Handle;
 use tokio::sync::Semaphore;
 
 use crate::error::FsError;
-use crate::fs::{Attr, DirEntry, Fs, Kind};
+use crate::fs::{Attr, DirEntry, Fh, Fs, Ino, Kind};
 
 /// Data reads in flight at once; more wait for a permit (the kernel queues behind them).
 const MAX_CONCURRENT_READS: usize = 64;
@@ -72,7 +72,7 @@ fn erofs(op: &str, ino: u64) -> Errno {
 
 fn file_attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
     FileAttr {
-        ino: INodeNo(a.ino),
+        ino: INodeNo(a.ino.0),
         size: a.size,
         blocks: a.size.div_ceil(512),
         atime: a.mtime,
@@ -112,7 +112,7 @@ impl Filesystem for FuseAdapter {
         };
         let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
         self.spawn(async move {
-            match fs.lookup(parent.0, &name).await {
+            match fs.lookup(Ino(parent.0), &name).await {
                 Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr, uid, gid), Generation(0)),
                 Err(e) => reply.error(reply_error(&format!("lookup {name:?}"), parent.0, &e)),
             }
@@ -120,13 +120,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.fs.forget(ino.0, nlookup);
+        self.fs.forget(Ino(ino.0), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
         self.spawn(async move {
-            match fs.getattr(ino.0).await {
+            match fs.getattr(Ino(ino.0)).await {
                 Ok(e) => reply.attr(&e.ttl, &file_attr(&e.attr, uid, gid)),
                 Err(e) => reply.error(reply_error("getattr", ino.0, &e)),
             }
@@ -153,7 +153,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
         self.spawn(async move {
-            match fs.setattr(ino.0, fh.map(|f| f.0), size).await {
+            match fs.setattr(Ino(ino.0), fh.map(|f| Fh(f.0)), size).await {
                 Ok(e) => reply.attr(&e.ttl, &file_attr(&e.attr, uid, gid)),
                 Err(e) => reply.error(reply_error("setattr", ino.0, &e)),
             }
@@ -176,7 +176,7 @@ impl Filesystem for FuseAdapter {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let fs = self.fs.clone();
         self.spawn(async move {
-            match fs.readlink(ino.0).await {
+            match fs.readlink(Ino(ino.0)).await {
                 Ok(t) => reply.data(&t),
                 Err(e) => reply.error(reply_error("readlink", ino.0, &e)),
             }
@@ -197,7 +197,7 @@ impl Filesystem for FuseAdapter {
         };
         let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
         self.spawn(async move {
-            match fs.mkdir(parent.0, &name).await {
+            match fs.mkdir(Ino(parent.0), &name).await {
                 Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr, uid, gid), Generation(0)),
                 Err(e) => reply.error(reply_error(&format!("mkdir {name:?}"), parent.0, &e)),
             }
@@ -210,7 +210,7 @@ impl Filesystem for FuseAdapter {
         };
         let fs = self.fs.clone();
         self.spawn(async move {
-            match fs.unlink(parent.0, &name).await {
+            match fs.unlink(Ino(parent.0), &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(reply_error(&format!("unlink {name:?}"), parent.0, &e)),
             }
@@ -223,7 +223,7 @@ impl Filesystem for FuseAdapter {
         };
         let fs = self.fs.clone();
         self.spawn(async move {
-            match fs.rmdir(parent.0, &name).await {
+            match fs.rmdir(Ino(parent.0), &name).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(reply_error(&format!("rmdir {name:?}"), parent.0, &e)),
             }
@@ -270,14 +270,14 @@ impl Filesystem for FuseAdapter {
             || flags.0 & (libc::O_TRUNC | libc::O_APPEND) != 0;
         let fs = self.fs.clone();
         self.spawn(async move {
-            match fs.open(ino.0, write).await {
+            match fs.open(Ino(ino.0), write).await {
                 Ok(o) => {
                     let f = if o.keep_cache {
                         FopenFlags::FOPEN_KEEP_CACHE
                     } else {
                         FopenFlags::empty()
                     };
-                    reply.opened(FileHandle(o.fh), f)
+                    reply.opened(FileHandle(o.fh.0), f)
                 }
                 Err(e) => reply.error(reply_error("open", ino.0, &e)),
             }
@@ -298,7 +298,7 @@ impl Filesystem for FuseAdapter {
         let (fs, reads) = (self.fs.clone(), self.reads.clone());
         self.spawn(async move {
             let _permit = reads.acquire_owned().await;
-            match fs.read(fh.0, offset, size).await {
+            match fs.read(Fh(fh.0), offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(reply_error(
                     &format!("read off={offset} len={size}"),
@@ -324,7 +324,7 @@ impl Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         let data = data.to_vec();
         self.spawn(async move {
-            match fs.write(fh.0, offset, &data).await {
+            match fs.write(Fh(fh.0), offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(reply_error(
                     &format!("write off={offset} len={}", data.len()),
@@ -345,7 +345,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         self.spawn(async move {
-            match fs.flush(fh.0).await {
+            match fs.flush(Fh(fh.0)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(reply_error("flush", ino.0, &e)),
             }
@@ -364,7 +364,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         self.spawn(async move {
-            fs.release(fh.0).await;
+            fs.release(Fh(fh.0)).await;
             reply.ok();
         });
     }
@@ -379,7 +379,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         self.spawn(async move {
-            match fs.fsync(fh.0).await {
+            match fs.fsync(Fh(fh.0)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(reply_error("fsync", ino.0, &e)),
             }
@@ -403,7 +403,7 @@ impl Filesystem for FuseAdapter {
         self.spawn(async move {
             // The listing is taken once, at offset 0, and paged from that snapshot.
             let snapshot = if offset == 0 {
-                match fs.readdir(ino.0).await {
+                match fs.readdir(Ino(ino.0)).await {
                     Ok(list) => {
                         let list = Arc::new(list);
                         handles.lock().unwrap().insert(fh.0, list.clone());
@@ -426,7 +426,7 @@ impl Filesystem for FuseAdapter {
                 .map(|&(i, n, k)| (i, n, k))
                 .chain(snapshot.iter().map(|e| {
                     let k = file_type(e.kind);
-                    (e.ino, e.name.as_str(), k)
+                    (e.ino.0, e.name.as_str(), k)
                 }));
             for (i, (ino, name, kind)) in all.enumerate().skip(offset as usize) {
                 if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
@@ -472,7 +472,7 @@ impl Filesystem for FuseAdapter {
         };
         let fs = self.fs.clone();
         self.spawn(async move {
-            match fs.getxattr(ino.0, &name).await {
+            match fs.getxattr(Ino(ino.0), &name).await {
                 Ok(v) => xattr_reply(reply, size, &v),
                 Err(e) => reply.error(reply_error(&format!("getxattr {name}"), ino.0, &e)),
             }
@@ -482,7 +482,7 @@ impl Filesystem for FuseAdapter {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let fs = self.fs.clone();
         self.spawn(async move {
-            match fs.listxattr(ino.0).await {
+            match fs.listxattr(Ino(ino.0)).await {
                 Ok(names) => {
                     let mut buf = Vec::new();
                     for n in names {
@@ -501,7 +501,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if mask.contains(AccessFlags::W_OK) && !self.fs.writable(ino.0) {
+        if mask.contains(AccessFlags::W_OK) && !self.fs.writable(Ino(ino.0)) {
             reply.error(erofs("access(W_OK)", ino.0));
         } else {
             reply.ok();
@@ -523,12 +523,12 @@ impl Filesystem for FuseAdapter {
         };
         let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
         self.spawn(async move {
-            match fs.create(parent.0, &name).await {
+            match fs.create(Ino(parent.0), &name).await {
                 Ok((e, o)) => reply.created(
                     &e.ttl,
                     &file_attr(&e.attr, uid, gid),
                     Generation(0),
-                    FileHandle(o.fh),
+                    FileHandle(o.fh.0),
                     FopenFlags::empty(),
                 ),
                 Err(e) => reply.error(reply_error(&format!("create {name:?}"), parent.0, &e)),

@@ -3,6 +3,7 @@
 //! Data flow: `fuse` (adapter) → `fs` (tree and semantics) → `cache` (chunks) → `registry` (HTTP).
 //! See docs/ARCHITECTURE.md.
 
+pub mod blob;
 pub mod cache;
 pub mod config;
 pub mod digest;
@@ -10,9 +11,11 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod layer;
+pub mod layer_read;
 pub mod manifest;
 pub mod push;
 pub mod registry;
+pub mod sync;
 pub mod toc;
 pub mod zran;
 pub mod zstd_frames;

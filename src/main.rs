@@ -283,7 +283,7 @@ fn run(
     fs.set_invalidator(Box::new(move |parent, name| {
         let n = notifier.clone();
         rt_handle.spawn_blocking(move || {
-            if let Err(e) = n.inval_entry(fuser::INodeNo(parent), std::ffi::OsStr::new(&name)) {
+            if let Err(e) = n.inval_entry(fuser::INodeNo(parent.0), std::ffi::OsStr::new(&name)) {
                 log::debug!("invalidating {name} in {parent}: {e}");
             }
         });

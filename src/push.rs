@@ -253,11 +253,7 @@ impl ManifestWrite {
             )));
         }
         if self.buf.len() + data.len() > MAX_MANIFEST {
-            return Err(FsError::new(
-                libc::EFBIG,
-                log::Level::Warn,
-                "a manifest is at most 4 MiB",
-            ));
+            return Err(FsError::too_big("a manifest is at most 4 MiB"));
         }
         self.buf.extend_from_slice(data);
         Ok(data.len() as u32)

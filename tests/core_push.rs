@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use regfs::digest::{digest_hex, sha256_digest};
-use regfs::fs::{Fs, FsOptions, ROOT_INO};
+use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
 use regfs::registry::fake::{FakeRegistry, Fault, FaultError, Op};
 use regfs::registry::Registry;
 
@@ -22,7 +22,7 @@ fn setup() -> (Arc<FakeRegistry>, Fs) {
     (reg, fs)
 }
 
-async fn walk(fs: &Fs, path: &str) -> Result<u64, i32> {
+async fn walk(fs: &Fs, path: &str) -> Result<Ino, i32> {
     let mut ino = ROOT_INO;
     for part in path.split('/').filter(|p| !p.is_empty()) {
         ino = fs.lookup(ino, part).await.map_err(|e| e.errno)?.attr.ino;

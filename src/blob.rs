@@ -1,0 +1,502 @@
+//! The one blob read path: a byte range -> the chunks that cover it -> the chunk cache -> Range
+//! requests to the registry, with readahead on sequential reads. Verification lives here too:
+//! a blob that fits in one chunk is checked before it is cached, and a handle that reads a larger
+//! blob from start to end checks the whole against its digest ([`Verifier`]).
+//!
+//! Layer readers use the same path, blocking, through [`BlobCursor`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::cache::{ChunkCache, ChunkKey};
+use crate::digest::{Digest, StreamingDigest};
+use crate::error::{RegistryError, RegistryResult};
+use crate::registry::Registry;
+
+/// Out-of-order read data a handle keeps while waiting for the gap, for digest verification.
+/// Past this the handle gives up verifying (the data was read too far out of order).
+const MAX_PENDING_VERIFY: usize = 32 << 20;
+
+/// One piece of a range cut at fixed-size chunk boundaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkSpan {
+    /// Chunk number.
+    pub index: u64,
+    /// The piece's bounds inside the chunk.
+    pub from: usize,
+    pub to: usize,
+}
+
+/// The chunks of `chunk` bytes that cover bytes `offset..end` (empty if the range is).
+pub fn chunk_spans(offset: u64, end: u64, chunk: u64) -> impl Iterator<Item = ChunkSpan> {
+    let (first, last) = if end > offset && chunk > 0 {
+        (offset / chunk, (end - 1) / chunk + 1)
+    } else {
+        (0, 0)
+    };
+    (first..last).map(move |index| {
+        let start = index * chunk;
+        ChunkSpan {
+            index,
+            from: (offset.max(start) - start) as usize,
+            to: (end.min(start + chunk) - start) as usize,
+        }
+    })
+}
+
+/// Bytes `offset..end` assembled from fixed-size chunks got by `get`. A chunk shorter than its
+/// span is `short(index)`'s error. One chunk is returned as a slice of it, without a copy.
+pub async fn gather<E, F, Fut>(
+    offset: u64,
+    end: u64,
+    chunk: u64,
+    mut get: F,
+    short: impl Fn(u64) -> E,
+) -> Result<Bytes, E>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<Bytes, E>>,
+{
+    let spans: Vec<ChunkSpan> = chunk_spans(offset, end, chunk).collect();
+    let mut out = BytesMut::new();
+    for s in &spans {
+        let data = get(s.index).await?;
+        if data.len() < s.to {
+            return Err(short(s.index));
+        }
+        if spans.len() == 1 {
+            return Ok(data.slice(s.from..s.to));
+        }
+        if out.is_empty() {
+            out.reserve((end - offset) as usize);
+        }
+        out.extend_from_slice(&data[s.from..s.to]);
+    }
+    Ok(out.freeze())
+}
+
+/// A blob as a reader needs it: where it lives, what it is, how big it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRef {
+    pub repo: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// Blob bytes through the chunk cache, and what has been verified.
+pub struct Blobs {
+    reg: Arc<dyn Registry>,
+    cache: Arc<ChunkCache>,
+    chunk_size: u64,
+    readahead_chunks: u64,
+    /// Blob digests whose whole content has been checked.
+    verified: Mutex<HashSet<Digest>>,
+}
+
+impl Blobs {
+    pub fn new(
+        reg: Arc<dyn Registry>,
+        cache: Arc<ChunkCache>,
+        chunk_size: u64,
+        readahead_chunks: u64,
+    ) -> Self {
+        Blobs {
+            reg,
+            cache,
+            chunk_size,
+            readahead_chunks,
+            verified: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// Chunk `index` of a blob: cached, in flight, or fetched now.
+    pub async fn chunk(&self, blob: &BlobRef, index: u64) -> RegistryResult<Bytes> {
+        let key = ChunkKey::Blob {
+            digest: blob.digest.clone(),
+            index,
+        };
+        self.cache
+            .get_or_fetch(key, || {
+                fetch_chunk(self.reg.clone(), blob.clone(), index, self.chunk_size)
+            })
+            .await
+    }
+
+    /// Bytes `offset..end` of a blob. A sequential read also starts fetching the next
+    /// `--readahead-chunks` chunks in the background.
+    pub async fn read(
+        &self,
+        blob: &BlobRef,
+        offset: u64,
+        end: u64,
+        sequential: bool,
+    ) -> RegistryResult<Bytes> {
+        let cs = self.chunk_size;
+        let last = end.saturating_sub(1) / cs;
+        if sequential && self.readahead_chunks > 0 && last >= 1 {
+            let total = blob.size.div_ceil(cs);
+            for index in (last + 1)..(last + 1 + self.readahead_chunks).min(total) {
+                let key = ChunkKey::Blob {
+                    digest: blob.digest.clone(),
+                    index,
+                };
+                if self.cache.get(&key).is_some() {
+                    continue;
+                }
+                let (reg, cache, blob) = (self.reg.clone(), self.cache.clone(), blob.clone());
+                tokio::spawn(async move {
+                    let _ = cache
+                        .get_or_fetch(key, || fetch_chunk(reg, blob, index, cs))
+                        .await;
+                });
+            }
+        }
+        gather(
+            offset,
+            end,
+            cs,
+            |index| self.chunk(blob, index),
+            |index| {
+                RegistryError::Protocol(format!(
+                    "{}@{}: chunk {index} is shorter than the blob's size says",
+                    blob.repo, blob.digest
+                ))
+            },
+        )
+        .await
+    }
+
+    /// A blocking `Read + Seek` over a blob for the layer readers (run it on a blocking thread).
+    pub fn cursor(self: &Arc<Self>, blob: BlobRef) -> BlobCursor {
+        BlobCursor {
+            rt: tokio::runtime::Handle::current(),
+            blobs: self.clone(),
+            blob,
+            pos: 0,
+            cur: Bytes::new(),
+            cur_start: 0,
+        }
+    }
+
+    pub fn is_verified(&self, digest: &Digest) -> bool {
+        crate::sync::lock(&self.verified).contains(digest)
+    }
+
+    /// A verifier for a handle reading `blob`, when one is needed: blobs of one chunk are
+    /// verified as they are fetched, and only sha256 can be checked.
+    pub fn verifier(&self, blob: &BlobRef) -> Option<Verifier> {
+        (blob.size > self.chunk_size && blob.digest.is_sha256())
+            .then(|| Verifier::new(blob.digest.clone(), blob.size))
+    }
+
+    /// After a handle read `data` at `offset` of `blob`: feed its verifier, and act on the
+    /// outcome (mark the blob verified, or drop its cached chunks and fail).
+    /// `verifier` is the handle's, locked only inside `feed`.
+    pub fn settle(&self, blob: &BlobRef, outcome: Checked) -> RegistryResult<()> {
+        match outcome {
+            Checked::Pending => Ok(()),
+            Checked::Verified => {
+                crate::sync::lock(&self.verified).insert(blob.digest.clone());
+                Ok(())
+            }
+            Checked::Mismatch(actual) => {
+                self.cache.evict_digest(&blob.digest);
+                Err(RegistryError::DigestMismatch {
+                    expected: blob.digest.to_string(),
+                    actual: format!("{actual}; cached chunks dropped"),
+                })
+            }
+        }
+    }
+
+    /// A blob of one chunk was verified when it was fetched.
+    pub fn single_chunk_verified(&self, blob: &BlobRef) -> bool {
+        if blob.size <= self.chunk_size {
+            crate::sync::lock(&self.verified).insert(blob.digest.clone());
+            return true;
+        }
+        false
+    }
+
+    /// Forget a blob's cached bytes (deleted, or found bad).
+    pub fn evict(&self, digest: &Digest) {
+        self.cache.evict_digest(digest);
+    }
+}
+
+/// Fetch chunk `index` of a blob with one closed Range request. A blob that fits in one chunk is
+/// verified against its digest before it can be cached.
+async fn fetch_chunk(
+    reg: Arc<dyn Registry>,
+    blob: BlobRef,
+    index: u64,
+    chunk_size: u64,
+) -> RegistryResult<Bytes> {
+    let start = index * chunk_size;
+    if start >= blob.size {
+        return Err(RegistryError::Protocol(format!(
+            "{}@{}: chunk {index} is past the end ({} bytes)",
+            blob.repo, blob.digest, blob.size
+        )));
+    }
+    let end = (start + chunk_size).min(blob.size) - 1;
+    let data = reg.blob_range(&blob.repo, &blob.digest, start, end).await?;
+    if data.len() as u64 != end - start + 1 {
+        return Err(RegistryError::Protocol(format!(
+            "{}@{}: asked for bytes {start}-{end}, got {} bytes",
+            blob.repo,
+            blob.digest,
+            data.len()
+        )));
+    }
+    if start == 0 && end + 1 == blob.size && blob.digest.is_sha256() {
+        crate::digest::verify(&blob.digest, &data)?;
+    }
+    Ok(data)
+}
+
+/// What feeding a verifier found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Checked {
+    /// Not at the end yet (or not verifying any more).
+    Pending,
+    /// This read completed a successful check.
+    Verified,
+    /// The whole blob hashes to this other digest.
+    Mismatch(String),
+}
+
+/// Digest verification of a blob read by one handle from start to end.
+pub struct Verifier {
+    digest: Digest,
+    size: u64,
+    hasher: StreamingDigest,
+    pending: BTreeMap<u64, Bytes>,
+    pending_bytes: usize,
+    /// Gave up (data too far out of order) or already finished.
+    done: bool,
+    /// The blob failed verification: every later read through this handle fails too, so a
+    /// kernel retry of a failed readahead cannot slip the bad bytes through.
+    failed: Option<String>,
+}
+
+impl Verifier {
+    pub fn new(digest: Digest, size: u64) -> Self {
+        Verifier {
+            digest,
+            size,
+            hasher: StreamingDigest::default(),
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+            done: false,
+            failed: None,
+        }
+    }
+
+    /// The digest the blob was found to have, if it failed.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Feed data read at `offset`.
+    pub fn feed(&mut self, offset: u64, data: &Bytes) -> Checked {
+        if self.done {
+            return Checked::Pending;
+        }
+        let next = self.hasher.bytes;
+        let end = offset + data.len() as u64;
+        if offset > next {
+            if self.pending_bytes + data.len() > MAX_PENDING_VERIFY {
+                self.done = true;
+                self.pending.clear();
+                return Checked::Pending;
+            }
+            self.pending_bytes += data.len();
+            self.pending.insert(offset, data.clone());
+            return Checked::Pending;
+        }
+        if end > next {
+            self.hasher.update(&data[(next - offset) as usize..]);
+        }
+        // Drain stashed pieces that are now contiguous.
+        while let Some((&off, _)) = self.pending.first_key_value() {
+            let next = self.hasher.bytes;
+            if off > next {
+                break;
+            }
+            let Some((_, piece)) = self.pending.pop_first() else {
+                break;
+            };
+            self.pending_bytes -= piece.len();
+            let pend = off + piece.len() as u64;
+            if pend > next {
+                self.hasher.update(&piece[(next - off) as usize..]);
+            }
+        }
+        if self.hasher.bytes >= self.size {
+            self.done = true;
+            let actual = std::mem::take(&mut self.hasher).finish();
+            if actual != self.digest.as_str() {
+                self.failed = Some(actual.clone());
+                return Checked::Mismatch(actual);
+            }
+            return Checked::Verified;
+        }
+        Checked::Pending
+    }
+}
+
+/// A blocking `Read + Seek` over a blob, chunk by chunk through the cache. Runs on a blocking
+/// thread and waits on the runtime for each chunk.
+pub struct BlobCursor {
+    rt: tokio::runtime::Handle,
+    blobs: Arc<Blobs>,
+    blob: BlobRef,
+    pos: u64,
+    cur: Bytes,
+    cur_start: u64,
+}
+
+impl Read for BlobCursor {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.blob.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let in_cur =
+            self.pos >= self.cur_start && self.pos < self.cur_start + self.cur.len() as u64;
+        if !in_cur {
+            let index = self.pos / self.blobs.chunk_size;
+            self.cur = self
+                .rt
+                .block_on(self.blobs.chunk(&self.blob, index))
+                .map_err(std::io::Error::other)?;
+            self.cur_start = index * self.blobs.chunk_size;
+            if self.pos >= self.cur_start + self.cur.len() as u64 {
+                return Err(std::io::Error::other(format!(
+                    "{}: chunk {index} is shorter than the blob's size says",
+                    self.blob.digest
+                )));
+            }
+        }
+        let from = (self.pos - self.cur_start) as usize;
+        let n = buf.len().min(self.cur.len() - from);
+        buf[..n].copy_from_slice(&self.cur[from..from + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for BlobCursor {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let new = match to {
+            SeekFrom::Start(p) => i128::from(p),
+            SeekFrom::Current(d) => i128::from(self.pos) + i128::from(d),
+            SeekFrom::End(d) => i128::from(self.blob.size) + i128::from(d),
+        };
+        self.pos = u64::try_from(new).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek out of range")
+        })?;
+        Ok(self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans(o: u64, e: u64, c: u64) -> Vec<(u64, usize, usize)> {
+        chunk_spans(o, e, c)
+            .map(|s| (s.index, s.from, s.to))
+            .collect()
+    }
+
+    #[test]
+    fn ranges_cut_at_chunk_boundaries() {
+        assert_eq!(spans(0, 10, 4), [(0, 0, 4), (1, 0, 4), (2, 0, 2)]);
+        assert_eq!(spans(5, 6, 4), [(1, 1, 2)]);
+        assert_eq!(spans(4, 8, 4), [(1, 0, 4)]);
+        assert!(spans(3, 3, 4).is_empty());
+        assert!(spans(3, 2, 4).is_empty());
+    }
+
+    #[tokio::test]
+    async fn gather_slices_one_chunk_and_joins_several() {
+        let data: Vec<u8> = (0..20).collect();
+        let get = |i: u64| {
+            let d = Bytes::copy_from_slice(&data[(i as usize * 8)..((i as usize + 1) * 8).min(20)]);
+            async move { Ok::<_, String>(d) }
+        };
+        let one = gather(9, 12, 8, get, |_| "short".to_string())
+            .await
+            .unwrap();
+        assert_eq!(&one[..], &data[9..12]);
+        let many = gather(3, 20, 8, get, |_| "short".to_string())
+            .await
+            .unwrap();
+        assert_eq!(&many[..], &data[3..20]);
+        let short = gather(0, 30, 8, get, |i| format!("short {i}")).await;
+        assert_eq!(short.unwrap_err(), "short 2");
+    }
+
+    fn blob(data: &[u8]) -> (Digest, Vec<Bytes>) {
+        let d = Digest::from(crate::digest::sha256_digest(data));
+        (d, data.chunks(4).map(Bytes::copy_from_slice).collect())
+    }
+
+    #[test]
+    fn verifier_in_order_and_out_of_order() {
+        let data = b"0123456789abcdef";
+        let (d, parts) = blob(data);
+        let mut v = Verifier::new(d.clone(), 16);
+        assert_eq!(v.feed(0, &parts[0]), Checked::Pending);
+        // Out of order: stashed, then drained when the gap fills.
+        assert_eq!(v.feed(8, &parts[2]), Checked::Pending);
+        assert_eq!(v.feed(12, &parts[3]), Checked::Pending);
+        assert_eq!(v.feed(4, &parts[1]), Checked::Verified);
+        // Re-reads after the end change nothing.
+        assert_eq!(v.feed(0, &parts[0]), Checked::Pending);
+        // Overlapping re-reads are hashed once.
+        let mut v = Verifier::new(d, 16);
+        v.feed(0, &Bytes::copy_from_slice(&data[..6]));
+        v.feed(2, &Bytes::copy_from_slice(&data[2..10]));
+        assert_eq!(
+            v.feed(10, &Bytes::copy_from_slice(&data[10..])),
+            Checked::Verified
+        );
+    }
+
+    #[test]
+    fn verifier_reports_a_mismatch_and_stays_failed() {
+        let (d, _) = blob(b"0123456789abcdef");
+        let mut v = Verifier::new(d, 16);
+        let r = v.feed(0, &Bytes::from_static(b"0123456789abcdeX"));
+        assert!(matches!(r, Checked::Mismatch(_)));
+        assert!(v.failed().is_some());
+    }
+
+    #[test]
+    fn verifier_gives_up_past_its_stash_budget() {
+        let (d, _) = blob(b"x");
+        let mut v = Verifier::new(d, u64::MAX);
+        let big = Bytes::from(vec![0u8; MAX_PENDING_VERIFY]);
+        assert_eq!(v.feed(1, &big), Checked::Pending);
+        assert_eq!(
+            v.feed(1 + big.len() as u64, &Bytes::from_static(b"y")),
+            Checked::Pending
+        );
+        assert!(v.pending.is_empty(), "the stash is dropped when giving up");
+        assert_eq!(v.feed(0, &Bytes::from_static(b"z")), Checked::Pending);
+    }
+}

@@ -1,0 +1,278 @@
+//! The inode table: `ino -> node` and `(parent, name) -> ino`, with lookup counts, behind its own
+//! lock. Numbers come from a counter and are never reused; a node is dropped when the kernel
+//! forgets its last lookup. Hard links of one tree share an inode.
+//!
+//! # Lock order (the whole crate, written here once)
+//!
+//! Every lock below is a `std::sync::Mutex` unless it says otherwise. None is held across an
+//! `.await`, and none is held while code that can panic on input runs.
+//!
+//! 1. A writing handle's `tokio::sync::Mutex<Writer>` (`fs::handles`) is the outermost lock: it is
+//!    held across the upload's awaits, and while it is held any lock below may be taken briefly.
+//!    Nothing else is held when it is taken.
+//! 2. Leaf locks: each is taken alone, released before any other lock is taken, never nested:
+//!    - `fs::inodes::Inodes::table` (this file). `lookup`, `readdir`, `mkdir` and `create` work
+//!      out a node's attributes (which may read `staging`) *before* they take it.
+//!    - `fs::handles::Handles::table`; a read handle's own mutex is taken after the table is
+//!      released.
+//!    - `fs::meta::Meta`: the catalog, tag-list and tag-target TTL maps, the manifest LRU,
+//!      `known_repos`, `seen` (each its own lock).
+//!    - `fs::staging::Staging`: `staged`, `pending_tags`.
+//!    - `blob::Blobs::verified`.
+//!    - `layer_read::Layers`: `indexes`, `merged` (LRUs of once-cells; the cells are awaited
+//!      after the lock is released).
+//!    - `cache::ChunkCache`: `inflight`, `lru` (`inflight` is released before `lru` is taken).
+//!    - `registry::http`: the token cache and the stats counters (atomics).
+//!
+//! A `tokio::sync::OnceCell` being initialised (a chunk fetch, a layer index build) is awaited
+//! with no std lock held.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::node::Node;
+use super::types::{Ino, ROOT_INO};
+use crate::digest::Digest;
+use crate::error::{FsError, FsResult};
+
+struct InodeEntry {
+    node: Arc<Node>,
+    lookups: u64,
+    /// Where it was made: (parent, name). None for the root.
+    key: Option<(Ino, String)>,
+}
+
+/// Hard links of a tree share one inode: (tree id, layer digest, entry index).
+type LinkKey = (Digest, Digest, usize);
+
+fn link_key(node: &Node) -> Option<LinkKey> {
+    match node {
+        Node::TreeEntry(e) if e.nlink > 1 => {
+            Some((e.view_id.clone(), e.layer.digest.clone(), e.index))
+        }
+        _ => None,
+    }
+}
+
+struct InodeTable {
+    nodes: HashMap<Ino, InodeEntry>,
+    by_name: HashMap<(Ino, String), Ino>,
+    shared: HashMap<LinkKey, Ino>,
+    next: u64,
+}
+
+impl InodeTable {
+    fn child(&mut self, parent: Ino, name: &str, node: Node, lookup: bool) -> Ino {
+        let key = (parent, name.to_string());
+        if let Some(&ino) = self.by_name.get(&key) {
+            if let Some(e) = self.nodes.get_mut(&ino) {
+                if *e.node == node {
+                    if lookup {
+                        e.lookups += 1;
+                    }
+                    return ino;
+                }
+                // The old node lives on for open handles until forgotten; it keeps its
+                // (parent, name) as where it came from.
+            }
+        }
+        let lk = link_key(&node);
+        if let Some(&ino) = lk.as_ref().and_then(|k| self.shared.get(k)) {
+            if let Some(e) = self.nodes.get_mut(&ino) {
+                if lookup {
+                    e.lookups += 1;
+                }
+                self.by_name.insert(key, ino);
+                return ino;
+            }
+        }
+        let ino = Ino(self.next);
+        self.next += 1;
+        if let Some(k) = lk {
+            self.shared.insert(k, ino);
+        }
+        self.nodes.insert(
+            ino,
+            InodeEntry {
+                node: Arc::new(node),
+                lookups: u64::from(lookup),
+                key: Some(key.clone()),
+            },
+        );
+        self.by_name.insert(key, ino);
+        ino
+    }
+
+    fn forget(&mut self, ino: Ino, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let drop_it = match self.nodes.get_mut(&ino) {
+            Some(e) => {
+                e.lookups = e.lookups.saturating_sub(n);
+                e.lookups == 0
+            }
+            None => false,
+        };
+        if drop_it {
+            if let Some(e) = self.nodes.remove(&ino) {
+                if let Some(k) = e.key {
+                    if self.by_name.get(&k) == Some(&ino) {
+                        self.by_name.remove(&k);
+                    }
+                }
+                if let Some(k) = link_key(&e.node) {
+                    if self.shared.get(&k) == Some(&ino) {
+                        self.shared.remove(&k);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The inode table behind its lock.
+pub(crate) struct Inodes {
+    table: Mutex<InodeTable>,
+}
+
+impl Inodes {
+    pub fn new() -> Self {
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT_INO,
+            InodeEntry {
+                node: Arc::new(Node::Root),
+                lookups: 1,
+                key: None,
+            },
+        );
+        Inodes {
+            table: Mutex::new(InodeTable {
+                nodes,
+                by_name: HashMap::new(),
+                shared: HashMap::new(),
+                next: ROOT_INO.0 + 1,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, InodeTable> {
+        // A panic elsewhere never leaves the table half-updated (no method here panics), so a
+        // poisoned lock still guards consistent data.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The node of `ino`, or ESTALE.
+    pub fn node(&self, ino: Ino) -> FsResult<Arc<Node>> {
+        self.lock()
+            .nodes
+            .get(&ino)
+            .map(|e| e.node.clone())
+            .ok_or_else(|| FsError::stale(format!("inode {} is gone", ino.0)))
+    }
+
+    /// The inode for `parent/name` holding `node`, counting a lookup if `lookup`. The same node
+    /// keeps its number; a different node under the same name (a moved tag) gets a new one.
+    pub fn child(&self, parent: Ino, name: &str, node: Node, lookup: bool) -> Ino {
+        self.lock().child(parent, name, node, lookup)
+    }
+
+    /// Inodes for a whole listing under one lock (no lookup counted).
+    pub fn children(&self, parent: Ino, nodes: Vec<(String, Node)>) -> Vec<(Ino, String, Node)> {
+        let mut t = self.lock();
+        nodes
+            .into_iter()
+            .map(|(name, n)| {
+                let ino = t.child(parent, &name, n.clone(), false);
+                (ino, name, n)
+            })
+            .collect()
+    }
+
+    pub fn forget(&self, ino: Ino, n: u64) {
+        self.lock().forget(ino, n);
+    }
+
+    /// The (parent, name) an inode was made under.
+    pub fn parent_of(&self, ino: Ino) -> Option<(Ino, String)> {
+        self.lock().nodes.get(&ino).and_then(|e| e.key.clone())
+    }
+
+    /// Some inode whose node matches `pred`.
+    pub fn find(&self, pred: impl Fn(&Node) -> bool) -> Option<Ino> {
+        self.lock()
+            .nodes
+            .iter()
+            .find(|(_, e)| pred(&e.node))
+            .map(|(i, _)| *i)
+    }
+
+    /// Inodes held (for tests and stats).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.lock().nodes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::node::{Content, FileNode};
+
+    fn dir(p: &str) -> Node {
+        Node::Dir { path: p.into() }
+    }
+
+    #[test]
+    fn numbers_are_stable_and_never_reused() {
+        let t = Inodes::new();
+        let a = t.child(ROOT_INO, "a", dir("a"), true);
+        assert_eq!(t.child(ROOT_INO, "a", dir("a"), true), a);
+        assert_eq!(*t.node(a).unwrap(), dir("a"));
+        assert_eq!(t.parent_of(a), Some((ROOT_INO, "a".into())));
+        // Two lookups: one forget keeps it, the second drops it.
+        t.forget(a, 1);
+        assert!(t.node(a).is_ok());
+        t.forget(a, 1);
+        assert_eq!(t.node(a).unwrap_err().errno, libc::ESTALE);
+        let again = t.child(ROOT_INO, "a", dir("a"), true);
+        assert_ne!(again, a, "numbers are never reused");
+    }
+
+    #[test]
+    fn root_is_never_forgotten_and_listings_count_no_lookup() {
+        let t = Inodes::new();
+        t.forget(ROOT_INO, 100);
+        assert_eq!(*t.node(ROOT_INO).unwrap(), Node::Root);
+        let listed = t.children(ROOT_INO, vec![("x".into(), dir("x"))]);
+        let x = listed[0].0;
+        // Listed but never looked up: a forget of 0 lookups drops it.
+        t.forget(x, 0);
+        assert!(t.node(x).is_err());
+    }
+
+    #[test]
+    fn a_changed_node_under_a_name_gets_a_new_number() {
+        let t = Inodes::new();
+        let file = |d: &str| {
+            Node::File(FileNode {
+                repo: "r".into(),
+                content: Content::Blob {
+                    digest: Digest::from(d),
+                },
+                size: 1,
+                media_type: None,
+            })
+        };
+        let old = t.child(ROOT_INO, "f", file("sha256:1"), true);
+        let new = t.child(ROOT_INO, "f", file("sha256:2"), true);
+        assert_ne!(old, new);
+        // The old node stays readable for open handles until forgotten.
+        assert_eq!(*t.node(old).unwrap(), file("sha256:1"));
+        t.forget(old, 1);
+        assert!(t.node(old).is_err());
+        assert!(t.node(new).is_ok());
+        assert_eq!(t.len(), 2);
+    }
+}

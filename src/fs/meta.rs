@@ -1,0 +1,445 @@
+//! Registry metadata as the tree needs it, cached: the catalog, tag lists and tag targets (each
+//! for `--metadata-ttl`), manifests by digest (forever: content addressed), the repositories
+//! known to exist, and the digests seen per repository (for `blobs/sha256/`).
+//!
+//! Writes through the mount change what is true before the TTLs run out; they reach this cache
+//! as [`Event`]s, applied in one place.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::node::{Content, FileNode};
+use crate::digest::{is_sha256_hex, Digest};
+use crate::error::{FsError, FsResult, RegistryError};
+use crate::manifest::{self, Descriptor, Parsed};
+use crate::registry::{ManifestBlob, ManifestHead, Registry};
+use crate::sync::lock;
+
+/// Manifests kept parsed in memory (by count; each is small, 4 MiB at most).
+const MAX_MANIFESTS: usize = 4096;
+
+/// A map whose entries are fresh for a fixed time after they were stored.
+pub(crate) struct TtlMap<K, V> {
+    ttl: Duration,
+    map: Mutex<HashMap<K, (Instant, V)>>,
+}
+
+impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
+    pub fn new(ttl: Duration) -> Self {
+        TtlMap {
+            ttl,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+    /// The value, if stored less than the TTL ago.
+    pub fn fresh(&self, k: &K) -> Option<V> {
+        lock(&self.map)
+            .get(k)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, v)| v.clone())
+    }
+    pub fn insert(&self, k: K, v: V) {
+        lock(&self.map).insert(k, (Instant::now(), v));
+    }
+    pub fn remove(&self, k: &K) {
+        lock(&self.map).remove(k);
+    }
+    /// The fresh value, or `load`'s, stored. A failed load stores nothing.
+    pub async fn get_or_load<F, Fut>(&self, k: K, load: F) -> FsResult<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = FsResult<V>>,
+    {
+        if let Some(v) = self.fresh(&k) {
+            return Ok(v);
+        }
+        let v = load().await?;
+        self.insert(k, v.clone());
+        Ok(v)
+    }
+}
+
+/// A manifest with its parsed form.
+#[derive(Clone)]
+pub(crate) struct ManifestEntry {
+    pub blob: ManifestBlob,
+    pub parsed: Parsed,
+}
+
+/// The image manifest shown at some level: its digest and config.
+pub(crate) struct ImageView {
+    pub digest: Digest,
+    pub config: Descriptor,
+}
+
+/// Something written through the mount that the cached metadata must reflect at once.
+pub(crate) enum Event {
+    /// A repository was made by mkdir (it exists in the registry from its first push).
+    RepoCreated { repo: String },
+    /// A blob was committed by an upload.
+    BlobCommitted {
+        repo: String,
+        digest: Digest,
+        size: u64,
+    },
+    /// A blob was deleted.
+    BlobDeleted { repo: String, digest: Digest },
+    /// A manifest was pushed under a tag.
+    ManifestPushed {
+        repo: String,
+        tag: String,
+        entry: Box<ManifestEntry>,
+    },
+    /// A tag was deleted.
+    TagDeleted { repo: String, tag: String },
+}
+
+/// The catalog as last fetched: `None` = the registry offers none to us.
+type CatalogState = Option<Arc<Vec<String>>>;
+
+pub(crate) struct Meta {
+    reg: Arc<dyn Registry>,
+    /// (os, architecture, variant) chosen at the tag level of an index.
+    platform: (String, String, Option<String>),
+    catalog: TtlMap<(), CatalogState>,
+    tag_lists: TtlMap<String, Arc<Vec<String>>>,
+    tag_targets: TtlMap<(String, String), ManifestHead>,
+    manifests: Mutex<lru::LruCache<Digest, ManifestEntry>>,
+    /// Repositories confirmed to exist by a lookup or made here (for registries without a
+    /// catalog, and for repositories with nothing pushed yet).
+    known_repos: Mutex<BTreeSet<String>>,
+    /// Per repository: digest hex -> what it is, for `blobs/sha256/`.
+    seen: Mutex<HashMap<String, BTreeMap<String, FileNode>>>,
+}
+
+impl Meta {
+    pub fn new(
+        reg: Arc<dyn Registry>,
+        ttl: Duration,
+        platform: (String, String, Option<String>),
+    ) -> Self {
+        Meta {
+            reg,
+            platform,
+            catalog: TtlMap::new(ttl),
+            tag_lists: TtlMap::new(ttl),
+            tag_targets: TtlMap::new(ttl),
+            manifests: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_MANIFESTS).expect("non-zero"),
+            )),
+            known_repos: Mutex::new(BTreeSet::new()),
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The catalog, or None when the registry does not offer one to us.
+    pub async fn catalog(&self) -> FsResult<CatalogState> {
+        self.catalog
+            .get_or_load((), || async {
+                match self.reg.catalog().await {
+                    Ok(list) => Ok(Some(Arc::new(list))),
+                    Err(
+                        e @ (RegistryError::NotFound(_)
+                        | RegistryError::Unauthorized(_)
+                        | RegistryError::Denied(_)
+                        | RegistryError::Unsupported(_)),
+                    ) => {
+                        log::info!("no catalog, listing only repositories looked up by path: {e}");
+                        Ok(None)
+                    }
+                    Err(e) => Err(FsError::registry(e, "listing repositories")),
+                }
+            })
+            .await
+    }
+
+    /// Every repository name regfs knows: the catalog plus repositories found by lookup.
+    pub async fn repo_names(&self) -> FsResult<Vec<String>> {
+        let mut names: BTreeSet<String> = lock(&self.known_repos).clone();
+        if let Some(cat) = self.catalog().await? {
+            names.extend(cat.iter().cloned());
+        }
+        Ok(names.into_iter().collect())
+    }
+
+    /// The next path components below `prefix` ("" = the root) among known repositories.
+    pub async fn nested_names(&self, prefix: &str) -> FsResult<Vec<String>> {
+        let names = self.repo_names().await?;
+        let mut out = BTreeSet::new();
+        for n in &names {
+            let rest = if prefix.is_empty() {
+                Some(n.as_str())
+            } else {
+                n.strip_prefix(prefix).and_then(|r| r.strip_prefix('/'))
+            };
+            if let Some(first) = rest.and_then(|r| r.split('/').next()) {
+                if !first.is_empty() {
+                    out.insert(first.to_string());
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    pub async fn tag_list(&self, repo: &str) -> FsResult<Arc<Vec<String>>> {
+        self.tag_lists
+            .get_or_load(repo.to_string(), || async {
+                self.reg
+                    .tags(repo)
+                    .await
+                    .map(Arc::new)
+                    .map_err(|e| FsError::registry(e, format!("listing tags of {repo}")))
+            })
+            .await
+    }
+
+    /// A repository made here (by mkdir or a push) or found by lookup.
+    pub fn knows_repo(&self, repo: &str) -> bool {
+        lock(&self.known_repos).contains(repo)
+    }
+
+    /// Is `path` a repository? Asks the registry (tags/list) when the catalog does not say.
+    pub async fn is_repo(&self, path: &str) -> FsResult<bool> {
+        if self.knows_repo(path) {
+            return Ok(true);
+        }
+        if let Some(cat) = self.catalog().await? {
+            if cat.iter().any(|r| r == path) {
+                return Ok(true);
+            }
+            // A namespace the catalog knows is not also a repository (it would be listed):
+            // no need to ask.
+            let under = format!("{path}/");
+            if cat.iter().any(|r| r.starts_with(&under)) {
+                return Ok(false);
+            }
+        }
+        match self.tag_list(path).await {
+            Ok(_) => {
+                lock(&self.known_repos).insert(path.to_string());
+                Ok(true)
+            }
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What a tag points at now (cached for the metadata TTL).
+    pub async fn resolve_tag(&self, repo: &str, tag: &str) -> FsResult<ManifestHead> {
+        self.tag_targets
+            .get_or_load((repo.to_string(), tag.to_string()), || async {
+                self.reg
+                    .manifest_head(repo, tag)
+                    .await
+                    .map_err(|e| FsError::registry(e, format!("{repo}:{tag}")))
+            })
+            .await
+    }
+
+    /// A manifest by digest, parsed (cached: it is content addressed).
+    pub async fn manifest(&self, repo: &str, digest: &Digest) -> FsResult<ManifestEntry> {
+        if let Some(m) = lock(&self.manifests).get(digest) {
+            return Ok(m.clone());
+        }
+        let ctx = format!("manifest {repo}@{digest}");
+        let blob = self
+            .reg
+            .manifest(repo, digest)
+            .await
+            .map_err(|e| FsError::registry(e, &ctx))?;
+        let parsed = manifest::parse(&blob.media_type, &blob.body)
+            .map_err(|e| FsError::registry(e, &ctx))?;
+        let entry = ManifestEntry { blob, parsed };
+        self.note_manifest(repo, &entry);
+        lock(&self.manifests).put(digest.clone(), entry.clone());
+        Ok(entry)
+    }
+
+    /// Remember the digests a manifest mentions, for `blobs/sha256/`.
+    fn note_manifest(&self, repo: &str, m: &ManifestEntry) {
+        let mut seen = lock(&self.seen);
+        let r = seen.entry(repo.to_string()).or_default();
+        r.insert(
+            crate::digest::digest_hex(&m.blob.digest).to_string(),
+            FileNode {
+                repo: repo.to_string(),
+                content: Content::Manifest {
+                    digest: Digest::from(&m.blob.digest),
+                },
+                size: m.blob.body.len() as u64,
+                media_type: Some(m.blob.media_type.clone()),
+            },
+        );
+        let descs: Vec<&Descriptor> = match &m.parsed {
+            Parsed::Image { config, layers } => std::iter::once(config).chain(layers).collect(),
+            Parsed::Index { manifests } => manifests.iter().collect(),
+        };
+        let is_manifest = matches!(m.parsed, Parsed::Index { .. });
+        for d in descs {
+            let digest = Digest::from(&d.digest);
+            if !digest.is_sha256() || !is_sha256_hex(digest.hex()) {
+                continue;
+            }
+            r.entry(digest.hex().to_string())
+                .or_insert_with(|| FileNode {
+                    repo: repo.to_string(),
+                    content: if is_manifest {
+                        Content::Manifest {
+                            digest: digest.clone(),
+                        }
+                    } else {
+                        Content::Blob {
+                            digest: digest.clone(),
+                        }
+                    },
+                    size: d.size,
+                    media_type: Some(d.media_type.clone()).filter(|m| !m.is_empty()),
+                });
+        }
+    }
+
+    /// The image manifest shown at the level of `digest`: itself, or for an index the entry for
+    /// the configured platform (None if the index has no such entry).
+    pub async fn image_view(&self, repo: &str, digest: &Digest) -> FsResult<Option<ImageView>> {
+        let m = self.manifest(repo, digest).await?;
+        match m.parsed {
+            Parsed::Image { config, .. } => Ok(Some(ImageView {
+                digest: digest.clone(),
+                config,
+            })),
+            Parsed::Index { manifests } => {
+                let Some(d) = self.pick_platform(&manifests) else {
+                    return Ok(None);
+                };
+                let child_digest = Digest::from(&d.digest);
+                let child = self.manifest(repo, &child_digest).await?;
+                match child.parsed {
+                    Parsed::Image { config, .. } => Ok(Some(ImageView {
+                        digest: child_digest,
+                        config,
+                    })),
+                    Parsed::Index { .. } => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// The index entry for the configured platform: an exact variant match, else the first
+    /// entry of that os/architecture.
+    pub fn pick_platform<'a>(&self, manifests: &'a [Descriptor]) -> Option<&'a Descriptor> {
+        let (os, arch, variant) = &self.platform;
+        let mut best = None;
+        for d in manifests.iter().filter(|d| {
+            d.platform
+                .as_ref()
+                .is_some_and(|p| &p.os == os && &p.architecture == arch)
+        }) {
+            let v = d.platform.as_ref().and_then(|p| p.variant.as_ref());
+            if variant.is_some() && v == variant.as_ref() {
+                return Some(d);
+            }
+            best = best.or(Some(d));
+        }
+        best
+    }
+
+    /// What `blobs/sha256/<hex>` of `repo` is, if seen.
+    pub fn seen_blob(&self, repo: &str, hex: &str) -> Option<FileNode> {
+        lock(&self.seen).get(repo).and_then(|r| r.get(hex)).cloned()
+    }
+
+    /// Every digest seen in `repo`, by hex.
+    pub fn seen_blobs(&self, repo: &str) -> Vec<(String, FileNode)> {
+        lock(&self.seen)
+            .get(repo)
+            .map(|r| r.iter().map(|(h, f)| (h.clone(), f.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Remember what a looked-up digest is.
+    pub fn remember_blob(&self, repo: &str, file: FileNode) {
+        if let Some(d) = file.digest() {
+            let hex = d.hex().to_string();
+            lock(&self.seen)
+                .entry(repo.to_string())
+                .or_default()
+                .insert(hex, file);
+        }
+    }
+
+    /// Repositories other than `repo` where `hex` was seen.
+    pub fn repos_holding(&self, repo: &str, hex: &str) -> Vec<String> {
+        lock(&self.seen)
+            .iter()
+            .filter(|(r, m)| r.as_str() != repo && m.contains_key(hex))
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    /// Bring the cached metadata up to date with a write made through the mount.
+    pub fn apply(&self, event: Event) {
+        match event {
+            Event::RepoCreated { repo } => {
+                lock(&self.known_repos).insert(repo);
+            }
+            Event::BlobCommitted { repo, digest, size } => {
+                self.remember_blob(
+                    &repo,
+                    FileNode {
+                        repo: repo.clone(),
+                        content: Content::Blob { digest },
+                        size,
+                        media_type: None,
+                    },
+                );
+                lock(&self.known_repos).insert(repo);
+            }
+            Event::BlobDeleted { repo, digest } => {
+                if let Some(r) = lock(&self.seen).get_mut(&repo) {
+                    r.remove(digest.hex());
+                }
+            }
+            Event::ManifestPushed { repo, tag, entry } => {
+                let digest = Digest::from(&entry.blob.digest);
+                self.note_manifest(&repo, &entry);
+                self.tag_targets.insert(
+                    (repo.clone(), tag),
+                    ManifestHead {
+                        digest: entry.blob.digest.clone(),
+                        media_type: entry.blob.media_type.clone(),
+                        size: entry.blob.body.len() as u64,
+                    },
+                );
+                lock(&self.manifests).put(digest, *entry);
+                self.tag_lists.remove(&repo);
+                self.catalog.remove(&());
+                lock(&self.known_repos).insert(repo);
+            }
+            Event::TagDeleted { repo, tag } => {
+                self.tag_targets.remove(&(repo.clone(), tag));
+                self.tag_lists.remove(&repo);
+            }
+        }
+    }
+}
+
+/// A pushed manifest as the cache keeps it.
+pub(crate) fn pushed_manifest(
+    digest: String,
+    media_type: String,
+    body: Bytes,
+    parsed: Parsed,
+) -> Box<ManifestEntry> {
+    Box::new(ManifestEntry {
+        blob: ManifestBlob {
+            digest,
+            media_type,
+            body,
+        },
+        parsed,
+    })
+}

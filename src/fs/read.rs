@@ -1,0 +1,161 @@
+//! The read side of the core: `open` for reading, `read` and `readlink`. Blob bytes come through
+//! [`crate::blob::Blobs`] (verified there), image contents through
+//! [`crate::layer_read::Layers`].
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use super::handles::{Handle, ReadHandle};
+use super::node::{Content, FileNode, Node, StagedKey};
+use super::types::{Fh, Ino, Opened};
+use super::Fs;
+use crate::blob::BlobRef;
+use crate::error::{FsError, FsResult};
+use crate::layer::EntryKind;
+use crate::sync::lock;
+
+impl Fs {
+    pub async fn open(&self, ino: Ino, write: bool) -> FsResult<Opened> {
+        let node = self.inodes.node(ino)?;
+        if write {
+            return self.open_write(ino, &node).await;
+        }
+        let node = match &*node {
+            Node::IndexJson { .. } => Arc::new(self.materialize((*node).clone()).await?),
+            Node::Staged(k) => Arc::new(Node::File(self.staged_file(k)?)),
+            _ => node,
+        };
+        let (verifier, keep_cache) = match &*node {
+            // Tree files are read through their layer; no whole-blob check per handle.
+            Node::TreeEntry(_) => (None, false),
+            Node::File(f) => {
+                let verifier = match &f.content {
+                    Content::Blob { digest } => self.blobs.verifier(&BlobRef {
+                        repo: f.repo.clone(),
+                        digest: digest.clone(),
+                        size: f.size,
+                    }),
+                    _ => None,
+                };
+                // The kernel keeps pages across opens only for content already verified
+                // against its digest; unverified pages are dropped at the next open.
+                let keep_cache =
+                    node.immutable() && f.digest().is_some_and(|d| self.blobs.is_verified(d));
+                (verifier, keep_cache)
+            }
+            _ => return Err(FsError::is_dir("open of a directory for reading data")),
+        };
+        let fh = self
+            .handles
+            .insert(Handle::Read(Arc::new(Mutex::new(ReadHandle::new(
+                node, verifier,
+            )))));
+        Ok(Opened { fh, keep_cache })
+    }
+
+    /// A committed written file as a readable file.
+    pub(super) fn staged_file(&self, k: &StagedKey) -> FsResult<FileNode> {
+        let info = self.staging.info(k).unwrap_or_default();
+        let digest = info.digest.ok_or_else(|| {
+            FsError::busy(
+                log::Level::Debug,
+                format!("{} is still being written", k.name),
+            )
+        })?;
+        Ok(FileNode {
+            repo: k.repo.clone(),
+            content: match k.area {
+                super::node::Area::Manifest { .. } => Content::Manifest { digest },
+                _ => Content::Blob { digest },
+            },
+            size: info.size,
+            media_type: info.media_type,
+        })
+    }
+
+    pub async fn read(&self, fh: Fh, offset: u64, size: u32) -> FsResult<Bytes> {
+        let handle = self.handles.reader(fh)?;
+        let (node, sequential) = {
+            let mut h = lock(&handle);
+            let seq = h.advance(offset, size);
+            (h.node.clone(), seq)
+        };
+        let f = match &*node {
+            Node::TreeEntry(t) => {
+                if !matches!(t.entry.kind, EntryKind::File | EntryKind::Hardlink) {
+                    return Err(FsError::invalid("not a regular file"));
+                }
+                let len = t.entry.size;
+                if offset >= len || size == 0 {
+                    return Ok(Bytes::new());
+                }
+                let end = offset.saturating_add(u64::from(size)).min(len);
+                return self
+                    .layers
+                    .read(&t.repo, &t.layer, t.index, &t.entry, offset, end)
+                    .await;
+            }
+            Node::File(f) => f,
+            _ => return Err(FsError::is_dir("read of a directory")),
+        };
+        if offset >= f.size || size == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = offset.saturating_add(u64::from(size)).min(f.size);
+        match &f.content {
+            Content::Inline(b) => Ok(b.slice(offset as usize..end as usize)),
+            Content::Manifest { digest } => {
+                let m = self.meta.manifest(&f.repo, digest).await?;
+                let body = &m.blob.body;
+                Ok(body.slice((offset as usize).min(body.len())..(end as usize).min(body.len())))
+            }
+            Content::Blob { digest } => {
+                let blob = BlobRef {
+                    repo: f.repo.clone(),
+                    digest: digest.clone(),
+                    size: f.size,
+                };
+                let failed = lock(&handle)
+                    .verifier
+                    .as_ref()
+                    .and_then(|v| v.failed().map(str::to_string));
+                if let Some(actual) = failed {
+                    return Err(FsError::io(format!(
+                        "{}@{digest}: content hashes to {actual}",
+                        f.repo
+                    )));
+                }
+                let ctx = || format!("reading {}@{digest}", f.repo);
+                let data = self
+                    .blobs
+                    .read(&blob, offset, end, sequential)
+                    .await
+                    .map_err(|e| FsError::registry(e, ctx()))?;
+                if self.blobs.single_chunk_verified(&blob) {
+                    return Ok(data);
+                }
+                let outcome = lock(&handle)
+                    .verifier
+                    .as_mut()
+                    .map(|v| v.feed(offset, &data));
+                if let Some(outcome) = outcome {
+                    self.blobs
+                        .settle(&blob, outcome)
+                        .map_err(|e| FsError::registry(e, ctx()))?;
+                }
+                Ok(data)
+            }
+        }
+    }
+
+    /// `readlink` of a symlink in a tree.
+    pub async fn readlink(&self, ino: Ino) -> FsResult<Bytes> {
+        match &*self.inodes.node(ino)? {
+            Node::TreeEntry(t) if t.entry.kind == EntryKind::Symlink => {
+                Ok(Bytes::from(t.entry.link.clone().unwrap_or_default()))
+            }
+            _ => Err(FsError::invalid("not a symlink")),
+        }
+    }
+}

@@ -1,0 +1,681 @@
+//! Random access into layer blobs: [`Layers`] builds each layer's index once (from its TOC, by
+//! reading tar headers, or by decompressing with checkpoints), keeps indexes and merged root
+//! filesystems in bounded LRUs, and reads a file's bytes: Range reads at its offset in a plain
+//! tar, its own chunks in eStargz / zstd:chunked, and decompression from the nearest checkpoint
+//! or frame in gzip and zstd layers. The uncompressed stream is cached in chunk-sized spans
+//! ([`ChunkKey::Span`]). Everything goes through [`Blobs`], the one blob read path.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::OnceCell;
+
+use crate::blob::{gather, BlobCursor, BlobRef, Blobs};
+use crate::cache::{ChunkCache, ChunkKey};
+use crate::digest::Digest;
+use crate::error::{FsError, FsResult};
+use crate::layer::{LayerIndex, Merged, TarEntry};
+use crate::manifest::Descriptor;
+use crate::sync::lock;
+
+/// Layer indexes (and merged trees) kept in memory at once.
+const MAX_LAYER_INDEXES: usize = 64;
+
+/// A layer, as the trees need it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LayerRef {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+    /// The image config (digest, size) and the layer's position in the image, to check the
+    /// uncompressed stream against the config's diff_id.
+    pub config: Option<(Digest, u64)>,
+    pub pos: usize,
+    /// The descriptor's annotations that locate or check a TOC (eStargz, zstd:chunked).
+    pub toc_annotations: Vec<(String, String)>,
+}
+
+impl LayerRef {
+    pub fn new(l: &Descriptor, config: Option<&Descriptor>, pos: usize) -> Self {
+        use crate::toc;
+        LayerRef {
+            digest: Digest::from(&l.digest),
+            size: l.size,
+            media_type: l.media_type.clone(),
+            config: config.map(|c| (Digest::from(&c.digest), c.size)),
+            pos,
+            toc_annotations: l
+                .annotations
+                .iter()
+                .flatten()
+                .filter(|(k, _)| {
+                    [
+                        toc::ESTARGZ_TOC_DIGEST,
+                        toc::ZSTD_MANIFEST_POSITION,
+                        toc::ZSTD_MANIFEST_CHECKSUM,
+                    ]
+                    .contains(&k.as_str())
+                })
+                .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                .collect(),
+        }
+    }
+
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.toc_annotations
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn blob(&self, repo: &str) -> BlobRef {
+        BlobRef {
+            repo: repo.to_string(),
+            digest: self.digest.clone(),
+            size: self.size,
+        }
+    }
+}
+
+/// An image's merged tree with what it is made of.
+pub struct MergedView {
+    pub layers: Vec<LayerRef>,
+    pub indexes: Vec<Arc<LayerIndex>>,
+    pub merged: Merged,
+}
+
+/// How a layer's bytes are compressed (by magic number; media types can lie).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Tar,
+    Gzip,
+    Zstd,
+}
+
+type Cells<T> = Mutex<lru::LruCache<Digest, Arc<OnceCell<Arc<T>>>>>;
+
+/// Layer indexes and merged trees, built once each, and reads of the files they describe.
+pub struct Layers {
+    blobs: Arc<Blobs>,
+    /// Bytes of uncompressed stream per cached span (the chunk size).
+    span: u64,
+    /// Uncompressed bytes between gzip checkpoints.
+    checkpoint_spacing: u64,
+    /// Where indexes persist across mounts.
+    cache_dir: Option<PathBuf>,
+    indexes: Cells<LayerIndex>,
+    merged: Cells<MergedView>,
+}
+
+fn io_err(e: std::io::Error, what: &str) -> FsError {
+    FsError::io(format!("{what}: {e}"))
+}
+
+impl Layers {
+    pub fn new(blobs: Arc<Blobs>, checkpoint_spacing: u64, cache_dir: Option<PathBuf>) -> Self {
+        let n = std::num::NonZeroUsize::new(MAX_LAYER_INDEXES).expect("non-zero");
+        Layers {
+            span: blobs.chunk_size(),
+            blobs,
+            checkpoint_spacing,
+            cache_dir,
+            indexes: Mutex::new(lru::LruCache::new(n)),
+            merged: Mutex::new(lru::LruCache::new(n)),
+        }
+    }
+
+    fn cache(&self) -> &Arc<ChunkCache> {
+        self.blobs.cache()
+    }
+
+    async fn bytes(&self, repo: &str, layer: &LayerRef, start: u64, end: u64) -> FsResult<Bytes> {
+        self.blobs
+            .read(&layer.blob(repo), start, end, false)
+            .await
+            .map_err(|e| FsError::registry(e, format!("reading layer {repo}@{}", layer.digest)))
+    }
+
+    async fn format(&self, repo: &str, layer: &LayerRef) -> FsResult<Format> {
+        if layer.size < 4 {
+            return Ok(Format::Tar);
+        }
+        let head = self.bytes(repo, layer, 0, 4).await?;
+        Ok(match &head[..] {
+            [0x1f, 0x8b, ..] => Format::Gzip,
+            [0x28, 0xb5, 0x2f, 0xfd] => Format::Zstd,
+            _ => Format::Tar,
+        })
+    }
+
+    /// The index of a layer, built once (concurrent callers share the pass).
+    pub async fn index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
+        let cell = lock(&self.indexes)
+            .get_or_insert(layer.digest.clone(), || Arc::new(OnceCell::new()))
+            .clone();
+        cell.get_or_try_init(|| self.load_or_build_index(repo, layer))
+            .await
+            .cloned()
+    }
+
+    /// From `--cache-dir` when it holds this layer's index, else built (and stored there).
+    async fn load_or_build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
+        let path = self.cache_dir.as_ref().map(|d| {
+            d.join(format!(
+                "{}.index.json",
+                crate::digest::digest_hex(&layer.digest)
+            ))
+        });
+        if let Some(p) = &path {
+            if let Ok(bytes) = tokio::fs::read(p).await {
+                match LayerIndex::from_bytes(&bytes) {
+                    Some(idx) => {
+                        log::info!(
+                            "loaded the index of layer {} from {}",
+                            layer.digest,
+                            p.display()
+                        );
+                        return Ok(Arc::new(idx));
+                    }
+                    None => log::warn!("ignoring unreadable index {}", p.display()),
+                }
+            }
+        }
+        let idx = self.build_index(repo, layer).await?;
+        if let Some(p) = path {
+            // Write a temp file and rename it, so a crash never leaves half an index.
+            let tmp = p.with_extension(format!("tmp.{}", std::process::id()));
+            let bytes = idx.to_bytes();
+            let stored = async {
+                tokio::fs::write(&tmp, &bytes).await?;
+                tokio::fs::rename(&tmp, &p).await
+            };
+            if let Err(e) = stored.await {
+                log::warn!("could not store the index in {}: {e}", p.display());
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
+        }
+        Ok(idx)
+    }
+
+    /// The index of an eStargz or zstd:chunked layer from its TOC alone, or None for other
+    /// layers. Fetches only the footer and the TOC.
+    async fn toc_index(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        format: Format,
+    ) -> FsResult<Option<LayerIndex>> {
+        use crate::toc;
+        let what = format!("layer {repo}@{}", layer.digest);
+        let (json, codec, toc_start, want_digest, digest_of_json) = match format {
+            Format::Gzip if layer.size > toc::ESTARGZ_FOOTER => {
+                let footer = self
+                    .bytes(repo, layer, layer.size - toc::ESTARGZ_FOOTER, layer.size)
+                    .await?;
+                let Some(off) = toc::estargz_toc_offset(&footer) else {
+                    return Ok(None);
+                };
+                if off >= layer.size - toc::ESTARGZ_FOOTER {
+                    return Err(FsError::io(format!(
+                        "{what}: eStargz footer points past the TOC"
+                    )));
+                }
+                let region = self
+                    .bytes(repo, layer, off, layer.size - toc::ESTARGZ_FOOTER)
+                    .await?;
+                let json = toc::estargz_toc_json(&region)
+                    .map_err(|e| io_err(e, &format!("{what}: eStargz TOC")))?;
+                let want = layer
+                    .annotation(toc::ESTARGZ_TOC_DIGEST)
+                    .map(str::to_string);
+                (json, toc::Codec::Gzip, off, want, true)
+            }
+            Format::Zstd => {
+                let footer = if layer.size > toc::ZSTD_CHUNKED_FOOTER {
+                    Some(
+                        self.bytes(
+                            repo,
+                            layer,
+                            layer.size - toc::ZSTD_CHUNKED_FOOTER,
+                            layer.size,
+                        )
+                        .await?,
+                    )
+                } else {
+                    None
+                };
+                let Some((off, len)) = toc::zstd_chunked_toc(
+                    layer.annotation(toc::ZSTD_MANIFEST_POSITION),
+                    footer.as_deref(),
+                ) else {
+                    return Ok(None);
+                };
+                if len == 0 || off.checked_add(len).is_none_or(|e| e > layer.size) {
+                    return Err(FsError::io(format!(
+                        "{what}: zstd:chunked TOC position is outside the layer"
+                    )));
+                }
+                let frame = self.bytes(repo, layer, off, off + len).await?;
+                // The checksum annotation is the digest of the compressed TOC.
+                if let Some(want) = layer.annotation(toc::ZSTD_MANIFEST_CHECKSUM) {
+                    if crate::digest::verify(want, &frame).is_err() {
+                        return Err(FsError::io(format!(
+                            "{what}: the zstd:chunked TOC does not match {want}"
+                        )));
+                    }
+                }
+                let json = toc::zstd_chunked_toc_json(&frame)
+                    .map_err(|e| io_err(e, &format!("{what}: zstd:chunked TOC")))?;
+                (json, toc::Codec::Zstd, off.saturating_sub(8), None, false)
+            }
+            _ => return Ok(None),
+        };
+        if let (Some(want), true) = (want_digest, digest_of_json) {
+            if crate::digest::verify(&want, &json).is_err() {
+                return Err(FsError::io(format!(
+                    "{what}: the eStargz TOC does not match {want}"
+                )));
+            }
+        }
+        let idx = toc::index_from_toc(&json, codec, toc_start).map_err(|e| io_err(e, &what))?;
+        log::info!(
+            "indexed {what} from its {} TOC alone: {} entries",
+            if codec == toc::Codec::Gzip {
+                "eStargz"
+            } else {
+                "zstd:chunked"
+            },
+            idx.entries.len()
+        );
+        Ok(Some(idx))
+    }
+
+    async fn build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
+        let what = format!("layer {repo}@{}", layer.digest);
+        let format = self.format(repo, layer).await?;
+        if let Some(idx) = self.toc_index(repo, layer, format).await? {
+            return Ok(Arc::new(idx));
+        }
+        let diff_id = self.diff_id(repo, layer).await;
+        let reader = self.blobs.cursor(layer.blob(repo));
+        let tee = SpanTee::new(self.cache().clone(), layer.digest.clone(), self.span);
+        let spacing = self.checkpoint_spacing;
+        let started = std::time::Instant::now();
+        let index = tokio::task::spawn_blocking(move || -> std::io::Result<LayerIndex> {
+            match format {
+                Format::Tar => {
+                    let mut archive = tar::Archive::new(reader);
+                    LayerIndex::from_entries(archive.entries_with_seek()?)
+                }
+                Format::Gzip => {
+                    let indexer = crate::zran::Indexer::new(reader, spacing)?;
+                    let (mut idx, indexer) = tee.index(indexer, diff_id)?;
+                    idx.checkpoints = indexer.checkpoints;
+                    Ok(idx)
+                }
+                Format::Zstd => {
+                    let indexer = crate::zstd_frames::FrameIndexer::new(reader, spacing);
+                    let (mut idx, indexer) = tee.index(indexer, diff_id)?;
+                    idx.zstd_frames = indexer.frames;
+                    Ok(idx)
+                }
+            }
+        })
+        .await
+        .map_err(|e| FsError::io(format!("{what}: indexing task failed: {e}")))?
+        .map_err(|e| io_err(e, &format!("{what}: cannot index ({format:?})")))?;
+        log::info!(
+            "indexed {what}: {} entries, {} checkpoints, about {} KiB of index memory, in {:?}",
+            index.entries.len(),
+            index.checkpoints.len(),
+            index.memory() / 1024,
+            started.elapsed()
+        );
+        Ok(Arc::new(index))
+    }
+
+    /// The config's diff_id for a layer, when the config can be read and names one.
+    async fn diff_id(&self, repo: &str, layer: &LayerRef) -> Option<String> {
+        let (digest, size) = layer.config.clone()?;
+        if size == 0 {
+            return None;
+        }
+        let config = BlobRef {
+            repo: repo.to_string(),
+            digest,
+            size,
+        };
+        let body = self.blobs.read(&config, 0, size, false).await.ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        v["rootfs"]["diff_ids"][layer.pos]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    /// The merged tree of the image manifest `image`, made of `layers` (built once).
+    pub async fn merged(
+        &self,
+        repo: &str,
+        image: &Digest,
+        layers: Vec<LayerRef>,
+    ) -> FsResult<Arc<MergedView>> {
+        let cell = lock(&self.merged)
+            .get_or_insert(image.clone(), || Arc::new(OnceCell::new()))
+            .clone();
+        cell.get_or_try_init(|| async {
+            let mut indexes = Vec::new();
+            for r in &layers {
+                indexes.push(self.index(repo, r).await?);
+            }
+            let merged = Merged::build(&indexes.iter().map(|i| i.as_ref()).collect::<Vec<_>>());
+            Ok(Arc::new(MergedView {
+                layers,
+                indexes,
+                merged,
+            }))
+        })
+        .await
+        .cloned()
+    }
+
+    /// Bytes `offset..end` of entry `index` (`entry`) of a layer.
+    pub async fn read(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        index: usize,
+        entry: &TarEntry,
+        offset: u64,
+        end: u64,
+    ) -> FsResult<Bytes> {
+        let idx = self.index(repo, layer).await?;
+        if let Some(chunks) = idx.toc_chunks.get(&index) {
+            return self
+                .read_toc_chunks(repo, layer, entry, chunks, offset, end)
+                .await;
+        }
+        let (start, stop) = (entry.offset + offset, entry.offset + end);
+        match self.format(repo, layer).await? {
+            Format::Tar => self.bytes(repo, layer, start, stop).await,
+            f => self.read_uncompressed(repo, layer, f, start, stop).await,
+        }
+    }
+
+    /// Bytes `offset..end` of a file of an eStargz or zstd:chunked layer, from its own chunks.
+    async fn read_toc_chunks(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        entry: &TarEntry,
+        chunks: &[crate::toc::TocChunk],
+        offset: u64,
+        end: u64,
+    ) -> FsResult<Bytes> {
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for (i, c) in chunks.iter().enumerate() {
+            let c_end = if c.size > 0 {
+                c.file_offset + c.size
+            } else {
+                chunks.get(i + 1).map_or(entry.size, |n| n.file_offset)
+            };
+            if c_end <= offset || c.file_offset >= end {
+                continue;
+            }
+            let (codec, want) = (c.codec, c.digest.clone());
+            let len = (c_end - c.file_offset) as usize;
+            let (start, stop) = (c.start, c.end);
+            let key = ChunkKey::TocChunk {
+                digest: layer.digest.clone(),
+                start,
+            };
+            let data = self
+                .cache()
+                .get_or_fetch(key, || async {
+                    let raw = self.bytes(repo, layer, start, stop).await?;
+                    let mut data = crate::toc::decompress_chunk(codec, &raw).map_err(|e| {
+                        FsError::io(format!("layer {}: chunk at {start}: {e}", layer.digest))
+                    })?;
+                    // An eStargz member may go on past the chunk (tar padding, the next
+                    // header): the chunk is its first `len` bytes.
+                    if data.len() < len {
+                        return Err(FsError::io(format!(
+                            "layer {}: chunk at {start} holds {} of its {len} bytes",
+                            layer.digest,
+                            data.len()
+                        )));
+                    }
+                    data.truncate(len);
+                    // Checked before it can be cached.
+                    if let Some(d) = &want {
+                        crate::digest::verify(d, &data).map_err(|e| {
+                            FsError::registry(e, format!("reading layer {repo}@{}", layer.digest))
+                        })?;
+                    }
+                    Ok(Bytes::from(data))
+                })
+                .await?;
+            let from = offset.max(c.file_offset) - c.file_offset;
+            let to = (end.min(c_end) - c.file_offset).min(data.len() as u64);
+            if from < to {
+                out.extend_from_slice(&data[from as usize..to as usize]);
+            }
+        }
+        if out.len() as u64 != end - offset {
+            return Err(FsError::io(format!(
+                "{}: chunks of {} hold {} of the {} bytes asked",
+                layer.digest,
+                entry.path,
+                out.len(),
+                end - offset
+            )));
+        }
+        Ok(out.freeze())
+    }
+
+    /// Bytes of a compressed layer's uncompressed stream, from cached spans or by decompressing.
+    async fn read_uncompressed(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        format: Format,
+        start: u64,
+        end: u64,
+    ) -> FsResult<Bytes> {
+        gather(
+            start,
+            end,
+            self.span,
+            |index| {
+                let key = ChunkKey::Span {
+                    digest: layer.digest.clone(),
+                    index,
+                };
+                self.cache()
+                    .get_or_fetch(key, move || self.seek_span(repo, layer, format, index))
+            },
+            |_| {
+                FsError::io(format!(
+                    "layer {}: uncompressed stream shorter than its index says",
+                    layer.digest
+                ))
+            },
+        )
+        .await
+    }
+
+    /// Span `want` of a gzip or zstd layer, decompressed from the nearest gzip checkpoint or
+    /// zstd frame start before it only.
+    async fn seek_span(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        format: Format,
+        want: u64,
+    ) -> FsResult<Bytes> {
+        let index = self.index(repo, layer).await?;
+        if format == Format::Zstd && index.zstd_frames.len() < 2 {
+            // One frame: nothing to seek to; decompress from the start, caching spans.
+            return self.unzstd_to(repo, layer, want).await;
+        }
+        let span = self.span;
+        let start = want * span;
+        let mut reader = self.blobs.cursor(layer.blob(repo));
+        let what = format!("decompressing layer {repo}@{}", layer.digest);
+        tokio::task::spawn_blocking(move || -> FsResult<Bytes> {
+            let io = |e: std::io::Error| io_err(e, &what);
+            let (mut r, base): (Box<dyn Read>, u64) = if format == Format::Zstd {
+                let f = crate::zstd_frames::nearest(&index.zstd_frames, start)
+                    .unwrap_or(crate::zstd_frames::FrameStart { out: 0, input: 0 });
+                reader.seek(SeekFrom::Start(f.input)).map_err(io)?;
+                (
+                    Box::new(zstd::stream::read::Decoder::new(reader).map_err(io)?),
+                    f.out,
+                )
+            } else {
+                let cp = crate::zran::nearest(&index.checkpoints, start);
+                let from = crate::zran::FromCheckpoint::<BlobCursor>::source_offset(cp);
+                reader.seek(SeekFrom::Start(from)).map_err(io)?;
+                let r = crate::zran::FromCheckpoint::new(reader, cp).map_err(io)?;
+                (Box::new(r), cp.map_or(0, |c| c.out))
+            };
+            let skip = start - base;
+            std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io)?;
+            let mut buf = Vec::with_capacity(span as usize);
+            (&mut r).take(span).read_to_end(&mut buf).map_err(io)?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(|e| FsError::io(format!("decompression task failed: {e}")))?
+    }
+
+    /// Decompress a single-frame zstd layer from its start up to span `want`, caching every
+    /// span passed.
+    async fn unzstd_to(&self, repo: &str, layer: &LayerRef, want: u64) -> FsResult<Bytes> {
+        let reader = self.blobs.cursor(layer.blob(repo));
+        let (cache, digest, span) = (self.cache().clone(), layer.digest.clone(), self.span);
+        let what = format!("decompressing layer {repo}@{}", layer.digest);
+        tokio::task::spawn_blocking(move || -> FsResult<Bytes> {
+            let io = |e: std::io::Error| io_err(e, &what);
+            let mut r = zstd::stream::read::Decoder::new(reader).map_err(io)?;
+            let mut index = 0u64;
+            loop {
+                let mut buf = Vec::new();
+                (&mut r).take(span).read_to_end(&mut buf).map_err(io)?;
+                let filled = buf.len();
+                let data = Bytes::from(buf);
+                if index == want {
+                    return Ok(data);
+                }
+                if filled == 0 {
+                    return Err(FsError::io(format!(
+                        "{what}: stream ends before span {want}"
+                    )));
+                }
+                cache.insert(
+                    ChunkKey::Span {
+                        digest: digest.clone(),
+                        index,
+                    },
+                    data,
+                );
+                index += 1;
+            }
+        })
+        .await
+        .map_err(|e| FsError::io(format!("decompression task failed: {e}")))?
+    }
+}
+
+/// Passes an uncompressed stream through, storing it in the cache in chunk-sized spans, and
+/// hashing it (the layer's diff_id).
+struct SpanTee {
+    cache: Arc<ChunkCache>,
+    digest: Digest,
+    span: u64,
+    buf: BytesMut,
+    index: u64,
+    hasher: crate::digest::StreamingDigest,
+}
+
+/// A reader whose output a [`SpanTee`] records.
+struct Teed<'a, R> {
+    inner: R,
+    tee: &'a mut SpanTee,
+}
+
+impl SpanTee {
+    fn new(cache: Arc<ChunkCache>, digest: Digest, span: u64) -> Self {
+        SpanTee {
+            cache,
+            digest,
+            span,
+            buf: BytesMut::new(),
+            index: 0,
+            hasher: Default::default(),
+        }
+    }
+
+    /// Index the stream `inner`, read it to its end, and check it against `diff_id`.
+    /// Returns the index and the inner reader.
+    fn index<R: Read>(
+        mut self,
+        inner: R,
+        diff_id: Option<String>,
+    ) -> std::io::Result<(LayerIndex, R)> {
+        let mut teed = Teed {
+            inner,
+            tee: &mut self,
+        };
+        let idx = LayerIndex::build(&mut teed)?;
+        std::io::copy(&mut teed, &mut std::io::sink())?;
+        let inner = teed.inner;
+        let actual = std::mem::take(&mut self.hasher).finish();
+        match diff_id {
+            Some(want) if want != actual => Err(std::io::Error::other(format!(
+                "uncompressed content hashes to {actual}, not to the config's diff_id {want}"
+            ))),
+            _ => Ok((idx, inner)),
+        }
+    }
+
+    fn flush_span(&mut self) {
+        if !self.buf.is_empty() {
+            let data = std::mem::take(&mut self.buf).freeze();
+            self.cache.insert(
+                ChunkKey::Span {
+                    digest: self.digest.clone(),
+                    index: self.index,
+                },
+                data,
+            );
+            self.index += 1;
+        }
+    }
+
+    fn record(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        let mut rest = data;
+        while !rest.is_empty() {
+            let room = (self.span as usize) - self.buf.len();
+            let take = room.min(rest.len());
+            self.buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.buf.len() as u64 == self.span {
+                self.flush_span();
+            }
+        }
+    }
+}
+
+impl<R: Read> Read for Teed<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(out)?;
+        self.tee.record(&out[..n]);
+        if n == 0 {
+            self.tee.flush_span();
+        }
+        Ok(n)
+    }
+}
