@@ -443,3 +443,152 @@ pub(crate) fn pushed_manifest(
         parsed,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::fake::FakeRegistry;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    fn image(reg: &FakeRegistry, repo: &str, tag: &str) -> String {
+        let config = reg.add_blob(repo, &b"{}"[..]);
+        let layer = reg.add_blob(repo, &b"layer"[..]);
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": manifest::OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+            "layers": [{"mediaType": manifest::OCI_LAYER_TAR, "digest": layer, "size": 5}],
+        });
+        reg.add_manifest(repo, Some(tag), serde_json::to_vec(&body).unwrap())
+    }
+
+    fn meta(ttl: Duration) -> (Arc<FakeRegistry>, Meta) {
+        let reg = Arc::new(FakeRegistry::new());
+        let m = Meta::new(reg.clone(), ttl, ("linux".into(), "amd64".into(), None));
+        (reg, m)
+    }
+
+    #[tokio::test]
+    async fn listings_are_cached_for_the_ttl_only() {
+        let (reg, m) = meta(Duration::from_millis(0));
+        image(&reg, "a", "v1");
+        m.tag_list("a").await.unwrap();
+        m.tag_list("a").await.unwrap();
+        assert_eq!(
+            reg.stats().tag_pages.load(Relaxed),
+            2,
+            "a zero TTL caches nothing"
+        );
+
+        let (reg, m) = meta(Duration::from_secs(3600));
+        image(&reg, "a", "v1");
+        for _ in 0..3 {
+            m.tag_list("a").await.unwrap();
+            m.resolve_tag("a", "v1").await.unwrap();
+            m.catalog().await.unwrap();
+        }
+        assert_eq!(reg.stats().tag_pages.load(Relaxed), 1);
+        assert_eq!(reg.stats().manifest_heads.load(Relaxed), 1);
+        assert_eq!(reg.stats().catalog_pages.load(Relaxed), 1);
+        // A failed load stores nothing: the next call asks again.
+        assert!(m.tag_list("nope").await.unwrap_err().is_not_found());
+        assert!(m.tag_list("nope").await.is_err());
+        assert_eq!(reg.stats().tag_pages.load(Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn manifests_are_cached_and_their_digests_seen() {
+        let (reg, m) = meta(Duration::from_secs(3600));
+        let d = Digest::from(image(&reg, "a", "v1"));
+        m.manifest("a", &d).await.unwrap();
+        m.manifest("a", &d).await.unwrap();
+        assert_eq!(reg.stats().manifest_gets.load(Relaxed), 1);
+        // The manifest, its config and its layer are listed under blobs/sha256/.
+        assert_eq!(m.seen_blobs("a").len(), 3);
+        assert!(m.seen_blob("a", d.hex()).is_some());
+        assert_eq!(m.repos_holding("b", d.hex()), ["a"]);
+        assert!(m.repos_holding("a", d.hex()).is_empty());
+        let view = m.image_view("a", &d).await.unwrap().unwrap();
+        assert_eq!(view.digest, d);
+    }
+
+    #[tokio::test]
+    async fn events_update_what_the_ttls_would_hide() {
+        let (reg, m) = meta(Duration::from_secs(3600));
+        let d1 = image(&reg, "a", "v1");
+        assert_eq!(m.resolve_tag("a", "v1").await.unwrap().digest, d1);
+        assert_eq!(*m.tag_list("a").await.unwrap(), ["v1"]);
+        assert!(!m.knows_repo("new"));
+        m.apply(Event::RepoCreated { repo: "new".into() });
+        assert!(m.knows_repo("new"));
+        assert!(m.repo_names().await.unwrap().contains(&"new".to_string()));
+
+        // A manifest pushed under v2: the tag resolves without a request, the tag list and
+        // the catalog are asked again.
+        let d2 = image(&reg, "a", "v2");
+        let body = reg.manifest("a", &d2).await.map(|b| b.body).unwrap();
+        let heads = reg.stats().manifest_heads.load(Relaxed);
+        m.apply(Event::ManifestPushed {
+            repo: "a".into(),
+            tag: "v2".into(),
+            entry: pushed_manifest(
+                d2.clone(),
+                manifest::OCI_MANIFEST.into(),
+                body.clone(),
+                manifest::parse(manifest::OCI_MANIFEST, &body).unwrap(),
+            ),
+        });
+        assert_eq!(m.resolve_tag("a", "v2").await.unwrap().digest, d2);
+        assert_eq!(reg.stats().manifest_heads.load(Relaxed), heads);
+        assert_eq!(*m.tag_list("a").await.unwrap(), ["v1", "v2"]);
+
+        m.apply(Event::BlobCommitted {
+            repo: "b".into(),
+            digest: Digest::from("sha256:".to_string() + &"a".repeat(64)),
+            size: 7,
+        });
+        assert_eq!(m.seen_blob("b", &"a".repeat(64)).unwrap().size, 7);
+        assert!(m.knows_repo("b"));
+        m.apply(Event::BlobDeleted {
+            repo: "b".into(),
+            digest: Digest::from("sha256:".to_string() + &"a".repeat(64)),
+        });
+        assert!(m.seen_blob("b", &"a".repeat(64)).is_none());
+
+        // A deleted tag is asked again.
+        m.apply(Event::TagDeleted {
+            repo: "a".into(),
+            tag: "v1".into(),
+        });
+        m.resolve_tag("a", "v1").await.unwrap();
+        assert_eq!(reg.stats().manifest_heads.load(Relaxed), heads + 1);
+    }
+
+    #[test]
+    fn platform_choice() {
+        let (_, m) = meta(Duration::ZERO);
+        let d = |os: &str, arch: &str, v: Option<&str>| -> Descriptor {
+            serde_json::from_value(serde_json::json!({
+                "mediaType": manifest::OCI_MANIFEST, "digest": format!("sha256:{os}{arch}{v:?}"), "size": 1,
+                "platform": {"os": os, "architecture": arch, "variant": v},
+            }))
+            .unwrap()
+        };
+        let list = [
+            d("linux", "arm64", None),
+            d("linux", "amd64", Some("v2")),
+            d("linux", "amd64", Some("v3")),
+        ];
+        assert_eq!(m.pick_platform(&list).unwrap().digest, list[1].digest);
+        let (_, m3) = (
+            0,
+            Meta::new(
+                Arc::new(FakeRegistry::new()),
+                Duration::ZERO,
+                ("linux".into(), "amd64".into(), Some("v3".into())),
+            ),
+        );
+        assert_eq!(m3.pick_platform(&list).unwrap().digest, list[2].digest);
+        assert!(m.pick_platform(&list[..1]).is_none());
+    }
+}
