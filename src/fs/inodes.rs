@@ -275,4 +275,54 @@ mod tests {
         assert!(t.node(new).is_ok());
         assert_eq!(t.len(), 2);
     }
+
+    #[test]
+    fn hard_links_of_one_tree_share_an_inode() {
+        use crate::fs::node::TreeEntry;
+        use crate::layer::{EntryKind, TarEntry};
+        use crate::layer_read::LayerRef;
+        let layer = LayerRef {
+            digest: Digest::from("sha256:l"),
+            size: 10,
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            config: None,
+            pos: 0,
+            toc_annotations: vec![],
+        };
+        let entry = |path: &str, view: &str| {
+            Node::TreeEntry(TreeEntry {
+                repo: "r".into(),
+                layer: layer.clone(),
+                view_id: Digest::from(view),
+                index: 3,
+                entry: TarEntry {
+                    path: path.into(),
+                    kind: EntryKind::File,
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    mtime: 0,
+                    size: 1,
+                    link: None,
+                    dev: (0, 0),
+                    xattrs: vec![],
+                    offset: 0,
+                },
+                nlink: 2,
+            })
+        };
+        let t = Inodes::new();
+        let a = t.child(ROOT_INO, "a", entry("a", "sha256:img"), true);
+        let b = t.child(ROOT_INO, "b", entry("a", "sha256:img"), true);
+        assert_eq!(a, b, "two names of one entry: one inode");
+        let other = t.child(ROOT_INO, "c", entry("a", "sha256:other"), true);
+        assert_ne!(a, other, "the same entry in another tree is another inode");
+        // Two lookups under two names: it lives until both are forgotten.
+        t.forget(a, 1);
+        assert!(t.node(a).is_ok());
+        t.forget(a, 1);
+        assert!(t.node(a).is_err());
+        let again = t.child(ROOT_INO, "a", entry("a", "sha256:img"), true);
+        assert_ne!(again, a);
+    }
 }
