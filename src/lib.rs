@@ -4,6 +4,7 @@
 //! See docs/ARCHITECTURE.md.
 
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod error;
