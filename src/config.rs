@@ -1,12 +1,15 @@
-//! Command line and configuration. clap parses [`Cli`]; [`Config::try_from`] validates it into the
-//! plain [`Config`] the rest of the program uses. Each default has its reason next to it, and
-//! docs/CONFIGURATION.md mirrors this file.
+//! Configuration as data: [`Config::try_from`] parses and validates the flags of a [`Cli`] into a
+//! typed config with one part per component (connection, mount, cache, push). Validation lives
+//! here and nowhere else. Each default has its reason next to it, and docs/CONFIGURATION.md
+//! mirrors this file.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
 use reqwest::Url;
+
+use crate::cli::Cli;
+use crate::fs::FsOptions;
 
 /// Chunk cache size. 256 MiB holds 64 default chunks: enough for several sequential readers plus
 /// their readahead, small enough for a laptop.
@@ -29,153 +32,114 @@ pub const DEFAULT_CHECKPOINT_SPACING: u64 = 4 << 20;
 /// Chunks fetched ahead of a sequential reader. Two keeps the network busy while the reader
 /// consumes one chunk; a random reader never triggers it.
 pub const DEFAULT_READAHEAD_CHUNKS: u64 = 2;
+/// How long connecting to the registry may take (capped by the request timeout). 10 s is far
+/// beyond any healthy connect, even across continents, yet a wrong address fails quickly.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "regfs",
-    version,
-    about = "Mount an OCI/Docker container registry (Distribution API v2) as a lazy, writable directory tree",
-    long_about = "Mount an OCI/Docker container registry (Distribution API v2) as a directory.\n\n\
-        Repositories are directories; tags/<tag>/ holds manifest.json, config.json and layers/; \
-        blobs/sha256/<hex> reads any blob by digest. Nothing is downloaded until it is read: reads \
-        become HTTP Range requests into a bounded in-memory chunk cache, and content is verified \
-        against its digest. Pushing is copying: cp FILE <repo>/uploads/, \
-        mkdir <repo>/tags/<tag> and cp a manifest to <repo>/tags/<tag>/manifest.json.\n\n\
-        Examples:\n  regfs localhost:5000 /mnt/reg\n  regfs -f --username me ghcr.io /mnt/ghcr\n  \
-        fusermount3 -u /mnt/reg\n\n\
-        Credentials: --username (password from REGFS_PASSWORD or stdin), else docker's config.json \
-        (DOCKER_CONFIG, credHelpers, credsStore), else REGISTRY_AUTH_FILE / containers auth.json.\n\
-        Logging: RUST_LOG=regfs=debug (default: warnings and errors)."
-)]
-pub struct Cli {
-    /// Registry: host[:port] or http(s)://host[:port]. A bare host uses https, except loopback
-    /// (localhost, 127.0.0.0/8, ::1), which uses http.
-    pub registry: String,
-    /// Directory to mount on.
-    pub mountpoint: PathBuf,
+/// (os, architecture, variant), as in `linux/arm64/v8`.
+pub type Platform = (String, String, Option<String>);
 
-    /// Stay in the foreground (default: return once the mount is live). SIGINT/SIGTERM unmount.
-    #[arg(short, long, help_heading = "Mount")]
-    pub foreground: bool,
-    /// Mount options, comma separated: allow_other, allow_root, default_permissions,
-    /// auto_unmount, fsname=NAME. allow_other is opt-in (and needs user_allow_other in
-    /// /etc/fuse.conf for non-root users).
-    #[arg(short = 'o', value_name = "OPTS", help_heading = "Mount")]
-    pub options: Vec<String>,
-    /// Platform whose config.json, layers/ and rootfs/ show at the tag level of a multi-arch
-    /// image, as os/arch[/variant].
-    #[arg(long, value_name = "OS/ARCH", help_heading = "Mount", default_value_t = default_platform())]
-    pub platform: String,
-    /// Where the background daemon writes its log (default: discarded). Foreground logs go to stderr.
-    #[arg(long, value_name = "FILE", help_heading = "Mount")]
-    pub log_file: Option<PathBuf>,
-
-    /// In-memory chunk cache size, e.g. 256MiB, 1G, 1048576.
-    #[arg(
-        long,
-        value_name = "SIZE",
-        default_value = "256MiB",
-        help_heading = "Cache"
-    )]
-    pub cache_size: String,
-    /// Size of one Range request / cache chunk (64KiB to 64MiB).
-    #[arg(
-        long,
-        value_name = "SIZE",
-        default_value = "4MiB",
-        help_heading = "Cache"
-    )]
-    pub chunk_size: String,
-    /// How long tag and catalog listings are cached, e.g. 30s, 5m, 0 (always ask).
-    #[arg(
-        long,
-        value_name = "DURATION",
-        default_value = "30s",
-        help_heading = "Cache"
-    )]
-    pub metadata_ttl: String,
-    /// Uncompressed bytes between checkpoints of a gzip layer's index (reads inflate from the
-    /// nearest one); 64KiB to 1GiB.
-    #[arg(
-        long,
-        value_name = "SIZE",
-        default_value = "4MiB",
-        help_heading = "Cache"
-    )]
-    pub checkpoint_spacing: String,
-    /// Directory where layer indexes (tar entries, gzip checkpoints) persist across mounts,
-    /// keyed by layer digest (created if missing; default: indexes live in memory only).
-    #[arg(long, value_name = "DIR", help_heading = "Cache")]
-    pub cache_dir: Option<PathBuf>,
-    /// PATCH size when pushing (64KiB to 1GiB); raised to the registry's OCI-Chunk-Min-Length.
-    #[arg(
-        long,
-        value_name = "SIZE",
-        default_value = "8MiB",
-        help_heading = "Push"
-    )]
-    pub upload_chunk_size: String,
-    /// Chunks to prefetch ahead of a sequential reader (0 disables readahead).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_READAHEAD_CHUNKS, help_heading = "Cache")]
-    pub readahead_chunks: u64,
-
-    /// Extra CA certificate (PEM) to trust for the registry.
-    #[arg(long, value_name = "FILE", help_heading = "Connection")]
-    pub ca_cert: Option<PathBuf>,
-    /// Do not verify the registry's TLS certificate.
-    #[arg(long, help_heading = "Connection")]
-    pub insecure: bool,
-    /// Username; the password is read from REGFS_PASSWORD, else from stdin.
-    #[arg(long, value_name = "USER", help_heading = "Connection")]
-    pub username: Option<String>,
-    /// Timeout for one HTTP request, e.g. 60s.
-    #[arg(
-        long,
-        value_name = "DURATION",
-        default_value = "60s",
-        help_heading = "Connection"
-    )]
-    pub request_timeout: String,
-}
-
-/// This machine's platform in OCI terms.
-pub fn default_platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    };
-    format!("linux/{arch}")
-}
-
-/// Validated configuration.
+/// Validated configuration, one part per component.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub connection: ConnectionConfig,
+    pub mount: MountConfig,
+    pub cache: CacheConfig,
+    pub push: PushConfig,
+    /// The platform whose config.json, layers/ and rootfs/ show at the tag level of an index.
+    pub platform: Platform,
+}
+
+/// How to reach the registry and prove who we are.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// `http(s)://host[:port]/`, where the API answers.
     pub base_url: Url,
-    /// `host[:port]`, the key for credential lookups.
+    /// `host[:port]`, the key for credential lookups (`index.docker.io` for Docker Hub).
     pub host: String,
-    pub mountpoint: PathBuf,
-    pub foreground: bool,
-    pub allow_other: bool,
-    pub allow_root: bool,
-    pub default_permissions: bool,
-    pub auto_unmount: bool,
-    pub fsname: String,
-    pub platform: (String, String, Option<String>),
-    pub log_file: Option<PathBuf>,
-    pub cache_size: u64,
-    pub chunk_size: u64,
-    pub metadata_ttl: Duration,
-    pub readahead_chunks: u64,
-    pub upload_chunk_size: u64,
-    pub checkpoint_spacing: u64,
-    pub cache_dir: Option<PathBuf>,
+    pub credentials: CredentialsSource,
+    /// Extra PEM root certificate to trust.
     pub ca_cert: Option<PathBuf>,
+    /// Skip TLS certificate verification.
     pub insecure: bool,
-    pub username: Option<String>,
+    /// Limit for one HTTP request.
     pub request_timeout: Duration,
+}
+
+impl ConnectionConfig {
+    /// Limit for connecting: [`CONNECT_TIMEOUT`], but never more than a whole request may take.
+    pub fn connect_timeout(&self) -> Duration {
+        CONNECT_TIMEOUT.min(self.request_timeout)
+    }
+}
+
+/// Where the credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialsSource {
+    /// `--username`: the password comes from REGFS_PASSWORD, else from stdin.
+    Username(String),
+    /// docker's config.json (and helpers), else containers' auth.json, looked up by host.
+    ConfigFiles,
+}
+
+/// Where and how to mount, and how the process runs.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub mountpoint: PathBuf,
+    /// Stay attached instead of daemonizing.
+    pub foreground: bool,
+    /// Where the daemon logs (default: discarded).
+    pub log_file: Option<PathBuf>,
+    /// The source name shown in /proc/mounts (default `regfs:<host>`).
+    pub fsname: String,
+    /// `-o allow_other`: every user may use the mount.
+    pub allow_other: bool,
+    /// `-o allow_root`: root may use the mount too.
+    pub allow_root: bool,
+    /// `-o default_permissions`: the kernel checks modes.
+    pub default_permissions: bool,
+    /// `-o auto_unmount`: unmount when the process dies.
+    pub auto_unmount: bool,
+}
+
+/// The chunk cache, readahead, layer indexes and metadata TTLs.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Byte cap of the in-memory chunk cache.
+    pub cache_size: u64,
+    /// Size of one Range request and one cache entry.
+    pub chunk_size: u64,
+    /// Chunks fetched ahead of a sequential reader.
+    pub readahead_chunks: u64,
+    /// Uncompressed bytes between gzip checkpoints.
+    pub checkpoint_spacing: u64,
+    /// Where layer indexes persist across mounts.
+    pub cache_dir: Option<PathBuf>,
+    /// How long tag and catalog listings are trusted.
+    pub metadata_ttl: Duration,
+}
+
+/// Uploads.
+#[derive(Debug, Clone)]
+pub struct PushConfig {
+    /// PATCH size (raised to the registry's OCI-Chunk-Min-Length).
+    pub upload_chunk_size: u64,
+}
+
+impl Config {
+    /// The options of the filesystem core.
+    pub fn fs_options(&self) -> FsOptions {
+        FsOptions {
+            chunk_size: self.cache.chunk_size,
+            cache_size: self.cache.cache_size,
+            metadata_ttl: self.cache.metadata_ttl,
+            readahead_chunks: self.cache.readahead_chunks,
+            platform: self.platform.clone(),
+            upload_chunk_size: self.push.upload_chunk_size,
+            checkpoint_spacing: self.cache.checkpoint_spacing,
+            cache_dir: self.cache.cache_dir.clone(),
+        }
+    }
 }
 
 /// Parse `512MiB`, `4M`, `1G`, `65536`, `64k` (binary units).
@@ -260,7 +224,7 @@ pub fn registry_url(reg: &str) -> Result<(Url, String), String> {
     Ok((base, host))
 }
 
-fn parse_platform(p: &str) -> Result<(String, String, Option<String>), String> {
+fn parse_platform(p: &str) -> Result<Platform, String> {
     let parts: Vec<&str> = p.split('/').collect();
     match parts.as_slice() {
         [os, arch] if !os.is_empty() && !arch.is_empty() => {
@@ -273,75 +237,117 @@ fn parse_platform(p: &str) -> Result<(String, String, Option<String>), String> {
     }
 }
 
+/// Check that a size lies in `range`, naming the flag and the limits otherwise.
+fn size_in(
+    flag: &str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+    limits: &str,
+) -> Result<u64, String> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{flag} must be between {limits}"))
+    }
+}
+
+fn parse_flag<T>(flag: &str, v: &str, parse: fn(&str) -> Result<T, String>) -> Result<T, String> {
+    parse(v).map_err(|e| format!("{flag}: {e}"))
+}
+
 impl TryFrom<Cli> for Config {
     type Error = String;
 
     fn try_from(cli: Cli) -> Result<Self, String> {
         let (base_url, host) = registry_url(&cli.registry)?;
-        let cache_size = parse_size(&cli.cache_size).map_err(|e| format!("--cache-size: {e}"))?;
-        let chunk_size = parse_size(&cli.chunk_size).map_err(|e| format!("--chunk-size: {e}"))?;
-        if !(64 << 10..=64 << 20).contains(&chunk_size) {
-            return Err("--chunk-size must be between 64KiB and 64MiB".into());
-        }
+        let cache_size = parse_flag("--cache-size", &cli.cache_size, parse_size)?;
+        let chunk_size = parse_flag("--chunk-size", &cli.chunk_size, parse_size)?;
+        let chunk_size = size_in(
+            "--chunk-size",
+            chunk_size,
+            64 << 10..=64 << 20,
+            "64KiB and 64MiB",
+        )?;
         if cache_size < chunk_size {
             return Err("--cache-size must hold at least one chunk".into());
         }
         let upload_chunk_size =
-            parse_size(&cli.upload_chunk_size).map_err(|e| format!("--upload-chunk-size: {e}"))?;
-        if !(64 << 10..=1 << 30).contains(&upload_chunk_size) {
-            return Err("--upload-chunk-size must be between 64KiB and 1GiB".into());
-        }
-        let checkpoint_spacing = parse_size(&cli.checkpoint_spacing)
-            .map_err(|e| format!("--checkpoint-spacing: {e}"))?;
-        if !(64 << 10..=1 << 30).contains(&checkpoint_spacing) {
-            return Err("--checkpoint-spacing must be between 64KiB and 1GiB".into());
-        }
-        let metadata_ttl =
-            parse_duration(&cli.metadata_ttl).map_err(|e| format!("--metadata-ttl: {e}"))?;
+            parse_flag("--upload-chunk-size", &cli.upload_chunk_size, parse_size)?;
+        let upload_chunk_size = size_in(
+            "--upload-chunk-size",
+            upload_chunk_size,
+            64 << 10..=1 << 30,
+            "64KiB and 1GiB",
+        )?;
+        let checkpoint_spacing =
+            parse_flag("--checkpoint-spacing", &cli.checkpoint_spacing, parse_size)?;
+        let checkpoint_spacing = size_in(
+            "--checkpoint-spacing",
+            checkpoint_spacing,
+            64 << 10..=1 << 30,
+            "64KiB and 1GiB",
+        )?;
+        let metadata_ttl = parse_flag("--metadata-ttl", &cli.metadata_ttl, parse_duration)?;
         let request_timeout =
-            parse_duration(&cli.request_timeout).map_err(|e| format!("--request-timeout: {e}"))?;
+            parse_flag("--request-timeout", &cli.request_timeout, parse_duration)?;
         if request_timeout.is_zero() {
             return Err("--request-timeout must be more than 0".into());
         }
-        let mut cfg = Config {
-            base_url,
-            fsname: format!("regfs:{host}"),
-            host,
-            mountpoint: cli.mountpoint,
-            foreground: cli.foreground,
-            allow_other: false,
-            allow_root: false,
-            default_permissions: false,
-            auto_unmount: false,
-            platform: parse_platform(&cli.platform)?,
-            log_file: cli.log_file,
-            cache_size,
-            chunk_size,
-            metadata_ttl,
-            readahead_chunks: cli.readahead_chunks,
-            upload_chunk_size,
-            checkpoint_spacing,
-            cache_dir: cli.cache_dir,
-            ca_cert: cli.ca_cert,
-            insecure: cli.insecure,
-            username: cli.username,
-            request_timeout,
-        };
-        for opt in cli.options.iter().flat_map(|o| o.split(',')) {
-            match opt.trim() {
-                "" => {}
-                "allow_other" => cfg.allow_other = true,
-                "allow_root" => cfg.allow_root = true,
-                "default_permissions" => cfg.default_permissions = true,
-                "auto_unmount" => cfg.auto_unmount = true,
-                // Always nosuid/nodev; accept the user saying so.
-                "nosuid" | "nodev" => {}
-                o if o.starts_with("fsname=") => cfg.fsname = o["fsname=".len()..].to_string(),
-                o => return Err(format!("unknown mount option -o {o}")),
-            }
-        }
-        Ok(cfg)
+        let platform = parse_platform(&cli.platform)?;
+        let mount = mount_config(&cli, &host)?;
+        Ok(Config {
+            connection: ConnectionConfig {
+                base_url,
+                host,
+                credentials: match cli.username {
+                    Some(u) => CredentialsSource::Username(u),
+                    None => CredentialsSource::ConfigFiles,
+                },
+                ca_cert: cli.ca_cert,
+                insecure: cli.insecure,
+                request_timeout,
+            },
+            mount,
+            cache: CacheConfig {
+                cache_size,
+                chunk_size,
+                readahead_chunks: cli.readahead_chunks,
+                checkpoint_spacing,
+                cache_dir: cli.cache_dir,
+                metadata_ttl,
+            },
+            push: PushConfig { upload_chunk_size },
+            platform,
+        })
     }
+}
+
+/// The mount part: the mountpoint, the process mode and the `-o` options.
+fn mount_config(cli: &Cli, host: &str) -> Result<MountConfig, String> {
+    let mut m = MountConfig {
+        mountpoint: cli.mountpoint.clone(),
+        foreground: cli.foreground,
+        log_file: cli.log_file.clone(),
+        fsname: format!("regfs:{host}"),
+        allow_other: false,
+        allow_root: false,
+        default_permissions: false,
+        auto_unmount: false,
+    };
+    for opt in cli.options.iter().flat_map(|o| o.split(',')) {
+        match opt.trim() {
+            "" => {}
+            "allow_other" => m.allow_other = true,
+            "allow_root" => m.allow_root = true,
+            "default_permissions" => m.default_permissions = true,
+            "auto_unmount" => m.auto_unmount = true,
+            // Always nosuid/nodev; accept the user saying so.
+            "nosuid" | "nodev" => {}
+            o if o.starts_with("fsname=") => m.fsname = o["fsname=".len()..].to_string(),
+            o => return Err(format!("unknown mount option -o {o}")),
+        }
+    }
+    Ok(m)
 }
 
 #[cfg(test)]
@@ -385,20 +391,22 @@ mod tests {
         }
     }
 
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        use clap::Parser;
+        let mut v = vec!["regfs"];
+        v.extend_from_slice(args);
+        Config::try_from(Cli::try_parse_from(v).unwrap())
+    }
+
     #[test]
     fn cli_validation() {
-        let parse = |args: &[&str]| {
-            let mut v = vec!["regfs"];
-            v.extend_from_slice(args);
-            Config::try_from(Cli::try_parse_from(v).unwrap())
-        };
         let c = parse(&["localhost:5000", "/mnt", "-o", "allow_other,fsname=x"]).unwrap();
-        assert!(c.allow_other);
-        assert_eq!(c.fsname, "x");
-        assert_eq!(c.chunk_size, DEFAULT_CHUNK_SIZE);
-        assert_eq!(c.cache_size, DEFAULT_CACHE_SIZE);
-        assert_eq!(c.metadata_ttl, DEFAULT_METADATA_TTL);
-        assert_eq!(c.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert!(c.mount.allow_other);
+        assert_eq!(c.mount.fsname, "x");
+        assert_eq!(c.cache.chunk_size, DEFAULT_CHUNK_SIZE);
+        assert_eq!(c.cache.cache_size, DEFAULT_CACHE_SIZE);
+        assert_eq!(c.cache.metadata_ttl, DEFAULT_METADATA_TTL);
+        assert_eq!(c.connection.request_timeout, DEFAULT_REQUEST_TIMEOUT);
         assert!(parse(&["localhost", "/mnt", "-o", "bogus"]).is_err());
         assert!(parse(&["localhost", "/mnt", "--chunk-size", "1k"]).is_err());
         assert!(parse(&[
@@ -418,5 +426,132 @@ mod tests {
                 .as_deref(),
             Some("v8")
         );
+    }
+
+    /// The defaults clap shows in --help are the `DEFAULT_*` constants whose comments explain them.
+    #[test]
+    fn cli_defaults_are_the_documented_constants() {
+        let c = parse(&["ghcr.io", "/mnt"]).unwrap();
+        assert_eq!(c.cache.cache_size, DEFAULT_CACHE_SIZE);
+        assert_eq!(c.cache.chunk_size, DEFAULT_CHUNK_SIZE);
+        assert_eq!(c.cache.metadata_ttl, DEFAULT_METADATA_TTL);
+        assert_eq!(c.cache.readahead_chunks, DEFAULT_READAHEAD_CHUNKS);
+        assert_eq!(c.cache.checkpoint_spacing, DEFAULT_CHECKPOINT_SPACING);
+        assert_eq!(c.cache.cache_dir, None);
+        assert_eq!(c.push.upload_chunk_size, DEFAULT_UPLOAD_CHUNK_SIZE);
+        assert_eq!(c.connection.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(c.connection.connect_timeout(), CONNECT_TIMEOUT);
+        assert_eq!(c.connection.credentials, CredentialsSource::ConfigFiles);
+        assert!(!c.connection.insecure);
+        assert_eq!(c.mount.fsname, "regfs:ghcr.io");
+        assert!(!c.mount.foreground);
+        assert!(!(c.mount.allow_other || c.mount.allow_root));
+        assert!(!(c.mount.default_permissions || c.mount.auto_unmount));
+        let p = crate::cli::default_platform();
+        assert_eq!(parse_platform(&p).unwrap(), c.platform);
+    }
+
+    #[test]
+    fn every_flag_lands_in_its_component() {
+        let c = parse(&[
+            "https://reg.example:8443",
+            "/mnt/x",
+            "-f",
+            "-o",
+            "allow_root,nosuid",
+            "-o",
+            "default_permissions,auto_unmount,nodev",
+            "--log-file",
+            "/tmp/l",
+            "--cache-size",
+            "1G",
+            "--chunk-size",
+            "64KiB",
+            "--metadata-ttl",
+            "0",
+            "--readahead-chunks",
+            "0",
+            "--checkpoint-spacing",
+            "1GiB",
+            "--cache-dir",
+            "/tmp/c",
+            "--upload-chunk-size",
+            "64k",
+            "--ca-cert",
+            "/tmp/ca.pem",
+            "--insecure",
+            "--username",
+            "me",
+            "--request-timeout",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(c.connection.base_url.as_str(), "https://reg.example:8443/");
+        assert_eq!(c.connection.host, "reg.example:8443");
+        assert_eq!(
+            c.connection.credentials,
+            CredentialsSource::Username("me".into())
+        );
+        assert_eq!(c.connection.ca_cert, Some(PathBuf::from("/tmp/ca.pem")));
+        assert!(c.connection.insecure);
+        assert_eq!(c.connection.request_timeout, Duration::from_secs(5));
+        // The connect limit never exceeds the whole request's.
+        assert_eq!(c.connection.connect_timeout(), Duration::from_secs(5));
+        assert_eq!(c.mount.mountpoint, PathBuf::from("/mnt/x"));
+        assert!(c.mount.foreground);
+        assert_eq!(c.mount.log_file, Some(PathBuf::from("/tmp/l")));
+        assert_eq!(c.mount.fsname, "regfs:reg.example:8443");
+        assert!(!c.mount.allow_other);
+        assert!(c.mount.allow_root && c.mount.default_permissions && c.mount.auto_unmount);
+        assert_eq!(c.cache.cache_size, 1 << 30);
+        assert_eq!(c.cache.chunk_size, 64 << 10);
+        assert_eq!(c.cache.metadata_ttl, Duration::ZERO);
+        assert_eq!(c.cache.readahead_chunks, 0);
+        assert_eq!(c.cache.checkpoint_spacing, 1 << 30);
+        assert_eq!(c.cache.cache_dir, Some(PathBuf::from("/tmp/c")));
+        assert_eq!(c.push.upload_chunk_size, 64 << 10);
+
+        let o = c.fs_options();
+        assert_eq!(
+            (o.cache_size, o.chunk_size, o.readahead_chunks),
+            (1 << 30, 64 << 10, 0)
+        );
+        assert_eq!(o.metadata_ttl, Duration::ZERO);
+        assert_eq!(
+            (o.checkpoint_spacing, o.upload_chunk_size),
+            (1 << 30, 64 << 10)
+        );
+        assert_eq!(o.cache_dir, Some(PathBuf::from("/tmp/c")));
+        assert_eq!(o.platform, c.platform);
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_flag() {
+        let err = |args: &[&str]| {
+            let mut v = vec!["localhost", "/mnt"];
+            v.extend_from_slice(args);
+            parse(&v).unwrap_err()
+        };
+        assert_eq!(
+            err(&["--chunk-size", "128MiB"]),
+            "--chunk-size must be between 64KiB and 64MiB"
+        );
+        assert_eq!(
+            err(&["--upload-chunk-size", "2G"]),
+            "--upload-chunk-size must be between 64KiB and 1GiB"
+        );
+        assert_eq!(
+            err(&["--checkpoint-spacing", "4k"]),
+            "--checkpoint-spacing must be between 64KiB and 1GiB"
+        );
+        assert_eq!(
+            err(&["--request-timeout", "0"]),
+            "--request-timeout must be more than 0"
+        );
+        assert!(err(&["--cache-size", "lots"]).starts_with("--cache-size: "));
+        assert!(err(&["--metadata-ttl", "1d"]).starts_with("--metadata-ttl: "));
+        assert_eq!(err(&["-o", "suid"]), "unknown mount option -o suid");
+        assert!(err(&["--platform", "linux"]).starts_with("bad --platform"));
+        assert!(parse(&["localhost/v2", "/mnt"]).is_err());
     }
 }

@@ -78,6 +78,8 @@ pub enum FsErrorKind {
     NoAttr,
     /// An unknown file handle (EBADF).
     BadHandle,
+    /// The caller's buffer is too small for the answer (ERANGE).
+    TooSmall,
     /// An inode the core no longer knows (ESTALE).
     Stale,
 }
@@ -100,6 +102,7 @@ impl FsErrorKind {
             FsErrorKind::IsDir => libc::EISDIR,
             FsErrorKind::NoAttr => libc::ENODATA,
             FsErrorKind::BadHandle => libc::EBADF,
+            FsErrorKind::TooSmall => libc::ERANGE,
             FsErrorKind::Stale => libc::ESTALE,
         }
     }
@@ -170,6 +173,18 @@ impl FsError {
             log::Level::Warn,
             "unknown file handle",
         )
+    }
+    /// The buffer the caller gave is too small (xattr values and lists).
+    pub fn too_small() -> Self {
+        Self::new(FsErrorKind::TooSmall, log::Level::Trace, "buffer too small")
+    }
+    /// A name that is not UTF-8 cannot be in the tree: a lookup miss, an invalid name to create.
+    pub fn non_utf8_name(creating: bool) -> Self {
+        if creating {
+            Self::invalid("names in regfs are UTF-8")
+        } else {
+            Self::not_found("names in regfs are UTF-8")
+        }
     }
     pub fn stale(message: impl Into<String>) -> Self {
         Self::new(FsErrorKind::Stale, log::Level::Warn, message)

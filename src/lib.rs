@@ -5,6 +5,7 @@
 
 pub mod blob;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod error;

@@ -1,0 +1,131 @@
+//! The command line: clap's definitions of every flag, grouped under help headings.
+//!
+//! Flags arrive here as strings exactly as typed; [`crate::config`] parses and validates them
+//! (`Config::try_from(cli)`). The defaults below are spelled as the user would type them; the
+//! `DEFAULT_*` constants in `config` say why each value was chosen, and a unit test there checks
+//! that the two agree.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "regfs",
+    version,
+    about = "Mount an OCI/Docker container registry (Distribution API v2) as a lazy, writable directory tree",
+    long_about = "Mount an OCI/Docker container registry (Distribution API v2) as a directory.\n\n\
+        Repositories are directories; tags/<tag>/ holds manifest.json, config.json and layers/; \
+        blobs/sha256/<hex> reads any blob by digest. Nothing is downloaded until it is read: reads \
+        become HTTP Range requests into a bounded in-memory chunk cache, and content is verified \
+        against its digest. Pushing is copying: cp FILE <repo>/uploads/, \
+        mkdir <repo>/tags/<tag> and cp a manifest to <repo>/tags/<tag>/manifest.json.\n\n\
+        Examples:\n  regfs localhost:5000 /mnt/reg\n  regfs -f --username me ghcr.io /mnt/ghcr\n  \
+        fusermount3 -u /mnt/reg\n\n\
+        Credentials: --username (password from REGFS_PASSWORD or stdin), else docker's config.json \
+        (DOCKER_CONFIG, credHelpers, credsStore), else REGISTRY_AUTH_FILE / containers auth.json.\n\
+        Logging: RUST_LOG=regfs=debug (default: warnings and errors)."
+)]
+pub struct Cli {
+    /// Registry: host[:port] or http(s)://host[:port]. A bare host uses https, except loopback
+    /// (localhost, 127.0.0.0/8, ::1), which uses http.
+    pub registry: String,
+    /// Directory to mount on.
+    pub mountpoint: PathBuf,
+
+    /// Stay in the foreground (default: return once the mount is live). SIGINT/SIGTERM unmount.
+    #[arg(short, long, help_heading = "Mount")]
+    pub foreground: bool,
+    /// Mount options, comma separated: allow_other, allow_root, default_permissions,
+    /// auto_unmount, fsname=NAME. allow_other is opt-in (and needs user_allow_other in
+    /// /etc/fuse.conf for non-root users).
+    #[arg(short = 'o', value_name = "OPTS", help_heading = "Mount")]
+    pub options: Vec<String>,
+    /// Platform whose config.json, layers/ and rootfs/ show at the tag level of a multi-arch
+    /// image, as os/arch[/variant].
+    #[arg(long, value_name = "OS/ARCH", help_heading = "Mount", default_value_t = default_platform())]
+    pub platform: String,
+    /// Where the background daemon writes its log (default: discarded). Foreground logs go to stderr.
+    #[arg(long, value_name = "FILE", help_heading = "Mount")]
+    pub log_file: Option<PathBuf>,
+
+    /// In-memory chunk cache size, e.g. 256MiB, 1G, 1048576.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "256MiB",
+        help_heading = "Cache"
+    )]
+    pub cache_size: String,
+    /// Size of one Range request / cache chunk (64KiB to 64MiB).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "4MiB",
+        help_heading = "Cache"
+    )]
+    pub chunk_size: String,
+    /// How long tag and catalog listings are cached, e.g. 30s, 5m, 0 (always ask).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "30s",
+        help_heading = "Cache"
+    )]
+    pub metadata_ttl: String,
+    /// Uncompressed bytes between checkpoints of a gzip layer's index (reads inflate from the
+    /// nearest one); 64KiB to 1GiB.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "4MiB",
+        help_heading = "Cache"
+    )]
+    pub checkpoint_spacing: String,
+    /// Directory where layer indexes (tar entries, gzip checkpoints) persist across mounts,
+    /// keyed by layer digest (created if missing; default: indexes live in memory only).
+    #[arg(long, value_name = "DIR", help_heading = "Cache")]
+    pub cache_dir: Option<PathBuf>,
+    /// PATCH size when pushing (64KiB to 1GiB); raised to the registry's OCI-Chunk-Min-Length.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "8MiB",
+        help_heading = "Push"
+    )]
+    pub upload_chunk_size: String,
+    /// Chunks to prefetch ahead of a sequential reader (0 disables readahead).
+    #[arg(long, value_name = "N", default_value = "2", help_heading = "Cache")]
+    pub readahead_chunks: u64,
+
+    /// Extra CA certificate (PEM) to trust for the registry.
+    #[arg(long, value_name = "FILE", help_heading = "Connection")]
+    pub ca_cert: Option<PathBuf>,
+    /// Do not verify the registry's TLS certificate.
+    #[arg(long, help_heading = "Connection")]
+    pub insecure: bool,
+    /// Username; the password is read from REGFS_PASSWORD, else from stdin.
+    #[arg(long, value_name = "USER", help_heading = "Connection")]
+    pub username: Option<String>,
+    /// Timeout for one HTTP request, e.g. 60s.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "60s",
+        help_heading = "Connection"
+    )]
+    pub request_timeout: String,
+}
+
+/// This machine's platform in OCI terms: the default for `--platform`, because the image that
+/// shows at the tag level is most often the one this machine could run.
+pub fn default_platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    format!("linux/{arch}")
+}
