@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod credentials;
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod http;
 
