@@ -4,6 +4,8 @@
 //! registry's `OCI-Chunk-Min-Length`). One PATCH is in flight while the next chunk fills, so memory
 //! stays at about two chunks whatever the file size. The commit (PUT `?digest=`) happens in
 //! [`BlobUpload::finish`]; any failure cancels the session so nothing claims to be complete.
+//!
+//! Errors are [`PushError`]s; `error.rs` decides which errno the writer sees.
 
 use std::sync::Arc;
 
@@ -11,7 +13,8 @@ use bytes::BytesMut;
 use tokio::task::JoinHandle;
 
 use crate::digest::StreamingDigest;
-use crate::error::{FsError, FsResult, RegistryError, RegistryResult};
+pub use crate::error::PushError;
+use crate::error::{PushResult, RegistryError, RegistryResult};
 use crate::registry::{Registry, UploadSession};
 
 type Inflight = JoinHandle<(UploadSession, RegistryResult<()>)>;
@@ -31,12 +34,14 @@ pub struct BlobUpload {
     session: Option<UploadSession>,
     inflight: Option<Inflight>,
     /// The first failure; every later call returns it.
-    failed: Option<FsError>,
+    failed: Option<PushError>,
 }
 
-fn push_error(repo: &str, e: RegistryError) -> FsError {
-    // Whatever the cause, a failed push is an I/O error for the writer (close returns EIO).
-    FsError::io(format!("push to {repo}: {e}"))
+fn push_error(repo: &str, e: RegistryError) -> PushError {
+    PushError::Registry {
+        repo: repo.to_string(),
+        source: e,
+    }
 }
 
 impl BlobUpload {
@@ -67,7 +72,7 @@ impl BlobUpload {
         self.written
     }
 
-    fn fail(&mut self, e: FsError) -> FsError {
+    fn fail(&mut self, e: PushError) -> PushError {
         if self.failed.is_none() {
             self.failed = Some(e.clone());
         }
@@ -75,15 +80,15 @@ impl BlobUpload {
     }
 
     /// Accept `data` at `offset`, which must be where the previous write ended.
-    pub async fn write(&mut self, offset: u64, data: &[u8]) -> FsResult<u32> {
+    pub async fn write(&mut self, offset: u64, data: &[u8]) -> PushResult<u32> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
         if offset != self.written {
-            return Err(FsError::invalid(format!(
-                "writes must be sequential: write at {offset}, expected {}",
-                self.written
-            )));
+            return Err(PushError::OutOfOrder {
+                offset,
+                expected: self.written,
+            });
         }
         self.hasher.update(data);
         self.written += data.len() as u64;
@@ -101,7 +106,7 @@ impl BlobUpload {
     }
 
     /// Send every full chunk in the buffer (at most one PATCH in flight).
-    async fn pump(&mut self) -> FsResult<()> {
+    async fn pump(&mut self) -> PushResult<()> {
         while self.buf.len() as u64 >= self.threshold() {
             self.wait_inflight().await?;
             if self.session.is_none() {
@@ -128,7 +133,7 @@ impl BlobUpload {
     }
 
     /// Wait for the PATCH in flight, if any, and take its session back.
-    async fn wait_inflight(&mut self) -> FsResult<()> {
+    async fn wait_inflight(&mut self) -> PushResult<()> {
         let Some(h) = self.inflight.take() else {
             return Ok(());
         };
@@ -142,14 +147,17 @@ impl BlobUpload {
                 Ok(())
             }
             Err(e) => {
-                let e = FsError::io(format!("push to {}: upload task failed: {e}", self.repo));
+                let e = PushError::Task {
+                    repo: self.repo.clone(),
+                    message: e.to_string(),
+                };
                 Err(self.fail(e))
             }
         }
     }
 
     /// `fsync`: send what can go as chunks now and wait for it; report a failed chunk.
-    pub async fn sync(&mut self) -> FsResult<()> {
+    pub async fn sync(&mut self) -> PushResult<()> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -162,7 +170,7 @@ impl BlobUpload {
 
     /// Commit: the last bytes and PUT `?digest=`. Returns the digest. On failure the session is
     /// cancelled.
-    pub async fn finish(&mut self) -> FsResult<String> {
+    pub async fn finish(&mut self) -> PushResult<String> {
         let result = self.finish_inner().await;
         if result.is_err() {
             self.abort().await;
@@ -170,7 +178,7 @@ impl BlobUpload {
         result
     }
 
-    async fn finish_inner(&mut self) -> FsResult<String> {
+    async fn finish_inner(&mut self) -> PushResult<String> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -178,10 +186,11 @@ impl BlobUpload {
         let digest = self.hasher.clone().finish();
         if let Some(exp) = &self.expected {
             if *exp != digest {
-                let e = FsError::io(format!(
-                    "push to {}: the content written hashes to {digest}, not to its name {exp}",
-                    self.repo
-                ));
+                let e = PushError::DigestMismatch {
+                    repo: self.repo.clone(),
+                    expected: exp.clone(),
+                    actual: digest,
+                };
                 return Err(self.fail(e));
             }
         }
@@ -245,40 +254,22 @@ pub struct ManifestWrite {
 pub const MAX_MANIFEST: usize = 4 << 20;
 
 impl ManifestWrite {
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> FsResult<u32> {
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> PushResult<u32> {
         if offset != self.buf.len() as u64 {
-            return Err(FsError::invalid(format!(
-                "writes must be sequential: write at {offset}, expected {}",
-                self.buf.len()
-            )));
+            return Err(PushError::OutOfOrder {
+                offset,
+                expected: self.buf.len() as u64,
+            });
         }
         if self.buf.len() + data.len() > MAX_MANIFEST {
-            return Err(FsError::new(
-                libc::EFBIG,
-                log::Level::Warn,
-                "a manifest is at most 4 MiB",
-            ));
+            return Err(PushError::ManifestTooLarge);
         }
         self.buf.extend_from_slice(data);
         Ok(data.len() as u32)
     }
 }
 
-/// The Content-Type to PUT a manifest body with: its `mediaType`, else OCI index or manifest by shape.
-pub fn manifest_content_type(body: &[u8]) -> FsResult<String> {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| FsError::invalid(format!("manifest is not JSON: {e}")))?;
-    if let Some(mt) = v
-        .get("mediaType")
-        .and_then(|m| m.as_str())
-        .filter(|m| !m.is_empty())
-    {
-        return Ok(mt.to_string());
-    }
-    // No mediaType: an OCI document, by shape.
-    Ok(if v.get("manifests").is_some() {
-        crate::manifest::OCI_INDEX.to_string()
-    } else {
-        crate::manifest::OCI_MANIFEST.to_string()
-    })
+/// The Content-Type to PUT a manifest body with: [`crate::manifest::media_type_of`].
+pub fn manifest_content_type(body: &[u8]) -> PushResult<String> {
+    crate::manifest::media_type_of(body).map_err(|e| PushError::NotJson(e.to_string()))
 }

@@ -332,7 +332,7 @@ impl Fs {
             return Ok(());
         }
         match &mut w.kind {
-            WriteKind::Blob(up) => up.sync().await,
+            WriteKind::Blob(up) => up.sync().await.map_err(FsError::from),
             WriteKind::Manifest(_) => Ok(()),
         }
     }
@@ -355,7 +355,7 @@ impl Fs {
         let result = match &mut w.kind {
             WriteKind::Blob(up) => {
                 let size = up.written();
-                let r = up.finish().await;
+                let r = up.finish().await.map_err(FsError::from);
                 match &r {
                     Ok(digest) => self.committed_blob(&key, digest, size),
                     Err(_) => {

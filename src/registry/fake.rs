@@ -311,11 +311,6 @@ impl Registry for FakeRegistry {
         Ok(out)
     }
 
-    async fn push_blob(&self, repo: &str, data: Bytes) -> RegistryResult<String> {
-        RequestStats::inc(&self.stats.pushes);
-        Ok(self.add_blob(repo, data))
-    }
-
     async fn put_manifest(
         &self,
         repo: &str,
