@@ -1,13 +1,17 @@
 //! The registry as the filesystem core sees it: a trait with a real HTTP implementation
-//! ([`http::HttpRegistry`]) and an in-memory fake ([`fake::FakeRegistry`]) for tests.
+//! ([`http::HttpRegistry`]), and for tests an in-memory fake (`fake::FakeRegistry`) and a wrapper
+//! that injects failures into any registry (`faulty::FaultyRegistry`). The test-only two are
+//! compiled under `cfg(test)` or the `fake` feature, so they are not in the release binary.
 //!
-//! Both count the requests they serve in [`RequestStats`], so tests can assert laziness
-//! ("reading 4 KiB made one Range request") instead of timing anything.
+//! Every implementation counts the requests it serves in [`RequestStats`], so tests can assert
+//! laziness ("reading 4 KiB made one Range request") instead of timing anything.
 
 pub mod auth;
 pub mod credentials;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+#[cfg(any(test, feature = "fake"))]
+pub mod faulty;
 pub mod http;
 mod stats;
 
