@@ -273,3 +273,183 @@ impl ManifestWrite {
 pub fn manifest_content_type(body: &[u8]) -> PushResult<String> {
     crate::manifest::media_type_of(body).map_err(|e| PushError::NotJson(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::sha256_digest;
+    use crate::registry::fake::FakeRegistry;
+    use crate::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
+
+    const CHUNK: u64 = 4096;
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    fn upload(reg: &Arc<FakeRegistry>, expected: Option<String>, skip: bool) -> BlobUpload {
+        BlobUpload::new(reg.clone(), "app", CHUNK, expected, skip)
+    }
+
+    /// Write `d` in pieces of `piece` bytes.
+    async fn write_all(up: &mut BlobUpload, d: &[u8], piece: usize) -> PushResult<()> {
+        let mut off = 0;
+        for p in d.chunks(piece) {
+            assert_eq!(up.write(off, p).await? as usize, p.len());
+            off += p.len() as u64;
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn full_chunks_go_as_patches_and_the_rest_with_the_put() {
+        let reg = Arc::new(FakeRegistry::new());
+        let mut up = upload(&reg, None, false);
+        let d = data(2 * CHUNK as usize + 3);
+        write_all(&mut up, &d, 1000).await.unwrap();
+        assert_eq!(up.written(), d.len() as u64);
+        let digest = up.finish().await.unwrap();
+        assert_eq!(digest, sha256_digest(&d));
+        assert!(reg.has_blob("app", &digest));
+        let s = reg.stats().snapshot();
+        assert_eq!(s.upload_starts, 1);
+        assert_eq!(s.upload_patches, 2);
+        assert_eq!(s.upload_bytes, d.len() as u64);
+        assert_eq!(reg.open_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn sync_sends_the_full_chunks_only() {
+        let reg = Arc::new(FakeRegistry::new());
+        let mut up = upload(&reg, None, false);
+        write_all(&mut up, &data(CHUNK as usize + 10), 512)
+            .await
+            .unwrap();
+        up.sync().await.unwrap();
+        let s = reg.stats().snapshot();
+        assert_eq!((s.upload_patches, s.upload_bytes), (1, CHUNK));
+        assert_eq!(reg.open_uploads(), 1);
+        up.abort().await;
+        assert_eq!(reg.open_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_small_blob_is_one_post_and_put_or_nothing_when_present() {
+        let reg = Arc::new(FakeRegistry::new());
+        let d = data(100);
+        let mut up = upload(&reg, None, false);
+        write_all(&mut up, &d, 100).await.unwrap();
+        assert_eq!(up.finish().await.unwrap(), sha256_digest(&d));
+        let s = reg.stats().snapshot();
+        assert_eq!((s.upload_starts, s.upload_patches), (1, 0));
+        // The same bytes again: the HEAD finds them, nothing is sent.
+        let mut up = upload(&reg, None, false);
+        write_all(&mut up, &d, 100).await.unwrap();
+        assert_eq!(up.finish().await.unwrap(), sha256_digest(&d));
+        assert_eq!(reg.stats().snapshot().upload_starts, 1);
+    }
+
+    #[tokio::test]
+    async fn out_of_order_writes_are_refused_without_poisoning() {
+        let reg = Arc::new(FakeRegistry::new());
+        let mut up = upload(&reg, None, false);
+        assert!(matches!(
+            up.write(5, b"x").await,
+            Err(PushError::OutOfOrder {
+                offset: 5,
+                expected: 0
+            })
+        ));
+        up.write(0, b"abc").await.unwrap();
+        assert!(matches!(
+            up.write(0, b"x").await,
+            Err(PushError::OutOfOrder {
+                offset: 0,
+                expected: 3
+            })
+        ));
+        up.write(3, b"d").await.unwrap();
+        assert_eq!(up.finish().await.unwrap(), sha256_digest(b"abcd"));
+    }
+
+    #[tokio::test]
+    async fn content_must_hash_to_the_expected_digest() {
+        let reg = Arc::new(FakeRegistry::new());
+        let d = data(3 * CHUNK as usize);
+        let wrong = sha256_digest(b"other");
+        let mut up = upload(&reg, Some(wrong.clone()), false);
+        write_all(&mut up, &d, 1000).await.unwrap();
+        match up.finish().await {
+            Err(PushError::DigestMismatch {
+                expected, actual, ..
+            }) => {
+                assert_eq!(expected, wrong);
+                assert_eq!(actual, sha256_digest(&d));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!reg.has_blob("app", &sha256_digest(&d)));
+        assert_eq!(reg.open_uploads(), 0, "the session was cancelled");
+        // The right name, and the registry has it already: checked, nothing sent.
+        reg.add_blob("app", d.clone());
+        let before = reg.stats().snapshot();
+        let mut up = upload(&reg, Some(sha256_digest(&d)), true);
+        write_all(&mut up, &d, 1000).await.unwrap();
+        up.sync().await.unwrap();
+        assert_eq!(up.finish().await.unwrap(), sha256_digest(&d));
+        assert_eq!(reg.stats().snapshot(), before);
+    }
+
+    #[tokio::test]
+    async fn a_failed_chunk_poisons_the_upload_and_cancels_it() {
+        let fake = Arc::new(FakeRegistry::new());
+        let faults = Arc::new(FaultyRegistry::new(fake.clone()));
+        faults.inject(Op::UploadPatch, Fault::Error(FaultError::Server));
+        let mut up = BlobUpload::new(faults.clone(), "app", CHUNK, None, false);
+        let d = data(2 * CHUNK as usize);
+        // The first PATCH runs in the background; its failure shows at the next wait.
+        let first = write_all(&mut up, &d, CHUNK as usize).await;
+        let e = match first {
+            Err(e) => e,
+            Ok(()) => up.sync().await.unwrap_err(),
+        };
+        assert!(matches!(e, PushError::Registry { .. }), "{e}");
+        // Every later call returns the first failure.
+        assert!(matches!(
+            up.write(up.written(), b"x").await,
+            Err(PushError::Registry { .. })
+        ));
+        assert!(matches!(up.finish().await, Err(PushError::Registry { .. })));
+        assert_eq!(fake.open_uploads(), 0);
+        assert!(fake.stats().snapshot().upload_cancels >= 1);
+    }
+
+    #[test]
+    fn manifest_writes_are_sequential_and_bounded() {
+        let mut m = ManifestWrite {
+            repo: "app".into(),
+            tag: "v1".into(),
+            buf: Vec::new(),
+        };
+        m.write(0, b"{}").unwrap();
+        assert!(matches!(
+            m.write(1, b"x"),
+            Err(PushError::OutOfOrder {
+                offset: 1,
+                expected: 2
+            })
+        ));
+        assert!(matches!(
+            m.write(2, &vec![b' '; MAX_MANIFEST]),
+            Err(PushError::ManifestTooLarge)
+        ));
+        assert!(matches!(
+            manifest_content_type(b"{nope"),
+            Err(PushError::NotJson(_))
+        ));
+        assert_eq!(
+            manifest_content_type(br#"{"manifests":[]}"#).unwrap(),
+            crate::manifest::OCI_INDEX
+        );
+    }
+}
