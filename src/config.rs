@@ -190,10 +190,7 @@ pub fn registry_url(reg: &str) -> Result<(Url, String), String> {
         } else {
             host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
         };
-        let loopback = hostname == "localhost"
-            || hostname
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
+        let loopback = crate::registry::http::is_loopback_host(hostname);
         format!("{}://{reg}", if loopback { "http" } else { "https" })
     };
     let url = Url::parse(&with_scheme).map_err(|e| format!("bad registry {reg:?}: {e}"))?;

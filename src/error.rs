@@ -282,3 +282,96 @@ mod tests {
         }
     }
 }
+
+// ---- Push errors (src/push.rs) -------------------------------------------------------------------
+
+/// What went wrong while pushing by writing (a blob upload or a manifest being written).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PushError {
+    /// A write that does not start where the previous one ended.
+    #[error("writes must be sequential: write at {offset}, expected {expected}")]
+    OutOfOrder { offset: u64, expected: u64 },
+    /// The registry failed a request of the upload (POST, PATCH or PUT).
+    #[error("push to {repo}: {source}")]
+    Registry { repo: String, source: RegistryError },
+    /// The task sending a chunk did not come back (it panicked or was cancelled).
+    #[error("push to {repo}: upload task failed: {message}")]
+    Task { repo: String, message: String },
+    /// The bytes written do not hash to the digest the file is named by.
+    #[error("push to {repo}: the content written hashes to {actual}, not to its name {expected}")]
+    DigestMismatch {
+        repo: String,
+        expected: String,
+        actual: String,
+    },
+    /// A manifest above [`crate::push::MAX_MANIFEST`].
+    #[error("a manifest is at most 4 MiB")]
+    ManifestTooLarge,
+    /// A manifest body that is not JSON.
+    #[error("manifest is not JSON: {0}")]
+    NotJson(String),
+}
+
+pub type PushResult<T> = Result<T, PushError>;
+
+impl From<PushError> for FsError {
+    fn from(e: PushError) -> Self {
+        use log::Level::*;
+        use FsErrorKind as K;
+        let (kind, level) = match &e {
+            PushError::OutOfOrder { .. } | PushError::NotJson(_) => (K::Invalid, Warn),
+            // Whatever the cause, a failed push is an I/O error for the writer (close returns EIO).
+            PushError::Registry { .. }
+            | PushError::Task { .. }
+            | PushError::DigestMismatch { .. } => (K::Io, Error),
+            PushError::ManifestTooLarge => (K::TooBig, Warn),
+        };
+        FsError::new(kind, level, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod push_error_tests {
+    use super::*;
+
+    #[test]
+    fn push_errors_map_to_errnos() {
+        let cases = [
+            (
+                PushError::OutOfOrder {
+                    offset: 3,
+                    expected: 0,
+                },
+                libc::EINVAL,
+            ),
+            (PushError::NotJson("x".into()), libc::EINVAL),
+            (
+                PushError::Registry {
+                    repo: "r".into(),
+                    source: RegistryError::Unauthorized("x".into()),
+                },
+                libc::EIO,
+            ),
+            (
+                PushError::Task {
+                    repo: "r".into(),
+                    message: "x".into(),
+                },
+                libc::EIO,
+            ),
+            (
+                PushError::DigestMismatch {
+                    repo: "r".into(),
+                    expected: "a".into(),
+                    actual: "b".into(),
+                },
+                libc::EIO,
+            ),
+            (PushError::ManifestTooLarge, libc::EFBIG),
+        ];
+        for (e, errno) in cases {
+            assert_eq!(FsError::from(e.clone()).errno, errno, "{e}");
+        }
+    }
+}
+// ---- end of push errors --------------------------------------------------------------------------

@@ -11,7 +11,6 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
@@ -127,24 +126,32 @@ pub fn parse(content_type: &str, body: &[u8]) -> RegistryResult<Parsed> {
     }
 }
 
-/// The media type to report for a manifest body when the registry did not send a usable one.
-pub fn sniff_media_type(body: &[u8]) -> String {
+/// The media type of a manifest body: its `mediaType`, else an OCI index or OCI manifest by shape
+/// (a `manifests` list makes an index). This is the Content-Type a manifest is pushed with. An error
+/// when the body is not a JSON document with those fields.
+pub fn media_type_of(body: &[u8]) -> Result<String, serde_json::Error> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Mt {
         media_type: Option<String>,
         manifests: Option<serde_json::Value>,
     }
-    match serde_json::from_slice::<Mt>(body) {
-        Ok(Mt {
+    Ok(match serde_json::from_slice::<Mt>(body)? {
+        Mt {
             media_type: Some(m),
             ..
-        }) if !m.is_empty() => m,
-        Ok(Mt {
+        } if !m.is_empty() => m,
+        Mt {
             manifests: Some(_), ..
-        }) => OCI_INDEX.to_string(),
+        } => OCI_INDEX.to_string(),
         _ => OCI_MANIFEST.to_string(),
-    }
+    })
+}
+
+/// [`media_type_of`] for a body a registry served without a usable Content-Type: a body that does
+/// not parse is called an OCI manifest (and fails when it is parsed as one).
+pub fn sniff_media_type(body: &[u8]) -> String {
+    media_type_of(body).unwrap_or_else(|_| OCI_MANIFEST.to_string())
 }
 
 /// File extension of a layer, from its media type: tar, tar.gz, tar.zst, else blob.
@@ -201,6 +208,17 @@ mod tests {
             _ => panic!(),
         }
         assert_eq!(sniff_media_type(idx), OCI_INDEX);
+        assert_eq!(media_type_of(idx).unwrap(), OCI_INDEX);
+        assert_eq!(media_type_of(img).unwrap(), OCI_MANIFEST);
+        assert_eq!(
+            media_type_of(
+                br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#
+            )
+            .unwrap(),
+            DOCKER_MANIFEST
+        );
+        assert!(media_type_of(b"{nope").is_err());
+        assert_eq!(sniff_media_type(b"{nope"), OCI_MANIFEST);
     }
 
     #[test]

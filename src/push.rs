@@ -4,6 +4,8 @@
 //! registry's `OCI-Chunk-Min-Length`). One PATCH is in flight while the next chunk fills, so memory
 //! stays at about two chunks whatever the file size. The commit (PUT `?digest=`) happens in
 //! [`BlobUpload::finish`]; any failure cancels the session so nothing claims to be complete.
+//!
+//! Errors are [`PushError`]s; `error.rs` decides which errno the writer sees.
 
 use std::sync::Arc;
 
@@ -11,7 +13,8 @@ use bytes::BytesMut;
 use tokio::task::JoinHandle;
 
 use crate::digest::StreamingDigest;
-use crate::error::{FsError, FsResult, RegistryError, RegistryResult};
+pub use crate::error::PushError;
+use crate::error::{PushResult, RegistryError, RegistryResult};
 use crate::registry::{Registry, UploadSession};
 
 type Inflight = JoinHandle<(UploadSession, RegistryResult<()>)>;
@@ -31,12 +34,14 @@ pub struct BlobUpload {
     session: Option<UploadSession>,
     inflight: Option<Inflight>,
     /// The first failure; every later call returns it.
-    failed: Option<FsError>,
+    failed: Option<PushError>,
 }
 
-fn push_error(repo: &str, e: RegistryError) -> FsError {
-    // Whatever the cause, a failed push is an I/O error for the writer (close returns EIO).
-    FsError::io(format!("push to {repo}: {e}"))
+fn push_error(repo: &str, e: RegistryError) -> PushError {
+    PushError::Registry {
+        repo: repo.to_string(),
+        source: e,
+    }
 }
 
 impl BlobUpload {
@@ -67,7 +72,7 @@ impl BlobUpload {
         self.written
     }
 
-    fn fail(&mut self, e: FsError) -> FsError {
+    fn fail(&mut self, e: PushError) -> PushError {
         if self.failed.is_none() {
             self.failed = Some(e.clone());
         }
@@ -75,15 +80,15 @@ impl BlobUpload {
     }
 
     /// Accept `data` at `offset`, which must be where the previous write ended.
-    pub async fn write(&mut self, offset: u64, data: &[u8]) -> FsResult<u32> {
+    pub async fn write(&mut self, offset: u64, data: &[u8]) -> PushResult<u32> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
         if offset != self.written {
-            return Err(FsError::invalid(format!(
-                "writes must be sequential: write at {offset}, expected {}",
-                self.written
-            )));
+            return Err(PushError::OutOfOrder {
+                offset,
+                expected: self.written,
+            });
         }
         self.hasher.update(data);
         self.written += data.len() as u64;
@@ -101,7 +106,7 @@ impl BlobUpload {
     }
 
     /// Send every full chunk in the buffer (at most one PATCH in flight).
-    async fn pump(&mut self) -> FsResult<()> {
+    async fn pump(&mut self) -> PushResult<()> {
         while self.buf.len() as u64 >= self.threshold() {
             self.wait_inflight().await?;
             if self.session.is_none() {
@@ -128,7 +133,7 @@ impl BlobUpload {
     }
 
     /// Wait for the PATCH in flight, if any, and take its session back.
-    async fn wait_inflight(&mut self) -> FsResult<()> {
+    async fn wait_inflight(&mut self) -> PushResult<()> {
         let Some(h) = self.inflight.take() else {
             return Ok(());
         };
@@ -142,14 +147,17 @@ impl BlobUpload {
                 Ok(())
             }
             Err(e) => {
-                let e = FsError::io(format!("push to {}: upload task failed: {e}", self.repo));
+                let e = PushError::Task {
+                    repo: self.repo.clone(),
+                    message: e.to_string(),
+                };
                 Err(self.fail(e))
             }
         }
     }
 
     /// `fsync`: send what can go as chunks now and wait for it; report a failed chunk.
-    pub async fn sync(&mut self) -> FsResult<()> {
+    pub async fn sync(&mut self) -> PushResult<()> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -162,7 +170,7 @@ impl BlobUpload {
 
     /// Commit: the last bytes and PUT `?digest=`. Returns the digest. On failure the session is
     /// cancelled.
-    pub async fn finish(&mut self) -> FsResult<String> {
+    pub async fn finish(&mut self) -> PushResult<String> {
         let result = self.finish_inner().await;
         if result.is_err() {
             self.abort().await;
@@ -170,7 +178,7 @@ impl BlobUpload {
         result
     }
 
-    async fn finish_inner(&mut self) -> FsResult<String> {
+    async fn finish_inner(&mut self) -> PushResult<String> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
@@ -178,10 +186,11 @@ impl BlobUpload {
         let digest = self.hasher.clone().finish();
         if let Some(exp) = &self.expected {
             if *exp != digest {
-                let e = FsError::io(format!(
-                    "push to {}: the content written hashes to {digest}, not to its name {exp}",
-                    self.repo
-                ));
+                let e = PushError::DigestMismatch {
+                    repo: self.repo.clone(),
+                    expected: exp.clone(),
+                    actual: digest,
+                };
                 return Err(self.fail(e));
             }
         }
@@ -245,36 +254,202 @@ pub struct ManifestWrite {
 pub const MAX_MANIFEST: usize = 4 << 20;
 
 impl ManifestWrite {
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> FsResult<u32> {
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> PushResult<u32> {
         if offset != self.buf.len() as u64 {
-            return Err(FsError::invalid(format!(
-                "writes must be sequential: write at {offset}, expected {}",
-                self.buf.len()
-            )));
+            return Err(PushError::OutOfOrder {
+                offset,
+                expected: self.buf.len() as u64,
+            });
         }
         if self.buf.len() + data.len() > MAX_MANIFEST {
-            return Err(FsError::too_big("a manifest is at most 4 MiB"));
+            return Err(PushError::ManifestTooLarge);
         }
         self.buf.extend_from_slice(data);
         Ok(data.len() as u32)
     }
 }
 
-/// The Content-Type to PUT a manifest body with: its `mediaType`, else OCI index or manifest by shape.
-pub fn manifest_content_type(body: &[u8]) -> FsResult<String> {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| FsError::invalid(format!("manifest is not JSON: {e}")))?;
-    if let Some(mt) = v
-        .get("mediaType")
-        .and_then(|m| m.as_str())
-        .filter(|m| !m.is_empty())
-    {
-        return Ok(mt.to_string());
+/// The Content-Type to PUT a manifest body with: [`crate::manifest::media_type_of`].
+pub fn manifest_content_type(body: &[u8]) -> PushResult<String> {
+    crate::manifest::media_type_of(body).map_err(|e| PushError::NotJson(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::sha256_digest;
+    use crate::registry::fake::FakeRegistry;
+    use crate::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
+
+    const CHUNK: u64 = 4096;
+
+    fn data(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
     }
-    // No mediaType: an OCI document, by shape.
-    Ok(if v.get("manifests").is_some() {
-        crate::manifest::OCI_INDEX.to_string()
-    } else {
-        crate::manifest::OCI_MANIFEST.to_string()
-    })
+
+    fn upload(reg: &Arc<FakeRegistry>, expected: Option<String>, skip: bool) -> BlobUpload {
+        BlobUpload::new(reg.clone(), "app", CHUNK, expected, skip)
+    }
+
+    /// Write `d` in pieces of `piece` bytes.
+    async fn write_all(up: &mut BlobUpload, d: &[u8], piece: usize) -> PushResult<()> {
+        let mut off = 0;
+        for p in d.chunks(piece) {
+            assert_eq!(up.write(off, p).await? as usize, p.len());
+            off += p.len() as u64;
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn full_chunks_go_as_patches_and_the_rest_with_the_put() {
+        let reg = Arc::new(FakeRegistry::new());
+        let mut up = upload(&reg, None, false);
+        let d = data(2 * CHUNK as usize + 3);
+        write_all(&mut up, &d, 1000).await.unwrap();
+        assert_eq!(up.written(), d.len() as u64);
+        let digest = up.finish().await.unwrap();
+        assert_eq!(digest, sha256_digest(&d));
+        assert!(reg.has_blob("app", &digest));
+        let s = reg.stats().snapshot();
+        assert_eq!(s.upload_starts, 1);
+        assert_eq!(s.upload_patches, 2);
+        assert_eq!(s.upload_bytes, d.len() as u64);
+        assert_eq!(reg.open_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn sync_sends_the_full_chunks_only() {
+        let reg = Arc::new(FakeRegistry::new());
+        let mut up = upload(&reg, None, false);
+        write_all(&mut up, &data(CHUNK as usize + 10), 512)
+            .await
+            .unwrap();
+        up.sync().await.unwrap();
+        let s = reg.stats().snapshot();
+        assert_eq!((s.upload_patches, s.upload_bytes), (1, CHUNK));
+        assert_eq!(reg.open_uploads(), 1);
+        up.abort().await;
+        assert_eq!(reg.open_uploads(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_small_blob_is_one_post_and_put_or_nothing_when_present() {
+        let reg = Arc::new(FakeRegistry::new());
+        let d = data(100);
+        let mut up = upload(&reg, None, false);
+        write_all(&mut up, &d, 100).await.unwrap();
+        assert_eq!(up.finish().await.unwrap(), sha256_digest(&d));
+        let s = reg.stats().snapshot();
+        assert_eq!((s.upload_starts, s.upload_patches), (1, 0));
+        // The same bytes again: the HEAD finds them, nothing is sent.
+        let mut up = upload(&reg, None, false);
+        write_all(&mut up, &d, 100).await.unwrap();
+        assert_eq!(up.finish().await.unwrap(), sha256_digest(&d));
+        assert_eq!(reg.stats().snapshot().upload_starts, 1);
+    }
+
+    #[tokio::test]
+    async fn out_of_order_writes_are_refused_without_poisoning() {
+        let reg = Arc::new(FakeRegistry::new());
+        let mut up = upload(&reg, None, false);
+        assert!(matches!(
+            up.write(5, b"x").await,
+            Err(PushError::OutOfOrder {
+                offset: 5,
+                expected: 0
+            })
+        ));
+        up.write(0, b"abc").await.unwrap();
+        assert!(matches!(
+            up.write(0, b"x").await,
+            Err(PushError::OutOfOrder {
+                offset: 0,
+                expected: 3
+            })
+        ));
+        up.write(3, b"d").await.unwrap();
+        assert_eq!(up.finish().await.unwrap(), sha256_digest(b"abcd"));
+    }
+
+    #[tokio::test]
+    async fn content_must_hash_to_the_expected_digest() {
+        let reg = Arc::new(FakeRegistry::new());
+        let d = data(3 * CHUNK as usize);
+        let wrong = sha256_digest(b"other");
+        let mut up = upload(&reg, Some(wrong.clone()), false);
+        write_all(&mut up, &d, 1000).await.unwrap();
+        match up.finish().await {
+            Err(PushError::DigestMismatch {
+                expected, actual, ..
+            }) => {
+                assert_eq!(expected, wrong);
+                assert_eq!(actual, sha256_digest(&d));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!reg.has_blob("app", &sha256_digest(&d)));
+        assert_eq!(reg.open_uploads(), 0, "the session was cancelled");
+        // The right name, and the registry has it already: checked, nothing sent.
+        reg.add_blob("app", d.clone());
+        let before = reg.stats().snapshot();
+        let mut up = upload(&reg, Some(sha256_digest(&d)), true);
+        write_all(&mut up, &d, 1000).await.unwrap();
+        up.sync().await.unwrap();
+        assert_eq!(up.finish().await.unwrap(), sha256_digest(&d));
+        assert_eq!(reg.stats().snapshot(), before);
+    }
+
+    #[tokio::test]
+    async fn a_failed_chunk_poisons_the_upload_and_cancels_it() {
+        let fake = Arc::new(FakeRegistry::new());
+        let faults = Arc::new(FaultyRegistry::new(fake.clone()));
+        faults.inject(Op::UploadPatch, Fault::Error(FaultError::Server));
+        let mut up = BlobUpload::new(faults.clone(), "app", CHUNK, None, false);
+        let d = data(2 * CHUNK as usize);
+        // The first PATCH runs in the background; its failure shows at the next wait.
+        let first = write_all(&mut up, &d, CHUNK as usize).await;
+        let e = match first {
+            Err(e) => e,
+            Ok(()) => up.sync().await.unwrap_err(),
+        };
+        assert!(matches!(e, PushError::Registry { .. }), "{e}");
+        // Every later call returns the first failure.
+        assert!(matches!(
+            up.write(up.written(), b"x").await,
+            Err(PushError::Registry { .. })
+        ));
+        assert!(matches!(up.finish().await, Err(PushError::Registry { .. })));
+        assert_eq!(fake.open_uploads(), 0);
+        assert!(fake.stats().snapshot().upload_cancels >= 1);
+    }
+
+    #[test]
+    fn manifest_writes_are_sequential_and_bounded() {
+        let mut m = ManifestWrite {
+            repo: "app".into(),
+            tag: "v1".into(),
+            buf: Vec::new(),
+        };
+        m.write(0, b"{}").unwrap();
+        assert!(matches!(
+            m.write(1, b"x"),
+            Err(PushError::OutOfOrder {
+                offset: 1,
+                expected: 2
+            })
+        ));
+        assert!(matches!(
+            m.write(2, &vec![b' '; MAX_MANIFEST]),
+            Err(PushError::ManifestTooLarge)
+        ));
+        assert!(matches!(
+            manifest_content_type(b"{nope"),
+            Err(PushError::NotJson(_))
+        ));
+        assert_eq!(
+            manifest_content_type(br#"{"manifests":[]}"#).unwrap(),
+            crate::manifest::OCI_INDEX
+        );
+    }
 }

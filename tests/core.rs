@@ -1,11 +1,13 @@
 //! Core tier: the filesystem core against the in-memory fake registry. Fast, no kernel, no
-//! network; covers the tree, laziness by request counts, and every fault the fake can inject.
+//! network; covers the tree, laziness by request counts, and every fault the failure-injecting
+//! wrapper can inject.
 
 use std::sync::Arc;
 
 use regfs::digest::{digest_hex, sha256_digest};
 use regfs::fs::{Fs, FsOptions, Ino, Kind, ROOT_INO};
-use regfs::registry::fake::{FakeRegistry, Fault, FaultError, Op};
+use regfs::registry::fake::FakeRegistry;
+use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
 use regfs::registry::Registry;
 
 const KIB: u64 = 1024;
@@ -68,6 +70,25 @@ fn setup_ttl(chunk: u64, ttl: std::time::Duration) -> (Arc<FakeRegistry>, Fs) {
         },
     );
     (reg, fs)
+}
+
+/// Like [`setup_ttl`], with the core talking to the fake through a failure-injecting wrapper.
+fn setup_faulty(
+    chunk: u64,
+    ttl: std::time::Duration,
+) -> (Arc<FakeRegistry>, Arc<FaultyRegistry>, Fs) {
+    let reg = Arc::new(FakeRegistry::new());
+    let faults = Arc::new(FaultyRegistry::new(reg.clone()));
+    let fs = Fs::new(
+        faults.clone() as Arc<dyn Registry>,
+        FsOptions {
+            chunk_size: chunk,
+            cache_size: 64 * chunk,
+            metadata_ttl: ttl,
+            ..FsOptions::default()
+        },
+    );
+    (reg, faults, fs)
 }
 
 /// Walk a path from the root with lookups; returns the inode.
@@ -300,10 +321,10 @@ async fn registry_errors_become_errnos() {
     ];
     for (fault, errno) in cases {
         // TTL 0 so the tag listing is asked again and meets the fault.
-        let (reg, fs) = setup_ttl(64 * KIB, std::time::Duration::ZERO);
+        let (reg, faults, fs) = setup_faulty(64 * KIB, std::time::Duration::ZERO);
         add_image(&reg, "e/one", "v1", 1000);
         let cfg = walk(&fs, "e/one/tags/v1/config.json").await.unwrap();
-        reg.inject(Op::BlobRange, Fault::Error(fault.clone()));
+        faults.inject(Op::BlobRange, Fault::Error(fault.clone()));
         let h = fs.open(cfg, false).await.unwrap();
         assert_eq!(
             fs.read(h.fh, 0, 4096).await.unwrap_err().errno,
@@ -314,7 +335,7 @@ async fn registry_errors_become_errnos() {
         assert!(fs.read(h.fh, 0, 4096).await.is_ok(), "{fault:?}");
 
         let tags = walk(&fs, "e/one/tags").await.unwrap();
-        reg.inject(Op::Tags, Fault::Error(fault.clone()));
+        faults.inject(Op::Tags, Fault::Error(fault.clone()));
         let got = fs.readdir(tags).await.unwrap_err().errno;
         assert_eq!(got, errno, "tags {fault:?}");
     }
@@ -351,7 +372,7 @@ async fn manifest_faults() {
 #[tokio::test]
 async fn truncated_refused_and_corrupt_bodies_are_eio_and_not_cached() {
     for fault in [Fault::Truncate, Fault::WholeBody, Fault::Corrupt] {
-        let (reg, fs) = setup(64 * KIB);
+        let (reg, faults, fs) = setup_faulty(64 * KIB, regfs::config::DEFAULT_METADATA_TTL);
         let img = add_image(&reg, "t/one", "v1", (200 * KIB) as usize);
         let cfg = walk(&fs, "t/one/tags/v1/config.json").await.unwrap();
         let _ = img;
@@ -366,7 +387,7 @@ async fn truncated_refused_and_corrupt_bodies_are_eio_and_not_cached() {
             if ino == layer && fault == Fault::Corrupt {
                 continue; // one chunk of many cannot be checked alone: see the next test
             }
-            reg.inject(Op::BlobRange, fault.clone());
+            faults.inject(Op::BlobRange, fault.clone());
             let h = fs.open(ino, false).await.unwrap();
             let before = cache_chunks(&fs).await;
             let e = fs.read(h.fh, 0, 4096).await.unwrap_err();
@@ -384,12 +405,12 @@ async fn truncated_refused_and_corrupt_bodies_are_eio_and_not_cached() {
 
 #[tokio::test]
 async fn multi_chunk_digest_mismatch_evicts() {
-    let (reg, fs) = setup(64 * KIB);
+    let (reg, faults, fs) = setup_faulty(64 * KIB, regfs::config::DEFAULT_METADATA_TTL);
     add_image(&reg, "d/one", "v1", (200 * KIB) as usize);
     let layers = layer_files(&fs, "d/one/tags/v1/layers").await;
     let path = format!("d/one/tags/v1/layers/{}", layers[0]);
     // Corrupt one chunk: it has the right length, so only the whole-blob digest can tell.
-    reg.inject(Op::BlobRange, Fault::Corrupt);
+    faults.inject(Op::BlobRange, Fault::Corrupt);
     let e = read_all(&fs, &path).await.unwrap_err();
     assert_eq!(e, libc::EIO);
     assert!(
@@ -420,9 +441,9 @@ async fn registry_without_catalog_still_mounts() {
 
 #[tokio::test]
 async fn catalog_errors_other_than_absence_are_eio() {
-    let (reg, fs) = setup(64 * KIB);
+    let (reg, faults, fs) = setup_faulty(64 * KIB, regfs::config::DEFAULT_METADATA_TTL);
     add_image(&reg, "x/y", "v1", 100);
-    reg.inject(Op::Catalog, Fault::Error(FaultError::Server));
+    faults.inject(Op::Catalog, Fault::Error(FaultError::Server));
     assert_eq!(fs.readdir(ROOT_INO).await.unwrap_err().errno, libc::EIO);
     assert_eq!(names(&fs, "").await, vec!["x"]);
 }

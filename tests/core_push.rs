@@ -1,11 +1,12 @@
 //! Core tier, write side: the push paths against the in-memory fake, including failures the real
-//! registry cannot be made to produce on demand.
+//! registry cannot be made to produce on demand (injected by the failure-injecting wrapper).
 
 use std::sync::Arc;
 
 use regfs::digest::{digest_hex, sha256_digest};
 use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
-use regfs::registry::fake::{FakeRegistry, Fault, FaultError, Op};
+use regfs::registry::fake::FakeRegistry;
+use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
 use regfs::registry::Registry;
 
 const CHUNK: u64 = 64 * 1024;
@@ -20,6 +21,20 @@ fn setup() -> (Arc<FakeRegistry>, Fs) {
         },
     );
     (reg, fs)
+}
+
+/// Like [`setup`], with the core talking to the fake through a failure-injecting wrapper.
+fn setup_faulty() -> (Arc<FakeRegistry>, Arc<FaultyRegistry>, Fs) {
+    let reg = Arc::new(FakeRegistry::new());
+    let faults = Arc::new(FaultyRegistry::new(reg.clone()));
+    let fs = Fs::new(
+        faults.clone() as Arc<dyn Registry>,
+        FsOptions {
+            upload_chunk_size: CHUNK,
+            ..FsOptions::default()
+        },
+    );
+    (reg, faults, fs)
 }
 
 async fn walk(fs: &Fs, path: &str) -> Result<Ino, i32> {
@@ -79,9 +94,9 @@ async fn upload_is_chunked_and_committed_at_flush() {
 
 #[tokio::test]
 async fn a_failed_chunk_fails_close_and_cancels_the_session() {
-    let (reg, fs) = setup();
+    let (reg, faults, fs) = setup_faulty();
     fs.mkdir(ROOT_INO, "app").await.unwrap();
-    reg.inject(Op::UploadPatch, Fault::Error(FaultError::Server));
+    faults.inject(Op::UploadPatch, Fault::Error(FaultError::Server));
     let d = data(3 * CHUNK as usize);
     let e = copy_in(&fs, "app/uploads", "f.bin", &d).await.unwrap_err();
     assert_eq!(e, libc::EIO);
@@ -97,9 +112,9 @@ async fn a_failed_chunk_fails_close_and_cancels_the_session() {
 
 #[tokio::test]
 async fn a_failed_commit_cancels_too() {
-    let (reg, fs) = setup();
+    let (reg, faults, fs) = setup_faulty();
     fs.mkdir(ROOT_INO, "app").await.unwrap();
-    reg.inject(Op::UploadFinish, Fault::Error(FaultError::Unauthorized));
+    faults.inject(Op::UploadFinish, Fault::Error(FaultError::Unauthorized));
     let e = copy_in(&fs, "app/uploads", "f.bin", &data(100))
         .await
         .unwrap_err();
@@ -109,7 +124,7 @@ async fn a_failed_commit_cancels_too() {
 
 #[tokio::test]
 async fn fsync_sends_chunks_and_reports_failures() {
-    let (reg, fs) = setup();
+    let (reg, faults, fs) = setup_faulty();
     fs.mkdir(ROOT_INO, "app").await.unwrap();
     let parent = walk(&fs, "app/uploads").await.unwrap();
     let (_, h) = fs.create(parent, "f").await.unwrap();
@@ -119,7 +134,7 @@ async fn fsync_sends_chunks_and_reports_failures() {
     fs.fsync(h.fh).await.unwrap();
     assert_eq!(reg.stats().snapshot().upload_patches, 2);
     assert_eq!(reg.stats().snapshot().upload_bytes, 2 * CHUNK);
-    reg.inject(Op::UploadPatch, Fault::Error(FaultError::Server));
+    faults.inject(Op::UploadPatch, Fault::Error(FaultError::Server));
     fs.write(h.fh, 2 * CHUNK + 5, &data(CHUNK as usize))
         .await
         .unwrap();
@@ -235,7 +250,7 @@ async fn manifests_mount_their_blobs_from_other_repositories() {
 
 #[tokio::test]
 async fn a_manifest_with_a_missing_blob_is_refused_before_the_put() {
-    let (reg, fs) = setup();
+    let (reg, faults, fs) = setup_faulty();
     fs.mkdir(ROOT_INO, "dst").await.unwrap();
     fs.mkdir(walk(&fs, "dst/tags").await.unwrap(), "v1")
         .await
@@ -252,7 +267,7 @@ async fn a_manifest_with_a_missing_blob_is_refused_before_the_put() {
     assert_eq!(reg.stats().snapshot().pushes, 0, "no PUT was attempted");
     // A registry that refuses the PUT fails the copy too.
     let cfg = reg.add_blob("dst", b"{}".to_vec());
-    reg.inject(Op::PutManifest, Fault::Error(FaultError::Server));
+    faults.inject(Op::PutManifest, Fault::Error(FaultError::Server));
     let m = image_manifest(&cfg, 2, &[]);
     assert_eq!(
         copy_in(&fs, "dst/tags/v1", "manifest.json", m.as_bytes())

@@ -1,7 +1,8 @@
 //! The HTTP client against a scripted stub server, for registry behaviours distribution 2.8 does
 //! not produce: a Range answered with 200, a wrong Content-Range, a truncated body, 429 with
 //! Retry-After, relative opaque pagination links, Bearer challenges, a lying Docker-Content-Digest,
-//! and a redirect to another host (which must not receive the credentials).
+//! and a redirect to another host (which must not receive the credentials). Also: the
+//! failure-injecting wrapper over the real client.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -12,6 +13,7 @@ use std::time::Duration;
 use regfs::digest::sha256_digest;
 use regfs::error::RegistryError;
 use regfs::registry::auth::Credentials;
+use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
 use regfs::registry::http::{HttpOptions, HttpRegistry};
 use regfs::registry::Registry;
 
@@ -368,4 +370,66 @@ async fn out_of_order_patch_acknowledgements_are_errors() {
         matches!(&e, RegistryError::Protocol(m) if m.contains("acknowledged")),
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn faults_inject_into_the_http_client() {
+    // The failure-injecting wrapper works over the real client, not only over the fake.
+    let (port, log) = stub(Arc::new(|r: &Req| {
+        let b = blob();
+        match (r.method.as_str(), r.headers.get("range")) {
+            ("GET", Some(range)) => {
+                let (s, e) = range.trim_start_matches("bytes=").split_once('-').unwrap();
+                let (s, e): (usize, usize) = (s.parse().unwrap(), e.parse().unwrap());
+                resp(206, &b[s..=e]).h("Content-Range", &format!("bytes {s}-{e}/{}", b.len()))
+            }
+            ("POST", _) => resp(202, "").h("Location", "/v2/a/b/blobs/uploads/u1"),
+            _ => resp(200, b),
+        }
+    }));
+    let faults = FaultyRegistry::new(Arc::new(client(port, None)));
+    let d = digest();
+    let sent = |method: &str| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.method == method)
+            .count()
+    };
+    // Nothing queued: the wrapper is transparent.
+    let b = faults.blob_range("a/b", &d, 10, 19).await.unwrap();
+    assert_eq!(&b[..], &blob()[10..20]);
+    assert_eq!(sent("GET"), 1);
+    // An injected error never reaches the server, but counts as a request.
+    faults.inject(Op::BlobRange, Fault::Error(FaultError::TooManyRequests));
+    let e = faults.blob_range("a/b", &d, 0, 9).await.unwrap_err();
+    assert!(matches!(e, RegistryError::TooManyRequests(_)), "{e}");
+    assert_eq!(sent("GET"), 1);
+    assert_eq!(faults.stats().snapshot().blob_gets, 2);
+    // Body faults spoil what the server sent.
+    faults.inject(Op::BlobRange, Fault::Truncate);
+    assert_eq!(faults.blob_range("a/b", &d, 0, 99).await.unwrap().len(), 50);
+    faults.inject(Op::BlobRange, Fault::Corrupt);
+    let b = faults.blob_range("a/b", &d, 0, 9).await.unwrap();
+    assert_eq!(b.len(), 10);
+    assert_ne!(&b[..], &blob()[..10]);
+    faults.inject(Op::BlobRange, Fault::WholeBody);
+    let b = faults.blob_range("a/b", &d, 0, 9).await.unwrap();
+    assert_eq!(&b[..], &blob()[..]);
+    assert_eq!(sent("HEAD"), 1, "the whole body needs the blob's size");
+    // Write side: a PATCH that fails leaves the session where it was, and is not sent.
+    let mut s = faults.upload_start("a/b").await.unwrap();
+    faults.inject(Op::UploadPatch, Fault::Error(FaultError::Server));
+    let e = faults
+        .upload_patch("a/b", &mut s, bytes::Bytes::from_static(b"hello"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, RegistryError::Server { status: 500, .. }),
+        "{e}"
+    );
+    assert_eq!(s.offset, 0);
+    assert_eq!(sent("PATCH"), 0);
+    assert_eq!(faults.stats().snapshot().upload_patches, 1);
+    assert_eq!(faults.pending(), 0);
 }

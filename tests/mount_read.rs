@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 
 use common::*;
 use regfs::digest::{digest_hex, sha256_digest};
-use regfs::registry::Registry;
+use regfs::registry::{push_whole_blob, Registry};
 
 #[test]
 fn browse_image_tree() {
@@ -295,10 +295,12 @@ fn catalog_and_tags_paginate() {
             let tiny = tiny.clone();
             tasks.push(tokio::spawn(async move {
                 let repo = format!("many/r{i:03}");
-                c.push_blob(&repo, bytes::Bytes::from(config))
+                push_whole_blob(&*c, &repo, bytes::Bytes::from(config))
                     .await
                     .unwrap();
-                c.push_blob(&repo, bytes::Bytes::from(tiny)).await.unwrap();
+                push_whole_blob(&*c, &repo, bytes::Bytes::from(tiny))
+                    .await
+                    .unwrap();
                 c.put_manifest(
                     &repo,
                     "t000",

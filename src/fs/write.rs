@@ -277,7 +277,7 @@ impl Fs {
             return Ok(());
         }
         match &mut w.kind {
-            WriteKind::Blob(up) => Ok(up.sync().await?),
+            WriteKind::Blob(up) => up.sync().await.map_err(FsError::from),
             WriteKind::Manifest(_) => Ok(()),
         }
     }
@@ -300,7 +300,7 @@ impl Fs {
         let result = match &mut w.kind {
             WriteKind::Blob(up) => {
                 let size = up.written();
-                let r = up.finish().await;
+                let r = up.finish().await.map_err(FsError::from);
                 if let Ok(digest) = &r {
                     let digest = Digest::from(digest);
                     self.staging.committed(&key, digest.clone(), size);

@@ -1,8 +1,8 @@
 //! An in-memory registry for the fast test tier. It counts every request in the same
-//! [`RequestStats`] as the HTTP client, and fails on demand ([`Fault`]) so the core's error paths
-//! can be driven without a network.
+//! [`RequestStats`] as the HTTP client. To make it fail on demand, wrap it in
+//! [`super::faulty::FaultyRegistry`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -12,41 +12,6 @@ use super::{ManifestBlob, ManifestHead, Registry, RequestStats, UploadSession};
 use crate::digest::sha256_digest;
 use crate::error::{RegistryError, RegistryResult};
 use crate::manifest::sniff_media_type;
-
-/// A failure the fake injects into the next matching request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fault {
-    /// Answer as an error.
-    Error(FaultError),
-    /// Serve fewer bytes than asked (a truncated body).
-    Truncate,
-    /// Serve the whole blob instead of the range (a Range answered with 200, handled badly).
-    WholeBody,
-    /// Flip the bytes served (a digest mismatch).
-    Corrupt,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FaultError {
-    NotFound,
-    Unauthorized,
-    TooManyRequests,
-    Server,
-}
-
-/// Which request a fault applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    Catalog,
-    Tags,
-    Manifest,
-    BlobHead,
-    BlobRange,
-    /// PATCH (an error fault) or PUT of an upload.
-    UploadPatch,
-    UploadFinish,
-    PutManifest,
-}
 
 #[derive(Default)]
 struct Repo {
@@ -59,7 +24,6 @@ struct Repo {
 #[derive(Default)]
 pub struct FakeRegistry {
     repos: Mutex<BTreeMap<String, Repo>>,
-    faults: Mutex<HashMap<Op, VecDeque<Fault>>>,
     no_catalog: std::sync::atomic::AtomicBool,
     /// Open upload sessions: id -> (repo, bytes so far).
     uploads: Mutex<HashMap<String, (String, Vec<u8>)>>,
@@ -76,33 +40,6 @@ impl FakeRegistry {
     pub fn disable_catalog(&self) {
         self.no_catalog
             .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Queue a fault for the next request of kind `op`.
-    pub fn inject(&self, op: Op, fault: Fault) {
-        self.faults
-            .lock()
-            .unwrap()
-            .entry(op)
-            .or_default()
-            .push_back(fault);
-    }
-
-    fn take_fault(&self, op: Op) -> Option<Fault> {
-        self.faults.lock().unwrap().get_mut(&op)?.pop_front()
-    }
-
-    fn fail(op: Op, f: &FaultError) -> RegistryError {
-        let m = format!("injected fault on {op:?}");
-        match f {
-            FaultError::NotFound => RegistryError::NotFound(m),
-            FaultError::Unauthorized => RegistryError::Unauthorized(m),
-            FaultError::TooManyRequests => RegistryError::TooManyRequests(m),
-            FaultError::Server => RegistryError::Server {
-                status: 500,
-                message: m,
-            },
-        }
     }
 
     /// Store a blob in `repo`; returns its digest.
@@ -175,13 +112,6 @@ impl FakeRegistry {
             .unwrap_or_default()
     }
 
-    fn error_fault(&self, op: Op) -> RegistryResult<()> {
-        match self.take_fault(op) {
-            Some(Fault::Error(f)) => Err(Self::fail(op, &f)),
-            _ => Ok(()),
-        }
-    }
-
     fn resolve(&self, repo: &str, reference: &str) -> RegistryResult<(String, String, Bytes)> {
         let repos = self.repos.lock().unwrap();
         let r = repos
@@ -218,9 +148,6 @@ impl FakeRegistry {
 impl Registry for FakeRegistry {
     async fn catalog(&self) -> RegistryResult<Vec<String>> {
         RequestStats::inc(&self.stats.catalog_pages);
-        if let Some(Fault::Error(f)) = self.take_fault(Op::Catalog) {
-            return Err(Self::fail(Op::Catalog, &f));
-        }
         if self.no_catalog.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(RegistryError::Unauthorized("catalog not offered".into()));
         }
@@ -234,9 +161,6 @@ impl Registry for FakeRegistry {
 
     async fn tags(&self, repo: &str) -> RegistryResult<Vec<String>> {
         RequestStats::inc(&self.stats.tag_pages);
-        if let Some(Fault::Error(f)) = self.take_fault(Op::Tags) {
-            return Err(Self::fail(Op::Tags, &f));
-        }
         let repos = self.repos.lock().unwrap();
         let r = repos
             .get(repo)
@@ -246,10 +170,6 @@ impl Registry for FakeRegistry {
 
     async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {
         RequestStats::inc(&self.stats.manifest_gets);
-        let fault = self.take_fault(Op::Manifest);
-        if let Some(Fault::Error(f)) = &fault {
-            return Err(Self::fail(Op::Manifest, f));
-        }
         let (digest, media_type, body) = self.resolve(repo, reference)?;
         // Like the HTTP client: verify what was served against the digest it claims.
         crate::digest::verify(&digest, &body)?;
@@ -262,9 +182,6 @@ impl Registry for FakeRegistry {
 
     async fn manifest_head(&self, repo: &str, reference: &str) -> RegistryResult<ManifestHead> {
         RequestStats::inc(&self.stats.manifest_heads);
-        if let Some(Fault::Error(f)) = self.take_fault(Op::Manifest) {
-            return Err(Self::fail(Op::Manifest, &f));
-        }
         let (digest, media_type, body) = self.resolve(repo, reference)?;
         Ok(ManifestHead {
             digest,
@@ -275,9 +192,6 @@ impl Registry for FakeRegistry {
 
     async fn blob_size(&self, repo: &str, digest: &str) -> RegistryResult<u64> {
         RequestStats::inc(&self.stats.blob_heads);
-        if let Some(Fault::Error(f)) = self.take_fault(Op::BlobHead) {
-            return Err(Self::fail(Op::BlobHead, &f));
-        }
         Ok(self.blob(repo, digest)?.len() as u64)
     }
 
@@ -289,31 +203,14 @@ impl Registry for FakeRegistry {
         end: u64,
     ) -> RegistryResult<Bytes> {
         RequestStats::inc(&self.stats.blob_gets);
-        let fault = self.take_fault(Op::BlobRange);
-        if let Some(Fault::Error(f)) = &fault {
-            return Err(Self::fail(Op::BlobRange, f));
-        }
         let blob = self.blob(repo, digest)?;
         if start >= blob.len() as u64 || end < start {
             return Err(RegistryError::Protocol("range refused (416)".into()));
         }
         let end = end.min(blob.len() as u64 - 1);
-        let mut out = blob.slice(start as usize..=end as usize);
-        match fault {
-            Some(Fault::Truncate) => out = out.slice(..out.len() / 2),
-            Some(Fault::WholeBody) => out = blob.clone(),
-            Some(Fault::Corrupt) => out = out.iter().map(|b| b ^ 0xff).collect::<Vec<_>>().into(),
-            _ => {}
-        }
-        self.stats
-            .blob_bytes
-            .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let out = blob.slice(start as usize..=end as usize);
+        RequestStats::add(&self.stats.blob_bytes, out.len() as u64);
         Ok(out)
-    }
-
-    async fn push_blob(&self, repo: &str, data: Bytes) -> RegistryResult<String> {
-        RequestStats::inc(&self.stats.pushes);
-        Ok(self.add_blob(repo, data))
     }
 
     async fn put_manifest(
@@ -324,7 +221,6 @@ impl Registry for FakeRegistry {
         body: Bytes,
     ) -> RegistryResult<String> {
         RequestStats::inc(&self.stats.pushes);
-        self.error_fault(Op::PutManifest)?;
         // Like a registry: every blob the manifest references must be in the repository.
         if let Ok(crate::manifest::Parsed::Image { config, layers }) =
             crate::manifest::parse("", &body)
@@ -367,7 +263,6 @@ impl Registry for FakeRegistry {
         data: Bytes,
     ) -> RegistryResult<()> {
         RequestStats::inc(&self.stats.upload_patches);
-        self.error_fault(Op::UploadPatch)?;
         let mut uploads = self.uploads.lock().unwrap();
         let (_, buf) = uploads
             .get_mut(&session.location)
@@ -385,7 +280,6 @@ impl Registry for FakeRegistry {
         digest: &str,
         last: Bytes,
     ) -> RegistryResult<()> {
-        self.error_fault(Op::UploadFinish)?;
         let (_, mut buf) = self
             .uploads
             .lock()

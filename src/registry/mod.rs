@@ -1,19 +1,24 @@
 //! The registry as the filesystem core sees it: a trait with a real HTTP implementation
-//! ([`http::HttpRegistry`]) and an in-memory fake ([`fake::FakeRegistry`]) for tests.
+//! ([`http::HttpRegistry`]), and for tests an in-memory fake (`fake::FakeRegistry`) and a wrapper
+//! that injects failures into any registry (`faulty::FaultyRegistry`). The test-only two are
+//! compiled under `cfg(test)` or the `fake` feature, so they are not in the release binary.
 //!
-//! Both count the requests they serve in [`RequestStats`], so tests can assert laziness
-//! ("reading 4 KiB made one Range request") instead of timing anything.
+//! Every implementation counts the requests it serves in [`RequestStats`], so tests can assert
+//! laziness ("reading 4 KiB made one Range request") instead of timing anything.
 
 pub mod auth;
 pub mod credentials;
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
+#[cfg(any(test, feature = "fake"))]
+pub mod faulty;
 pub mod http;
+mod stats;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+pub use stats::{RequestStats, StatsSnapshot};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::Serialize;
 
 use crate::error::RegistryResult;
 
@@ -56,8 +61,6 @@ pub trait Registry: Send + Sync + 'static {
         start: u64,
         end: u64,
     ) -> RegistryResult<Bytes>;
-    /// Push a whole blob in one request pair (POST + PUT). Used for small blobs and test seeding.
-    async fn push_blob(&self, repo: &str, data: Bytes) -> RegistryResult<String>;
     /// PUT a manifest under `reference` (tag or digest). Returns its digest.
     async fn put_manifest(
         &self,
@@ -108,73 +111,19 @@ pub struct UploadSession {
     pub min_chunk: Option<u64>,
 }
 
-/// Counters of the requests a registry implementation has sent (or, for the fake, served).
-#[derive(Debug, Default)]
-pub struct RequestStats {
-    pub catalog_pages: AtomicU64,
-    pub tag_pages: AtomicU64,
-    pub manifest_gets: AtomicU64,
-    pub manifest_heads: AtomicU64,
-    pub blob_heads: AtomicU64,
-    pub blob_gets: AtomicU64,
-    pub blob_bytes: AtomicU64,
-    pub token_fetches: AtomicU64,
-    pub pushes: AtomicU64,
-    pub upload_starts: AtomicU64,
-    pub upload_patches: AtomicU64,
-    pub upload_bytes: AtomicU64,
-    pub upload_cancels: AtomicU64,
-    pub blob_mounts: AtomicU64,
-    pub deletes: AtomicU64,
-}
-
-/// A plain copy of [`RequestStats`], as JSON for the `user.regfs.stats` xattr.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    pub catalog_pages: u64,
-    pub tag_pages: u64,
-    pub manifest_gets: u64,
-    pub manifest_heads: u64,
-    pub blob_heads: u64,
-    pub blob_gets: u64,
-    pub blob_bytes: u64,
-    pub token_fetches: u64,
-    pub pushes: u64,
-    pub upload_starts: u64,
-    pub upload_patches: u64,
-    pub upload_bytes: u64,
-    pub upload_cancels: u64,
-    pub blob_mounts: u64,
-    pub deletes: u64,
-}
-
-impl RequestStats {
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StatsSnapshot {
-            catalog_pages: g(&self.catalog_pages),
-            tag_pages: g(&self.tag_pages),
-            manifest_gets: g(&self.manifest_gets),
-            manifest_heads: g(&self.manifest_heads),
-            blob_heads: g(&self.blob_heads),
-            blob_gets: g(&self.blob_gets),
-            blob_bytes: g(&self.blob_bytes),
-            token_fetches: g(&self.token_fetches),
-            pushes: g(&self.pushes),
-            upload_starts: g(&self.upload_starts),
-            upload_patches: g(&self.upload_patches),
-            upload_bytes: g(&self.upload_bytes),
-            upload_cancels: g(&self.upload_cancels),
-            blob_mounts: g(&self.blob_mounts),
-            deletes: g(&self.deletes),
-        }
-    }
+/// Push a whole blob in one request pair (POST, then PUT `?digest=` with the bytes); returns its
+/// digest. For seeding test registries and examples; counted as one push, as well as the upload
+/// requests it makes.
+pub async fn push_whole_blob(
+    reg: &dyn Registry,
+    repo: &str,
+    data: Bytes,
+) -> RegistryResult<String> {
+    RequestStats::inc(&reg.stats().pushes);
+    let digest = crate::digest::sha256_digest(&data);
+    let session = reg.upload_start(repo).await?;
+    reg.upload_finish(repo, session, &digest, data).await?;
+    Ok(digest)
 }
 
 /// Is `name` a valid repository name (distribution-spec grammar)? Checked before any request,

@@ -7,7 +7,7 @@ use std::io::Write;
 
 use bytes::Bytes;
 use regfs::digest::sha256_digest;
-use regfs::registry::Registry;
+use regfs::registry::{push_whole_blob, Registry};
 
 /// Deterministic pseudo-random bytes (xorshift), so tests need no RNG crate.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
@@ -117,15 +117,13 @@ pub async fn push_image(
         "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>()},
     }))
     .unwrap();
-    let config_digest = reg
-        .push_blob(repo, Bytes::from(config.clone()))
+    let config_digest = push_whole_blob(reg, repo, Bytes::from(config.clone()))
         .await
         .unwrap();
     let mut descs = Vec::new();
     let mut out_layers = Vec::new();
     for l in layers {
-        let d = reg
-            .push_blob(repo, Bytes::from(l.data.clone()))
+        let d = push_whole_blob(reg, repo, Bytes::from(l.data.clone()))
             .await
             .unwrap();
         let mut desc =

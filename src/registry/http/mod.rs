@@ -4,29 +4,34 @@
 //! credentials), and on a 401 it reads the challenge, fetches a token for the challenged scope and
 //! retries once. Blob reads are closed `Range` requests with `Accept-Encoding: identity`; a 200
 //! answer with the whole body is tolerated, anything short of the asked length is an error.
+//!
+//! This file holds the client and its [`Registry`] implementation; the request path (auth, retries,
+//! error bodies) is in `transport`, `Link` pagination in `paging`, and argument checks and header
+//! reading in `wire`.
+
+mod paging;
+mod transport;
+mod wire;
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, ACCEPT_ENCODING, AUTHORIZATION};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, ACCEPT_ENCODING};
 use reqwest::{Method, StatusCode, Url};
 
-use super::auth::{parse_challenges, Credentials, Scheme, TokenCache, TokenResponse};
+use super::auth::{Credentials, Scheme, TokenCache};
 use super::{ManifestBlob, ManifestHead, Registry, RequestStats, UploadSession};
 use crate::digest::{is_sha256_digest, sha256_digest, verify};
 use crate::error::{RegistryError, RegistryResult};
 use crate::manifest::{sniff_media_type, MANIFEST_ACCEPT};
-
-/// Page size asked for in `_catalog` and `tags/list`. distribution refuses n above its
-/// `catalog.maxentries` (default 1000) with 400, so stay well below; on that 400 we retry without n.
-const PAGE_SIZE: usize = 100;
-/// Cycle protection for `Link` pagination.
-const MAX_PAGES: usize = 100_000;
-/// How long a 429 may ask us to wait before we give up instead (the FUSE caller is waiting).
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+pub use paging::next_link;
+use paging::PAGE_SIZE;
+use transport::{error_from, repo_scope, transport, Req};
+pub use wire::is_loopback_host;
+use wire::{check_digest, check_reference, check_repo, content_type, header_str, resolve_location};
 
 /// Options for building an [`HttpRegistry`].
 #[derive(Debug, Clone)]
@@ -61,125 +66,6 @@ impl std::fmt::Debug for HttpRegistry {
             .field("credentials", &self.credentials)
             .finish()
     }
-}
-
-/// What a request needs for auth: the token scope it belongs to.
-fn repo_scope(repo: &str, push: bool) -> String {
-    if push {
-        format!("repository:{repo}:pull,push")
-    } else {
-        format!("repository:{repo}:pull")
-    }
-}
-
-/// Turn an error response into a [`RegistryError`], using the JSON error body when there is one.
-fn error_from(status: StatusCode, body: &[u8], what: &str) -> RegistryError {
-    #[derive(serde::Deserialize)]
-    struct Errs {
-        errors: Vec<Item>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Item {
-        #[serde(default)]
-        code: String,
-        #[serde(default)]
-        message: String,
-    }
-    let detail = match serde_json::from_slice::<Errs>(body) {
-        Ok(e) if !e.errors.is_empty() => e
-            .errors
-            .iter()
-            .map(|i| {
-                if i.message.is_empty() {
-                    i.code.clone()
-                } else {
-                    format!("{}: {}", i.code, i.message)
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("; "),
-        _ => {
-            let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
-            let text = text.trim();
-            if text.is_empty() {
-                status.canonical_reason().unwrap_or("").to_string()
-            } else {
-                text.to_string()
-            }
-        }
-    };
-    let msg = format!("{what}: {detail}");
-    match status.as_u16() {
-        401 => RegistryError::Unauthorized(msg),
-        403 => RegistryError::Denied(msg),
-        404 => RegistryError::NotFound(msg),
-        429 => RegistryError::TooManyRequests(msg),
-        400 | 405 | 413 | 416 if what.starts_with("PUT") || what.starts_with("POST") => {
-            RegistryError::Invalid(msg)
-        }
-        s => RegistryError::Server {
-            status: s,
-            message: msg,
-        },
-    }
-}
-
-fn transport(e: reqwest::Error, what: &str) -> RegistryError {
-    // reqwest errors include the URL but never headers, so no credential can leak here.
-    let mut msg = format!("{what}: {e}");
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    RegistryError::Transport(msg)
-}
-
-/// The `rel="next"` URL of a `Link` header, resolved against the URL it came with.
-pub fn next_link(headers: &HeaderMap, request_url: &Url) -> Option<Url> {
-    for value in headers.get_all(reqwest::header::LINK) {
-        let v = value.to_str().ok()?;
-        for part in v.split(',') {
-            let part = part.trim();
-            let Some(rest) = part.strip_prefix('<') else {
-                continue;
-            };
-            let Some((target, params)) = rest.split_once('>') else {
-                continue;
-            };
-            let is_next = params.split(';').any(|p| {
-                let p = p.trim().replace(' ', "");
-                p.eq_ignore_ascii_case("rel=\"next\"") || p.eq_ignore_ascii_case("rel=next")
-            });
-            if is_next {
-                return request_url.join(target).ok();
-            }
-        }
-    }
-    None
-}
-
-/// `Retry-After` in seconds, if present and small enough to wait for.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let d = Duration::from_secs(secs);
-    (d <= MAX_RETRY_AFTER).then_some(d)
-}
-
-/// A request, rebuilt for each attempt (the body is `Bytes`, cheap to clone).
-struct Req {
-    method: Method,
-    url: Url,
-    headers: HeaderMap,
-    body: Option<Bytes>,
-    scope: String,
-    what: String,
 }
 
 impl HttpRegistry {
@@ -253,235 +139,6 @@ impl HttpRegistry {
         Err(error_from(status, &body, "GET /v2/"))
     }
 
-    fn auth_header(&self, scope: &str) -> Option<HeaderValue> {
-        let scheme = self.scheme.lock().unwrap().clone();
-        let value = match scheme {
-            Scheme::None => return None,
-            Scheme::Basic => self.credentials.as_ref()?.basic_header(),
-            Scheme::Bearer { .. } => {
-                let tokens = self.tokens.lock().unwrap();
-                format!("Bearer {}", tokens.get(scope)?.value)
-            }
-        };
-        let mut v = HeaderValue::from_str(&value).ok()?;
-        v.set_sensitive(true);
-        Some(v)
-    }
-
-    fn build(&self, req: &Req) -> reqwest::RequestBuilder {
-        let mut b = self
-            .client
-            .request(req.method.clone(), req.url.clone())
-            .headers(req.headers.clone());
-        if let Some(auth) = self.auth_header(&req.scope) {
-            b = b.header(AUTHORIZATION, auth);
-        }
-        if let Some(body) = &req.body {
-            b = b.body(body.clone());
-        }
-        b
-    }
-
-    /// Send with auth: on 401, answer the challenge and retry once; on a short 429, wait and retry once.
-    async fn send(&self, req: &Req) -> RegistryResult<reqwest::Response> {
-        let mut answered_challenge = false;
-        let mut waited = false;
-        loop {
-            let resp = self
-                .build(req)
-                .send()
-                .await
-                .map_err(|e| transport(e, &req.what))?;
-            match resp.status() {
-                StatusCode::UNAUTHORIZED if !answered_challenge => {
-                    answered_challenge = true;
-                    let challenges: Vec<_> = resp
-                        .headers()
-                        .get_all(reqwest::header::WWW_AUTHENTICATE)
-                        .iter()
-                        .filter_map(|v| v.to_str().ok())
-                        .flat_map(parse_challenges)
-                        .collect();
-                    if !self.answer_challenge(&challenges, &req.scope).await? {
-                        return Ok(resp);
-                    }
-                }
-                StatusCode::TOO_MANY_REQUESTS if !waited => match retry_after(resp.headers()) {
-                    Some(d) => {
-                        log::warn!("{}: rate limited, retrying in {}s", req.what, d.as_secs());
-                        waited = true;
-                        tokio::time::sleep(d).await;
-                    }
-                    None => return Ok(resp),
-                },
-                _ => return Ok(resp),
-            }
-        }
-    }
-
-    /// Handle a 401 challenge. Returns whether a retry makes sense.
-    async fn answer_challenge(
-        &self,
-        challenges: &[super::auth::Challenge],
-        scope: &str,
-    ) -> RegistryResult<bool> {
-        if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
-            let Some(realm) = c.param("realm") else {
-                return Ok(false);
-            };
-            let service = c.param("service").map(str::to_string);
-            *self.scheme.lock().unwrap() = Scheme::Bearer {
-                realm: realm.to_string(),
-                service: service.clone(),
-            };
-            // Prefer the scope the registry asked for; fall back to ours.
-            let want = c.param("scope").unwrap_or(scope).to_string();
-            self.tokens.lock().unwrap().remove(scope);
-            let token = self.fetch_token(realm, service.as_deref(), &want).await?;
-            self.tokens.lock().unwrap().put(scope, token);
-            return Ok(true);
-        }
-        if challenges.iter().any(|c| c.scheme == "basic") {
-            let was_basic = matches!(*self.scheme.lock().unwrap(), Scheme::Basic);
-            if self.credentials.is_none() || was_basic {
-                return Ok(false);
-            }
-            *self.scheme.lock().unwrap() = Scheme::Basic;
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
-    async fn fetch_token(
-        &self,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-    ) -> RegistryResult<super::auth::Token> {
-        let mut url = Url::parse(realm)
-            .map_err(|e| RegistryError::Protocol(format!("bad token realm {realm:?}: {e}")))?;
-        {
-            let mut q = url.query_pairs_mut();
-            if let Some(s) = service {
-                q.append_pair("service", s);
-            }
-            for s in scope.split(' ').filter(|s| !s.is_empty()) {
-                q.append_pair("scope", s);
-            }
-        }
-        RequestStats::inc(&self.stats.token_fetches);
-        let mut b = self.client.get(url.clone());
-        // Credentials go to the realm only when it is the registry's own host or https.
-        if let Some(c) = &self.credentials {
-            let same_host = url.host_str() == self.base.host_str();
-            if url.scheme() == "https" || same_host || is_loopback(url.host_str()) {
-                let mut v = HeaderValue::from_str(&c.basic_header()).map_err(|_| {
-                    RegistryError::Invalid("credentials are not valid header text".into())
-                })?;
-                v.set_sensitive(true);
-                b = b.header(AUTHORIZATION, v);
-            } else {
-                log::warn!(
-                    "not sending credentials to plain-http token realm {}",
-                    url.host_str().unwrap_or("")
-                );
-            }
-        }
-        let what = format!("token for {scope}");
-        let resp = b.send().await.map_err(|e| transport(e, &what))?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| transport(e, &what))?;
-        if !status.is_success() {
-            return Err(match error_from(status, &body, &what) {
-                RegistryError::NotFound(m) | RegistryError::Server { message: m, .. } => {
-                    RegistryError::Unauthorized(m)
-                }
-                e => e,
-            });
-        }
-        let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| RegistryError::Malformed(format!("token response: {e}")))?;
-        parsed
-            .into_token(Instant::now())
-            .ok_or_else(|| RegistryError::Protocol("token response without a token".into()))
-    }
-
-    /// GET a JSON list, following `Link` pages. `key` is the JSON field holding the names.
-    async fn paged_list(
-        &self,
-        first: Url,
-        scope: &str,
-        key: &str,
-        is_catalog: bool,
-    ) -> RegistryResult<Vec<String>> {
-        let mut out = Vec::new();
-        let mut url = first;
-        let mut retried_without_n = false;
-        for _ in 0..MAX_PAGES {
-            RequestStats::inc(if is_catalog {
-                &self.stats.catalog_pages
-            } else {
-                &self.stats.tag_pages
-            });
-            let what = format!("GET {}", url.path());
-            let req = Req {
-                method: Method::GET,
-                url: url.clone(),
-                headers: HeaderMap::new(),
-                body: None,
-                scope: scope.to_string(),
-                what: what.clone(),
-            };
-            let resp = self.send(&req).await?;
-            let status = resp.status();
-            let next = next_link(resp.headers(), &url);
-            let body = resp.bytes().await.map_err(|e| transport(e, &what))?;
-            if status == StatusCode::BAD_REQUEST
-                && !retried_without_n
-                && String::from_utf8_lossy(&body).contains("PAGINATION_NUMBER_INVALID")
-            {
-                retried_without_n = true;
-                let mut u = url.clone();
-                let pairs: Vec<(String, String)> = u
-                    .query_pairs()
-                    .filter(|(k, _)| k != "n")
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect();
-                u.query_pairs_mut().clear().extend_pairs(pairs);
-                url = u;
-                continue;
-            }
-            if !status.is_success() {
-                return Err(error_from(status, &body, &what));
-            }
-            let v: serde_json::Value = serde_json::from_slice(&body)
-                .map_err(|e| RegistryError::Malformed(format!("{what} response: {e}")))?;
-            match v.get(key) {
-                Some(serde_json::Value::Array(items)) => {
-                    out.extend(items.iter().filter_map(|i| i.as_str().map(str::to_string)))
-                }
-                // distribution 2.8 answers `"tags": null` once every tag is deleted.
-                Some(serde_json::Value::Null) | None => {}
-                Some(_) => {
-                    return Err(RegistryError::Malformed(format!(
-                        "{what} response: {key} is not a list"
-                    )))
-                }
-            }
-            match next {
-                Some(n) => url = n,
-                None => {
-                    out.sort();
-                    out.dedup();
-                    return Ok(out);
-                }
-            }
-        }
-        Err(RegistryError::Protocol(format!(
-            "more than {MAX_PAGES} pages: pagination loop?"
-        )))
-    }
-
     fn manifest_req(&self, method: Method, repo: &str, reference: &str) -> RegistryResult<Req> {
         check_repo(repo)?;
         check_reference(reference)?;
@@ -499,55 +156,6 @@ impl HttpRegistry {
             scope: repo_scope(repo, false),
         })
     }
-}
-
-fn is_loopback(host: Option<&str>) -> bool {
-    match host {
-        Some("localhost") => true,
-        Some(h) => h
-            .trim_matches(|c| c == '[' || c == ']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
-        None => false,
-    }
-}
-
-fn check_repo(repo: &str) -> RegistryResult<()> {
-    if super::is_valid_repo_name(repo) {
-        Ok(())
-    } else {
-        Err(RegistryError::Invalid(format!("repository name {repo:?}")))
-    }
-}
-
-fn check_reference(reference: &str) -> RegistryResult<()> {
-    if super::is_valid_tag(reference) || is_sha256_digest(reference) {
-        Ok(())
-    } else {
-        Err(RegistryError::Invalid(format!("reference {reference:?}")))
-    }
-}
-
-fn check_digest(digest: &str) -> RegistryResult<()> {
-    if is_sha256_digest(digest) {
-        Ok(())
-    } else {
-        Err(RegistryError::Invalid(format!("digest {digest:?}")))
-    }
-}
-
-fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn content_type(h: &HeaderMap) -> String {
-    header_str(h, "content-type")
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string()
 }
 
 #[async_trait]
@@ -749,14 +357,6 @@ impl Registry for HttpRegistry {
             .blob_bytes
             .fetch_add(want as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(buf.freeze())
-    }
-
-    async fn push_blob(&self, repo: &str, data: Bytes) -> RegistryResult<String> {
-        RequestStats::inc(&self.stats.pushes);
-        let digest = sha256_digest(&data);
-        let session = self.upload_start(repo).await?;
-        self.upload_finish(repo, session, &digest, data).await?;
-        Ok(digest)
     }
 
     async fn put_manifest(
@@ -1031,71 +631,5 @@ impl HttpRegistry {
             )),
             _ => error_from(status, &body, &req.what),
         })
-    }
-}
-
-/// The `Location` of a response, resolved against the URL of the request it answers.
-fn resolve_location(h: &HeaderMap, base: &Url, what: &str) -> RegistryResult<Url> {
-    let loc = header_str(h, "location")
-        .ok_or_else(|| RegistryError::Protocol(format!("{what}: no Location")))?;
-    base.join(loc)
-        .map_err(|e| RegistryError::Protocol(format!("{what}: bad Location {loc:?}: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn link_headers_resolve_relative() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            reqwest::header::LINK,
-            HeaderValue::from_static("</v2/_catalog?last=test%2Frepo&n=1>; rel=\"next\""),
-        );
-        let base = Url::parse("http://127.0.0.1:5000/v2/_catalog?n=1").unwrap();
-        assert_eq!(
-            next_link(&h, &base).unwrap().as_str(),
-            "http://127.0.0.1:5000/v2/_catalog?last=test%2Frepo&n=1"
-        );
-        let mut h2 = HeaderMap::new();
-        h2.insert(
-            reqwest::header::LINK,
-            HeaderValue::from_static("<https://other/v2/x/tags/list?next_page=abc>; rel=prev, <list?next_page=zz&n=50>; rel=\"next\""),
-        );
-        let base = Url::parse("https://q.example/v2/coreos/etcd/tags/list?n=50").unwrap();
-        assert_eq!(
-            next_link(&h2, &base).unwrap().as_str(),
-            "https://q.example/v2/coreos/etcd/tags/list?next_page=zz&n=50"
-        );
-        assert!(next_link(&HeaderMap::new(), &base).is_none());
-    }
-
-    #[test]
-    fn error_bodies_become_messages() {
-        let e = error_from(
-            StatusCode::NOT_FOUND,
-            br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":null}]}"#,
-            "GET a:b",
-        );
-        assert!(
-            matches!(&e, RegistryError::NotFound(m) if m.contains("MANIFEST_UNKNOWN: manifest unknown"))
-        );
-        let e = error_from(
-            StatusCode::TOO_MANY_REQUESTS,
-            b"You have reached your pull rate limit",
-            "GET",
-        );
-        assert!(matches!(&e, RegistryError::TooManyRequests(m) if m.contains("pull rate limit")));
-        let e = error_from(StatusCode::BAD_GATEWAY, b"", "GET");
-        assert!(matches!(e, RegistryError::Server { status: 502, .. }));
-    }
-
-    #[test]
-    fn loopback_detection() {
-        assert!(is_loopback(Some("localhost")));
-        assert!(is_loopback(Some("127.0.0.5")));
-        assert!(is_loopback(Some("[::1]")));
-        assert!(!is_loopback(Some("10.0.0.1")));
     }
 }

@@ -1,0 +1,96 @@
+//! Request counters: [`RequestStats`] (atomics, bumped by registry implementations) and
+//! [`StatsSnapshot`] (a plain copy, serialized as the `user.regfs.stats` xattr). Both are generated
+//! from one list of field names, so they cannot drift apart.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! request_stats {
+    ($($(#[$doc:meta])* $field:ident,)*) => {
+        /// Counters of the requests a registry implementation has sent (or, for the fake, served).
+        #[derive(Debug, Default)]
+        pub struct RequestStats {
+            $($(#[$doc])* pub $field: AtomicU64,)*
+        }
+
+        /// A plain copy of [`RequestStats`], as JSON for the `user.regfs.stats` xattr.
+        #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+        pub struct StatsSnapshot {
+            $($(#[$doc])* pub $field: u64,)*
+        }
+
+        impl RequestStats {
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot {
+                    $($field: self.$field.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+// The JSON field names of the stats xattr are these names, in this order.
+request_stats! {
+    catalog_pages,
+    tag_pages,
+    manifest_gets,
+    manifest_heads,
+    blob_heads,
+    blob_gets,
+    blob_bytes,
+    token_fetches,
+    pushes,
+    upload_starts,
+    upload_patches,
+    upload_bytes,
+    upload_cancels,
+    blob_mounts,
+    deletes,
+}
+
+impl RequestStats {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_json_has_every_counter_by_name() {
+        let s = RequestStats::default();
+        RequestStats::inc(&s.blob_gets);
+        RequestStats::add(&s.upload_bytes, 7);
+        let v = serde_json::to_value(s.snapshot()).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut want = vec![
+            "catalog_pages",
+            "tag_pages",
+            "manifest_gets",
+            "manifest_heads",
+            "blob_heads",
+            "blob_gets",
+            "blob_bytes",
+            "token_fetches",
+            "pushes",
+            "upload_starts",
+            "upload_patches",
+            "upload_bytes",
+            "upload_cancels",
+            "blob_mounts",
+            "deletes",
+        ];
+        let mut keys_sorted = keys.clone();
+        keys_sorted.sort();
+        want.sort();
+        assert_eq!(keys_sorted, want);
+        assert_eq!(v["blob_gets"], 1);
+        assert_eq!(v["upload_bytes"], 7);
+    }
+}
