@@ -13,6 +13,3 @@ pub mod layer;
 pub mod manifest;
 pub mod push;
 pub mod registry;
-pub mod toc;
-pub mod zran;
-pub mod zstd_frames;

@@ -58,9 +58,9 @@ pub(super) fn layer_ref(l: &Descriptor, image: &str, pos: usize) -> LayerRef {
             .flatten()
             .filter(|(k, _)| {
                 [
-                    crate::toc::ESTARGZ_TOC_DIGEST,
-                    crate::toc::ZSTD_MANIFEST_POSITION,
-                    crate::toc::ZSTD_MANIFEST_CHECKSUM,
+                    crate::layer::toc::ESTARGZ_TOC_DIGEST,
+                    crate::layer::toc::ZSTD_MANIFEST_POSITION,
+                    crate::layer::toc::ZSTD_MANIFEST_CHECKSUM,
                 ]
                 .contains(&k.as_str())
             })
@@ -341,40 +341,15 @@ impl Fs {
 
     /// From `--cache-dir` when it holds this layer's index, else built (and stored there).
     async fn load_or_build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
-        let path = self.opts.cache_dir.as_ref().map(|d| {
-            d.join(format!(
-                "{}.index.json",
-                crate::digest::digest_hex(&layer.digest)
-            ))
-        });
-        if let Some(p) = &path {
-            if let Ok(bytes) = tokio::fs::read(p).await {
-                match LayerIndex::from_bytes(&bytes) {
-                    Some(idx) => {
-                        log::info!(
-                            "loaded the index of layer {} from {}",
-                            layer.digest,
-                            p.display()
-                        );
-                        return Ok(Arc::new(idx));
-                    }
-                    None => log::warn!("ignoring unreadable index {}", p.display()),
-                }
+        let dir = self.opts.cache_dir.as_deref();
+        if let Some(dir) = dir {
+            if let Some(idx) = crate::layer::store::load(dir, &layer.digest).await {
+                return Ok(Arc::new(idx));
             }
         }
         let idx = self.build_index(repo, layer).await?;
-        if let Some(p) = path {
-            // Write a temp file and rename it, so a crash never leaves half an index.
-            let tmp = p.with_extension(format!("tmp.{}", std::process::id()));
-            let bytes = idx.to_bytes();
-            let stored = async {
-                tokio::fs::write(&tmp, &bytes).await?;
-                tokio::fs::rename(&tmp, &p).await
-            };
-            if let Err(e) = stored.await {
-                log::warn!("could not store the index in {}: {e}", p.display());
-                let _ = tokio::fs::remove_file(&tmp).await;
-            }
+        if let Some(dir) = dir {
+            crate::layer::store::store(dir, &layer.digest, &idx).await;
         }
         Ok(idx)
     }
@@ -387,7 +362,7 @@ impl Fs {
         layer: &LayerRef,
         format: Format,
     ) -> FsResult<Option<LayerIndex>> {
-        use crate::toc;
+        use crate::layer::toc;
         let what = format!("layer {repo}@{}", layer.digest);
         let bytes = |start: u64, end: u64| {
             self.read_blob(repo, &layer.digest, layer.size, start, end, false)
@@ -407,7 +382,7 @@ impl Fs {
                 let json = toc::estargz_toc_json(&region)
                     .map_err(|e| io_to_fs(e, &format!("{what}: eStargz TOC")))?;
                 let want = annotation(layer, toc::ESTARGZ_TOC_DIGEST).map(str::to_string);
-                (json, toc::Codec::Gzip, off, want, true)
+                (json, crate::layer::Codec::Gzip, off, want, true)
             }
             Format::Zstd => {
                 let footer = if layer.size > toc::ZSTD_CHUNKED_FOOTER {
@@ -437,7 +412,13 @@ impl Fs {
                 }
                 let json = toc::zstd_chunked_toc_json(&frame)
                     .map_err(|e| io_to_fs(e, &format!("{what}: zstd:chunked TOC")))?;
-                (json, toc::Codec::Zstd, off.saturating_sub(8), None, false)
+                (
+                    json,
+                    crate::layer::Codec::Zstd,
+                    off.saturating_sub(8),
+                    None,
+                    false,
+                )
             }
             _ => return Ok(None),
         };
@@ -451,7 +432,7 @@ impl Fs {
         let idx = toc::index_from_toc(&json, codec, toc_start).map_err(|e| io_to_fs(e, &what))?;
         log::info!(
             "indexed {what} from its {} TOC alone: {} entries",
-            if codec == toc::Codec::Gzip {
+            if codec == crate::layer::Codec::Gzip {
                 "eStargz"
             } else {
                 "zstd:chunked"
@@ -483,17 +464,19 @@ impl Fs {
                     LayerIndex::from_entries(archive.entries_with_seek()?)
                 }
                 Format::Gzip => {
-                    let indexer = crate::zran::Indexer::new(reader, spacing)?;
+                    let indexer = crate::layer::gzip::Indexer::new(reader, spacing)?;
                     let (mut idx, indexer) =
                         SpanTee::new(indexer, cache, key, span).index(diff_id)?;
                     idx.checkpoints = indexer.checkpoints;
+                    idx.format = crate::layer::Format::Gzip;
                     Ok(idx)
                 }
                 Format::Zstd => {
-                    let indexer = crate::zstd_frames::FrameIndexer::new(reader, spacing);
+                    let indexer = crate::layer::zstd::FrameIndexer::new(reader, spacing);
                     let (mut idx, indexer) =
                         SpanTee::new(indexer, cache, key, span).index(diff_id)?;
                     idx.zstd_frames = indexer.frames;
+                    idx.format = crate::layer::Format::Zstd;
                     Ok(idx)
                 }
             }
@@ -692,7 +675,7 @@ impl Fs {
     async fn read_toc_chunks(
         &self,
         t: &TreeEntry,
-        chunks: &[crate::toc::TocChunk],
+        chunks: &[crate::layer::TocChunk],
         offset: u64,
         end: u64,
     ) -> FsResult<Bytes> {
@@ -717,7 +700,7 @@ impl Fs {
                         .read_blob(&t.repo, &t.layer.digest, t.layer.size, start, stop, false)
                         .await
                         .map_err(|e| RegistryError::Protocol(e.message))?;
-                    let mut data = crate::toc::decompress_chunk(codec, &raw)
+                    let mut data = crate::layer::toc::decompress_chunk(codec, &raw)
                         .map_err(|e| RegistryError::Protocol(format!("chunk at {start}: {e}")))?;
                     // An eStargz member may go on past the chunk (tar padding, the next
                     // header): the chunk is its first `len` bytes.
@@ -815,18 +798,18 @@ impl Fs {
             let io =
                 |e: std::io::Error| RegistryError::Protocol(format!("decompressing {what}: {e}"));
             let (mut r, base): (Box<dyn Read>, u64) = if format == Format::Zstd {
-                let f = crate::zstd_frames::nearest(&index.zstd_frames, start)
-                    .unwrap_or(crate::zstd_frames::FrameStart { out: 0, input: 0 });
+                let f = crate::layer::zstd::nearest(&index.zstd_frames, start)
+                    .unwrap_or(crate::layer::FrameStart { out: 0, input: 0 });
                 reader.seek(SeekFrom::Start(f.input)).map_err(io)?;
                 (
                     Box::new(zstd::stream::read::Decoder::new(reader).map_err(io)?),
                     f.out,
                 )
             } else {
-                let cp = crate::zran::nearest(&index.checkpoints, start);
-                let from = crate::zran::FromCheckpoint::<ChunkReader>::source_offset(cp);
+                let cp = crate::layer::gzip::nearest(&index.checkpoints, start);
+                let from = crate::layer::gzip::FromCheckpoint::<ChunkReader>::source_offset(cp);
                 reader.seek(SeekFrom::Start(from)).map_err(io)?;
-                let r = crate::zran::FromCheckpoint::new(reader, cp).map_err(io)?;
+                let r = crate::layer::gzip::FromCheckpoint::new(reader, cp).map_err(io)?;
                 (Box::new(r), cp.map_or(0, |c| c.out))
             };
             let skip = start - base;
