@@ -282,3 +282,151 @@ impl LayerIndex {
         i
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind, link: Option<&str>) -> TarEntry {
+        TarEntry {
+            path: path.to_string(),
+            kind,
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            mtime: 3,
+            size: 4,
+            link: link.map(str::to_string),
+            dev: (0, 0),
+            xattrs: vec![("user.x".to_string(), vec![0, 255])],
+            offset: 512,
+        }
+    }
+
+    fn sample(format: Format) -> LayerIndex {
+        let mut idx = LayerIndex {
+            format,
+            ..Default::default()
+        };
+        idx.add(entry("etc/hosts", EntryKind::File, None));
+        idx.add(entry("etc/alias", EntryKind::Hardlink, Some("etc/hosts")));
+        idx.finish();
+        idx.checkpoints.push(Checkpoint {
+            out: 10,
+            input: 5,
+            bits: 3,
+            window: vec![1, 2, 3],
+        });
+        idx.zstd_frames.push(FrameStart { out: 7, input: 9 });
+        idx.toc_chunks.insert(
+            idx.by_path["etc/hosts"],
+            vec![TocChunk {
+                file_offset: 0,
+                size: 4,
+                start: 100,
+                end: 140,
+                codec: Codec::Zstd,
+                digest: Some("sha256:ab".to_string()),
+            }],
+        );
+        idx
+    }
+
+    #[test]
+    fn sniffs_magic_numbers() {
+        assert_eq!(Format::sniff(&[0x1f, 0x8b, 8, 0]), Format::Gzip);
+        assert_eq!(Format::sniff(&[0x28, 0xb5, 0x2f, 0xfd]), Format::Zstd);
+        assert_eq!(Format::sniff(&[0x28, 0xb5, 0x2f, 0xfd, 0, 1]), Format::Zstd);
+        assert_eq!(Format::sniff(b"etc/"), Format::Tar);
+        assert_eq!(Format::sniff(&[0x28, 0xb5, 0x2f, 0xfe]), Format::Tar);
+        // Shorter than 4 bytes: a (tiny) tar, whatever it starts with.
+        assert_eq!(Format::sniff(&[0x1f, 0x8b, 8]), Format::Tar);
+        assert_eq!(Format::sniff(&[]), Format::Tar);
+    }
+
+    #[test]
+    fn format_names_its_stream_and_toc() {
+        assert_eq!(Format::Estargz.stream(), Format::Gzip);
+        assert_eq!(Format::ZstdChunked.stream(), Format::Zstd);
+        assert_eq!(Format::Tar.stream(), Format::Tar);
+        assert!(Format::Estargz.has_toc() && Format::ZstdChunked.has_toc());
+        assert!(!Format::Gzip.has_toc() && !Format::Zstd.has_toc() && !Format::Tar.has_toc());
+        assert_eq!(LayerIndex::default().format, Format::Tar);
+    }
+
+    #[test]
+    fn stored_index_keeps_its_format_and_records() {
+        for format in [
+            Format::Tar,
+            Format::Gzip,
+            Format::Zstd,
+            Format::Estargz,
+            Format::ZstdChunked,
+        ] {
+            let idx = sample(format);
+            let back = LayerIndex::from_bytes(&idx.to_bytes()).expect("loads");
+            assert_eq!(back.format, format);
+            assert_eq!(back.entries, idx.entries);
+            assert_eq!(back.by_path, idx.by_path);
+            assert_eq!(back.checkpoints, idx.checkpoints);
+            assert_eq!(back.zstd_frames, idx.zstd_frames);
+            assert_eq!(back.toc_chunks, idx.toc_chunks);
+            // Derived again on load.
+            assert_eq!(back.dirs, idx.dirs);
+            assert_eq!(back.nlink, idx.nlink);
+            assert_eq!(back.nlink[&back.by_path["etc/hosts"]], 2);
+        }
+    }
+
+    #[test]
+    fn old_or_garbage_stored_indexes_are_rejected() {
+        let good = sample(Format::Gzip).to_bytes();
+        let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        // Version 1 had no format.
+        v["version"] = 1.into();
+        v.as_object_mut().unwrap().remove("format");
+        assert!(LayerIndex::from_bytes(&serde_json::to_vec(&v).unwrap()).is_none());
+        // The current layout under an old version number.
+        let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        v["version"] = 1.into();
+        assert!(LayerIndex::from_bytes(&serde_json::to_vec(&v).unwrap()).is_none());
+        // The current version without a format.
+        let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        v.as_object_mut().unwrap().remove("format");
+        assert!(LayerIndex::from_bytes(&serde_json::to_vec(&v).unwrap()).is_none());
+        // An unknown format.
+        let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        v["format"] = "Rar".into();
+        assert!(LayerIndex::from_bytes(&serde_json::to_vec(&v).unwrap()).is_none());
+        // A path pointing past the entries.
+        let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        v["by_path"]["etc/hosts"] = 99.into();
+        assert!(LayerIndex::from_bytes(&serde_json::to_vec(&v).unwrap()).is_none());
+        // Not an index at all.
+        for junk in [
+            &b""[..],
+            b"{",
+            b"null",
+            b"[]",
+            b"{\"version\":2}",
+            &good[..good.len() / 2],
+        ] {
+            assert!(LayerIndex::from_bytes(junk).is_none());
+        }
+    }
+
+    #[test]
+    fn later_entries_replace_earlier_ones() {
+        let mut idx = LayerIndex::default();
+        idx.add(entry("d/x", EntryKind::File, None));
+        idx.add(entry("d", EntryKind::File, None));
+        idx.finish();
+        assert!(
+            !idx.by_path.contains_key("d/x"),
+            "a file replaces a directory's contents"
+        );
+        assert_eq!(idx.entries[idx.by_path["d"]].kind, EntryKind::File);
+        assert_eq!(idx.dirs[""].keys().collect::<Vec<_>>(), vec!["d"]);
+        assert!(!idx.dirs.contains_key("d"));
+    }
+}

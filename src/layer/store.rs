@@ -43,3 +43,79 @@ pub async fn store(dir: &Path, digest: &str, idx: &LayerIndex) {
         let _ = tokio::fs::remove_file(&tmp).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{EntryKind, Format, TarEntry};
+
+    const DIGEST: &str = "sha256:0123abcd";
+
+    fn sample() -> LayerIndex {
+        let mut idx = LayerIndex {
+            format: Format::Zstd,
+            ..Default::default()
+        };
+        idx.add(TarEntry {
+            path: "a/b".to_string(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size: 1,
+            link: None,
+            dev: (0, 0),
+            xattrs: vec![],
+            offset: 512,
+        });
+        idx.finish();
+        idx
+    }
+
+    #[test]
+    fn path_is_the_digest_hex() {
+        assert_eq!(
+            index_path(Path::new("/c"), DIGEST),
+            Path::new("/c/0123abcd.index.json")
+        );
+    }
+
+    #[tokio::test]
+    async fn stores_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            load(dir.path(), DIGEST).await.is_none(),
+            "nothing stored yet"
+        );
+        store(dir.path(), DIGEST, &sample()).await;
+        let back = load(dir.path(), DIGEST).await.expect("stored");
+        assert_eq!(back.format, Format::Zstd);
+        assert_eq!(back.entries, sample().entries);
+        // Only the index itself is left (the temp file was renamed).
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec!["0123abcd.index.json"]);
+    }
+
+    #[tokio::test]
+    async fn unreadable_index_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(index_path(dir.path(), DIGEST), b"{\"version\":1}").unwrap();
+        assert!(load(dir.path(), DIGEST).await.is_none());
+        // Storing again replaces it.
+        store(dir.path(), DIGEST, &sample()).await;
+        assert!(load(dir.path(), DIGEST).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no/such/dir");
+        store(&missing, DIGEST, &sample()).await; // logs a warning
+        assert!(!missing.exists());
+        assert!(load(&missing, DIGEST).await.is_none());
+    }
+}

@@ -178,4 +178,15 @@ mod tests {
             assert!(LayerIndex::build(&t[..cut]).is_err(), "cut at {cut}");
         }
     }
+
+    #[test]
+    fn a_tar_index_is_format_tar_and_survives_the_store() {
+        let t = tar_of(&[("d/", D, b"", None), ("d/f", F, b"data", None)]);
+        let idx = LayerIndex::build(&t[..]).unwrap();
+        assert_eq!(idx.format, crate::layer::Format::Tar);
+        let back = LayerIndex::from_bytes(&idx.to_bytes()).unwrap();
+        assert_eq!(back.format, crate::layer::Format::Tar);
+        let f = &back.entries[back.by_path["d/f"]];
+        assert_eq!(&t[f.offset as usize..f.offset as usize + 4], b"data");
+    }
 }

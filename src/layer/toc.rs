@@ -317,4 +317,17 @@ mod tests {
         assert_eq!(idx.nlink[&big], 2);
         assert!(index_from_toc(b"{nope", Codec::Gzip, 0).is_err());
     }
+
+    #[test]
+    fn toc_index_records_its_format() {
+        let json =
+            br#"{"entries":[{"name":"f","type":"reg","size":3,"offset":10,"endOffset":20}]}"#;
+        let e = index_from_toc(json, Codec::Gzip, 30).unwrap();
+        assert_eq!(e.format, Format::Estargz);
+        let z = index_from_toc(json, Codec::Zstd, 30).unwrap();
+        assert_eq!(z.format, Format::ZstdChunked);
+        // zstd:chunked chunks end at `endOffset`; eStargz ones where the next starts.
+        assert_eq!(z.toc_chunks[&z.by_path["f"]][0].end, 20);
+        assert_eq!(e.toc_chunks[&e.by_path["f"]][0].end, 30);
+    }
 }
