@@ -19,7 +19,7 @@ use super::{
 };
 use crate::cache::ChunkCache;
 use crate::error::{FsError, FsResult, RegistryError};
-use crate::layer::{EntryKind, LayerIndex, Merged, TarEntry};
+use crate::layer::{Codec, EntryKind, LayerIndex, Merged, TarEntry, TocChunk};
 use crate::manifest::{self, Descriptor, Parsed};
 use crate::registry::Registry;
 
@@ -382,7 +382,7 @@ impl Fs {
                 let json = toc::estargz_toc_json(&region)
                     .map_err(|e| io_to_fs(e, &format!("{what}: eStargz TOC")))?;
                 let want = annotation(layer, toc::ESTARGZ_TOC_DIGEST).map(str::to_string);
-                (json, crate::layer::Codec::Gzip, off, want, true)
+                (json, Codec::Gzip, off, want, true)
             }
             Format::Zstd => {
                 let footer = if layer.size > toc::ZSTD_CHUNKED_FOOTER {
@@ -412,13 +412,7 @@ impl Fs {
                 }
                 let json = toc::zstd_chunked_toc_json(&frame)
                     .map_err(|e| io_to_fs(e, &format!("{what}: zstd:chunked TOC")))?;
-                (
-                    json,
-                    crate::layer::Codec::Zstd,
-                    off.saturating_sub(8),
-                    None,
-                    false,
-                )
+                (json, Codec::Zstd, off.saturating_sub(8), None, false)
             }
             _ => return Ok(None),
         };
@@ -432,7 +426,7 @@ impl Fs {
         let idx = toc::index_from_toc(&json, codec, toc_start).map_err(|e| io_to_fs(e, &what))?;
         log::info!(
             "indexed {what} from its {} TOC alone: {} entries",
-            if codec == crate::layer::Codec::Gzip {
+            if codec == Codec::Gzip {
                 "eStargz"
             } else {
                 "zstd:chunked"
@@ -675,7 +669,7 @@ impl Fs {
     async fn read_toc_chunks(
         &self,
         t: &TreeEntry,
-        chunks: &[crate::layer::TocChunk],
+        chunks: &[TocChunk],
         offset: u64,
         end: u64,
     ) -> FsResult<Bytes> {
