@@ -3,10 +3,8 @@
 
 use std::io::Write;
 
-use regfs::layer::LayerIndex;
-use regfs::toc;
-use regfs::zran;
-use regfs::zstd_frames::FrameIndexer;
+use regfs::layer::zstd::FrameIndexer;
+use regfs::layer::{gzip, toc, Codec, LayerIndex};
 
 struct Rng(u64);
 
@@ -45,11 +43,11 @@ fn gz(d: &[u8]) -> Vec<u8> {
 /// Feed `data` to every builder; only the absence of panics is asserted.
 fn feed(data: &[u8]) {
     let _ = LayerIndex::build(data);
-    if let Ok(ix) = zran::Indexer::new(data, 4096) {
+    if let Ok(ix) = gzip::Indexer::new(data, 4096) {
         let _ = LayerIndex::build(ix);
     }
     let _ = LayerIndex::build(FrameIndexer::new(data, 4096));
-    let _ = toc::index_from_toc(data, toc::Codec::Gzip, data.len() as u64);
+    let _ = toc::index_from_toc(data, Codec::Gzip, data.len() as u64);
     let _ = toc::estargz_toc_json(data);
     let _ = toc::zstd_chunked_toc_json(data);
     if data.len() >= 51 {
@@ -95,7 +93,7 @@ fn random_truncated_and_flipped_inputs_never_panic() {
     }
     // Valid inputs index fully.
     assert_eq!(LayerIndex::build(&tar[..]).unwrap().dirs[""].len(), 3);
-    assert!(LayerIndex::build(zran::Indexer::new(&valid[1][..], 4096).unwrap()).is_ok());
+    assert!(LayerIndex::build(gzip::Indexer::new(&valid[1][..], 4096).unwrap()).is_ok());
     assert!(LayerIndex::build(FrameIndexer::new(&valid[2][..], 4096)).is_ok());
 }
 
@@ -105,7 +103,7 @@ fn truncated_compressed_layers_are_errors() {
     let g = gz(&tar);
     let z = zstd::encode_all(&tar[..], 3).unwrap();
     for cut in [10, g.len() / 3, g.len() / 2, g.len() - 9] {
-        let r = zran::Indexer::new(&g[..cut], 4096).and_then(|ix| {
+        let r = gzip::Indexer::new(&g[..cut], 4096).and_then(|ix| {
             let mut ix = ix;
             std::io::copy(&mut ix, &mut std::io::sink())
         });

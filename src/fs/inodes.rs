@@ -19,7 +19,7 @@
 //!      `known_repos`, `seen` (each its own lock).
 //!    - `fs::staging::Staging`: `staged`, `pending_tags`.
 //!    - `blob::Blobs::verified`.
-//!    - `layer_read::Layers`: `indexes`, `merged` (LRUs of once-cells; the cells are awaited
+//!    - `layer::Layers`: `indexes`, `merged` (LRUs of once-cells; the cells are awaited
 //!      after the lock is released).
 //!    - `cache::ChunkCache`: `inflight`, `lru` (`inflight` is released before `lru` is taken).
 //!    - `registry::http`: the token cache and the stats counters (atomics).
@@ -279,8 +279,8 @@ mod tests {
     #[test]
     fn hard_links_of_one_tree_share_an_inode() {
         use crate::fs::node::TreeEntry;
+        use crate::layer::LayerRef;
         use crate::layer::{EntryKind, TarEntry};
-        use crate::layer_read::LayerRef;
         let layer = LayerRef {
             digest: Digest::from("sha256:l"),
             size: 10,

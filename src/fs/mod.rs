@@ -6,7 +6,7 @@
 //! - [`meta`]: registry metadata with TTLs, updated by events when the mount writes;
 //! - [`staging`]: files being written and tags made by mkdir;
 //! - [`crate::blob::Blobs`]: blob bytes through the chunk cache, verified;
-//! - [`crate::layer_read::Layers`]: layer indexes and image contents.
+//! - [`crate::layer::Layers`]: layer indexes and image contents.
 //!
 //! `tree/` says what each directory holds; `read`, `write`, `promote` and `xattr` implement the
 //! operations. Every operation is an async method returning a plain result or an [`FsError`].
@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use crate::blob::Blobs;
 use crate::cache::ChunkCache;
 use crate::error::{FsError, FsResult};
-use crate::layer_read::Layers;
+use crate::layer::Layers;
 use crate::registry::Registry;
 
 mod handles;

@@ -5,8 +5,8 @@
 use bytes::Bytes;
 
 use crate::digest::Digest;
+use crate::layer::LayerRef;
 use crate::layer::TarEntry;
-use crate::layer_read::LayerRef;
 
 use super::types::Kind;
 

@@ -1,6 +1,6 @@
 //! The read side of the core: `open` for reading, `read` and `readlink`. Blob bytes come through
 //! [`crate::blob::Blobs`] (verified there), image contents through
-//! [`crate::layer_read::Layers`].
+//! [`crate::layer::Layers`].
 
 use std::sync::{Arc, Mutex};
 

@@ -1,6 +1,6 @@
 //! Image contents in the tree: `tags/<tag>/rootfs/` (the merged filesystem) and
 //! `layers/NN-<hex12>/` (one layer's tar as it is, whiteout markers included), as nodes made
-//! from the layer indexes that [`crate::layer_read::Layers`] builds.
+//! from the layer indexes that [`crate::layer::Layers`] builds.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,7 +11,7 @@ use crate::fs::node::{EntryMeta, Node, TreeDir, TreeEntry, View};
 use crate::fs::types::{Attr, Ino, Kind};
 use crate::fs::Fs;
 use crate::layer::{EntryKind, LayerIndex, TarEntry};
-use crate::layer_read::{LayerRef, MergedView};
+use crate::layer::{LayerRef, MergedView};
 use crate::manifest::{self, Parsed};
 
 fn meta(e: &TarEntry) -> EntryMeta {

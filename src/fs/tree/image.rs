@@ -7,7 +7,7 @@ use crate::digest::{digest_hex, Digest};
 use crate::error::FsResult;
 use crate::fs::node::{Content, FileNode, Node, TreeDir, View};
 use crate::fs::Fs;
-use crate::layer_read::LayerRef;
+use crate::layer::LayerRef;
 use crate::manifest::{self, Descriptor, Parsed};
 
 impl Fs {

@@ -1,4 +1,5 @@
-//! Random access into layer blobs: [`Layers`] builds each layer's index once (from its TOC, by
+//! Random access into layer blobs over the one blob read path: [`Layers`] builds each layer's
+//! index once (from its TOC, by
 //! reading tar headers, or by decompressing with checkpoints), keeps indexes and merged root
 //! filesystems in bounded LRUs, and reads a file's bytes: Range reads at its offset in a plain
 //! tar, its own chunks in eStargz / zstd:chunked, and decompression from the nearest checkpoint
@@ -12,11 +13,13 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::OnceCell;
 
+use super::{
+    gzip, store, toc, zstd as zframes, Codec, Format, FrameStart, LayerIndex, Merged, TarEntry,
+};
 use crate::blob::{gather, BlobCursor, BlobRef, Blobs};
 use crate::cache::{ChunkCache, ChunkKey};
 use crate::digest::Digest;
 use crate::error::{FsError, FsResult};
-use crate::layer::{LayerIndex, Merged, TarEntry};
 use crate::manifest::Descriptor;
 use crate::sync::lock;
 
@@ -39,7 +42,6 @@ pub struct LayerRef {
 
 impl LayerRef {
     pub fn new(l: &Descriptor, config: Option<&Descriptor>, pos: usize) -> Self {
-        use crate::toc;
         LayerRef {
             digest: Digest::from(&l.digest),
             size: l.size,
@@ -86,14 +88,6 @@ pub struct MergedView {
     pub merged: Merged,
 }
 
-/// How a layer's bytes are compressed (by magic number; media types can lie).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
-    Tar,
-    Gzip,
-    Zstd,
-}
-
 type Cells<T> = Mutex<lru::LruCache<Digest, Arc<OnceCell<Arc<T>>>>>;
 
 /// Layer indexes and merged trees, built once each, and reads of the files they describe.
@@ -137,16 +131,14 @@ impl Layers {
             .map_err(|e| FsError::registry(e, format!("reading layer {repo}@{}", layer.digest)))
     }
 
-    async fn format(&self, repo: &str, layer: &LayerRef) -> FsResult<Format> {
+    /// How a layer's bytes are compressed, by magic number (media types can lie). Asked once,
+    /// when the index is built; the index keeps it.
+    async fn sniff(&self, repo: &str, layer: &LayerRef) -> FsResult<Format> {
         if layer.size < 4 {
             return Ok(Format::Tar);
         }
         let head = self.bytes(repo, layer, 0, 4).await?;
-        Ok(match &head[..] {
-            [0x1f, 0x8b, ..] => Format::Gzip,
-            [0x28, 0xb5, 0x2f, 0xfd] => Format::Zstd,
-            _ => Format::Tar,
-        })
+        Ok(Format::sniff(&head))
     }
 
     /// The index of a layer, built once (concurrent callers share the pass).
@@ -161,40 +153,14 @@ impl Layers {
 
     /// From `--cache-dir` when it holds this layer's index, else built (and stored there).
     async fn load_or_build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
-        let path = self.cache_dir.as_ref().map(|d| {
-            d.join(format!(
-                "{}.index.json",
-                crate::digest::digest_hex(&layer.digest)
-            ))
-        });
-        if let Some(p) = &path {
-            if let Ok(bytes) = tokio::fs::read(p).await {
-                match LayerIndex::from_bytes(&bytes) {
-                    Some(idx) => {
-                        log::info!(
-                            "loaded the index of layer {} from {}",
-                            layer.digest,
-                            p.display()
-                        );
-                        return Ok(Arc::new(idx));
-                    }
-                    None => log::warn!("ignoring unreadable index {}", p.display()),
-                }
+        if let Some(dir) = &self.cache_dir {
+            if let Some(idx) = store::load(dir, &layer.digest).await {
+                return Ok(Arc::new(idx));
             }
         }
         let idx = self.build_index(repo, layer).await?;
-        if let Some(p) = path {
-            // Write a temp file and rename it, so a crash never leaves half an index.
-            let tmp = p.with_extension(format!("tmp.{}", std::process::id()));
-            let bytes = idx.to_bytes();
-            let stored = async {
-                tokio::fs::write(&tmp, &bytes).await?;
-                tokio::fs::rename(&tmp, &p).await
-            };
-            if let Err(e) = stored.await {
-                log::warn!("could not store the index in {}: {e}", p.display());
-                let _ = tokio::fs::remove_file(&tmp).await;
-            }
+        if let Some(dir) = &self.cache_dir {
+            store::store(dir, &layer.digest, &idx).await;
         }
         Ok(idx)
     }
@@ -207,7 +173,6 @@ impl Layers {
         layer: &LayerRef,
         format: Format,
     ) -> FsResult<Option<LayerIndex>> {
-        use crate::toc;
         let what = format!("layer {repo}@{}", layer.digest);
         let (json, codec, toc_start, want_digest, digest_of_json) = match format {
             Format::Gzip if layer.size > toc::ESTARGZ_FOOTER => {
@@ -230,7 +195,7 @@ impl Layers {
                 let want = layer
                     .annotation(toc::ESTARGZ_TOC_DIGEST)
                     .map(str::to_string);
-                (json, toc::Codec::Gzip, off, want, true)
+                (json, Codec::Gzip, off, want, true)
             }
             Format::Zstd => {
                 let footer = if layer.size > toc::ZSTD_CHUNKED_FOOTER {
@@ -268,7 +233,7 @@ impl Layers {
                 }
                 let json = toc::zstd_chunked_toc_json(&frame)
                     .map_err(|e| io_err(e, &format!("{what}: zstd:chunked TOC")))?;
-                (json, toc::Codec::Zstd, off.saturating_sub(8), None, false)
+                (json, Codec::Zstd, off.saturating_sub(8), None, false)
             }
             _ => return Ok(None),
         };
@@ -282,7 +247,7 @@ impl Layers {
         let idx = toc::index_from_toc(&json, codec, toc_start).map_err(|e| io_err(e, &what))?;
         log::info!(
             "indexed {what} from its {} TOC alone: {} entries",
-            if codec == toc::Codec::Gzip {
+            if codec == Codec::Gzip {
                 "eStargz"
             } else {
                 "zstd:chunked"
@@ -294,7 +259,7 @@ impl Layers {
 
     async fn build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
         let what = format!("layer {repo}@{}", layer.digest);
-        let format = self.format(repo, layer).await?;
+        let format = self.sniff(repo, layer).await?;
         if let Some(idx) = self.toc_index(repo, layer, format).await? {
             return Ok(Arc::new(idx));
         }
@@ -305,21 +270,24 @@ impl Layers {
         let started = std::time::Instant::now();
         let index = tokio::task::spawn_blocking(move || -> std::io::Result<LayerIndex> {
             match format {
-                Format::Tar => {
-                    let mut archive = tar::Archive::new(reader);
-                    LayerIndex::from_entries(archive.entries_with_seek()?)
-                }
                 Format::Gzip => {
-                    let indexer = crate::zran::Indexer::new(reader, spacing)?;
+                    let indexer = gzip::Indexer::new(reader, spacing)?;
                     let (mut idx, indexer) = tee.index(indexer, diff_id)?;
                     idx.checkpoints = indexer.checkpoints;
+                    idx.format = Format::Gzip;
                     Ok(idx)
                 }
                 Format::Zstd => {
-                    let indexer = crate::zstd_frames::FrameIndexer::new(reader, spacing);
+                    let indexer = zframes::FrameIndexer::new(reader, spacing);
                     let (mut idx, indexer) = tee.index(indexer, diff_id)?;
                     idx.zstd_frames = indexer.frames;
+                    idx.format = Format::Zstd;
                     Ok(idx)
+                }
+                // Tar, and anything else sniff never answers.
+                _ => {
+                    let mut archive = ::tar::Archive::new(reader);
+                    LayerIndex::from_entries(archive.entries_with_seek()?)
                 }
             }
         })
@@ -397,9 +365,12 @@ impl Layers {
                 .await;
         }
         let (start, stop) = (entry.offset + offset, entry.offset + end);
-        match self.format(repo, layer).await? {
-            Format::Tar => self.bytes(repo, layer, start, stop).await,
-            f => self.read_uncompressed(repo, layer, f, start, stop).await,
+        match idx.format.stream() {
+            Format::Gzip | Format::Zstd => {
+                self.read_uncompressed(repo, layer, idx.format.stream(), start, stop)
+                    .await
+            }
+            _ => self.bytes(repo, layer, start, stop).await,
         }
     }
 
@@ -409,7 +380,7 @@ impl Layers {
         repo: &str,
         layer: &LayerRef,
         entry: &TarEntry,
-        chunks: &[crate::toc::TocChunk],
+        chunks: &[super::TocChunk],
         offset: u64,
         end: u64,
     ) -> FsResult<Bytes> {
@@ -434,7 +405,7 @@ impl Layers {
                 .cache()
                 .get_or_fetch(key, || async {
                     let raw = self.bytes(repo, layer, start, stop).await?;
-                    let mut data = crate::toc::decompress_chunk(codec, &raw).map_err(|e| {
+                    let mut data = toc::decompress_chunk(codec, &raw).map_err(|e| {
                         FsError::io(format!("layer {}: chunk at {start}: {e}", layer.digest))
                     })?;
                     // An eStargz member may go on past the chunk (tar padding, the next
@@ -526,18 +497,18 @@ impl Layers {
         tokio::task::spawn_blocking(move || -> FsResult<Bytes> {
             let io = |e: std::io::Error| io_err(e, &what);
             let (mut r, base): (Box<dyn Read>, u64) = if format == Format::Zstd {
-                let f = crate::zstd_frames::nearest(&index.zstd_frames, start)
-                    .unwrap_or(crate::zstd_frames::FrameStart { out: 0, input: 0 });
+                let f = zframes::nearest(&index.zstd_frames, start)
+                    .unwrap_or(FrameStart { out: 0, input: 0 });
                 reader.seek(SeekFrom::Start(f.input)).map_err(io)?;
                 (
                     Box::new(zstd::stream::read::Decoder::new(reader).map_err(io)?),
                     f.out,
                 )
             } else {
-                let cp = crate::zran::nearest(&index.checkpoints, start);
-                let from = crate::zran::FromCheckpoint::<BlobCursor>::source_offset(cp);
+                let cp = gzip::nearest(&index.checkpoints, start);
+                let from = gzip::FromCheckpoint::<BlobCursor>::source_offset(cp);
                 reader.seek(SeekFrom::Start(from)).map_err(io)?;
-                let r = crate::zran::FromCheckpoint::new(reader, cp).map_err(io)?;
+                let r = gzip::FromCheckpoint::new(reader, cp).map_err(io)?;
                 (Box::new(r), cp.map_or(0, |c| c.out))
             };
             let skip = start - base;

@@ -16,7 +16,8 @@ use std::io::Read;
 use base64::Engine as _;
 use serde::Deserialize;
 
-use crate::layer::{normalise, EntryKind, LayerIndex, TarEntry};
+use super::entry::{normalise, EntryKind, TarEntry};
+use super::index::{Codec, Format, LayerIndex, TocChunk};
 
 pub const ESTARGZ_FOOTER: u64 = 51;
 pub const ZSTD_CHUNKED_FOOTER: u64 = 64;
@@ -24,30 +25,6 @@ pub const ESTARGZ_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
 pub const ZSTD_MANIFEST_POSITION: &str = "io.github.containers.zstd-chunked.manifest-position";
 pub const ZSTD_MANIFEST_CHECKSUM: &str = "io.github.containers.zstd-chunked.manifest-checksum";
 const ZSTD_CHUNKED_MAGIC: &[u8; 8] = b"GNUlInUx";
-
-/// How a chunk's bytes are compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Codec {
-    Gzip,
-    Zstd,
-}
-
-/// One compressed piece of a file.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TocChunk {
-    /// Offset of this piece in the file.
-    pub file_offset: u64,
-    /// Uncompressed length (0 = to the end of the file).
-    pub size: u64,
-    /// Compressed bytes `[start, end)` of the layer blob.
-    pub start: u64,
-    pub end: u64,
-    pub codec: Codec,
-    /// sha256 the decompressed chunk must have, when the TOC says (`chunkDigest`, or `digest`
-    /// for a file stored as a single chunk).
-    #[serde(default)]
-    pub digest: Option<String>,
-}
 
 /// Where the TOC of an eStargz layer starts, from its 51-byte footer.
 pub fn estargz_toc_offset(footer: &[u8]) -> Option<u64> {
@@ -168,7 +145,13 @@ pub fn index_from_toc(json: &[u8], codec: Codec, toc_end: u64) -> std::io::Resul
             .min()
             .unwrap_or(toc_end)
     };
-    let mut idx = LayerIndex::default();
+    let mut idx = LayerIndex {
+        format: match codec {
+            Codec::Gzip => Format::Estargz,
+            Codec::Zstd => Format::ZstdChunked,
+        },
+        ..Default::default()
+    };
     let mut chunks: Vec<(String, TocChunk)> = Vec::new();
     for e in &toc.entries {
         let path = normalise(e.name.as_bytes());
@@ -333,5 +316,18 @@ mod tests {
         assert_eq!((c[1].start, c[1].end, c[1].file_offset), (150, 300, 6));
         assert_eq!(idx.nlink[&big], 2);
         assert!(index_from_toc(b"{nope", Codec::Gzip, 0).is_err());
+    }
+
+    #[test]
+    fn toc_index_records_its_format() {
+        let json =
+            br#"{"entries":[{"name":"f","type":"reg","size":3,"offset":10,"endOffset":20}]}"#;
+        let e = index_from_toc(json, Codec::Gzip, 30).unwrap();
+        assert_eq!(e.format, Format::Estargz);
+        let z = index_from_toc(json, Codec::Zstd, 30).unwrap();
+        assert_eq!(z.format, Format::ZstdChunked);
+        // zstd:chunked chunks end at `endOffset`; eStargz ones where the next starts.
+        assert_eq!(z.toc_chunks[&z.by_path["f"]][0].end, 20);
+        assert_eq!(e.toc_chunks[&e.by_path["f"]][0].end, 30);
     }
 }

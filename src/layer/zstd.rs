@@ -8,14 +8,7 @@ use std::io::{self, Read};
 
 use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer};
 
-/// Where a frame starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FrameStart {
-    /// Offset in the uncompressed output.
-    pub out: u64,
-    /// Offset of the frame in the compressed stream.
-    pub input: u64,
-}
+use super::index::FrameStart;
 
 /// Decompresses a zstd stream and records frame starts.
 pub struct FrameIndexer<R> {

@@ -13,43 +13,14 @@ use std::mem::MaybeUninit;
 
 use libz_sys as z;
 
+use super::index::Checkpoint;
+
 /// Deflate's window: the most a back-reference can reach.
 pub const WINDOW: usize = 32 * 1024;
 /// zlib windowBits for "gzip or zlib header, detect" (zran.c).
 const AUTO_HEADER: i32 = 47;
 /// zlib windowBits for raw deflate.
 const RAW: i32 = -15;
-
-/// A place to restart inflating.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Checkpoint {
-    /// Offset in the uncompressed output.
-    pub out: u64,
-    /// Offset in the compressed input of the first byte not fully consumed.
-    pub input: u64,
-    /// Bits of the byte before `input` still to be used (0..=7).
-    pub bits: u8,
-    /// The 32 KiB of output before `out` (less at the very start).
-    #[serde(with = "b64")]
-    pub window: Vec<u8>,
-}
-
-/// Windows as base64 in the on-disk index.
-mod b64 {
-    use base64::Engine as _;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s)
-            .map_err(serde::de::Error::custom)
-    }
-}
 
 unsafe extern "C" fn zalloc(_: z::voidpf, items: z::uInt, size: z::uInt) -> z::voidpf {
     // SAFETY: calloc has no preconditions; zlib checks for null.
