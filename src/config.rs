@@ -9,7 +9,6 @@ use std::time::Duration;
 use reqwest::Url;
 
 use crate::cli::Cli;
-use crate::fs::FsOptions;
 
 /// Chunk cache size. 256 MiB holds 64 default chunks: enough for several sequential readers plus
 /// their readahead, small enough for a laptop.
@@ -124,22 +123,6 @@ pub struct CacheConfig {
 pub struct PushConfig {
     /// PATCH size (raised to the registry's OCI-Chunk-Min-Length).
     pub upload_chunk_size: u64,
-}
-
-impl Config {
-    /// The options of the filesystem core.
-    pub fn fs_options(&self) -> FsOptions {
-        FsOptions {
-            chunk_size: self.cache.chunk_size,
-            cache_size: self.cache.cache_size,
-            metadata_ttl: self.cache.metadata_ttl,
-            readahead_chunks: self.cache.readahead_chunks,
-            platform: self.platform.clone(),
-            upload_chunk_size: self.push.upload_chunk_size,
-            checkpoint_spacing: self.cache.checkpoint_spacing,
-            cache_dir: self.cache.cache_dir.clone(),
-        }
-    }
 }
 
 /// Parse `512MiB`, `4M`, `1G`, `65536`, `64k` (binary units).
@@ -508,7 +491,7 @@ mod tests {
         assert_eq!(c.cache.cache_dir, Some(PathBuf::from("/tmp/c")));
         assert_eq!(c.push.upload_chunk_size, 64 << 10);
 
-        let o = c.fs_options();
+        let o = crate::fs::FsOptions::from_config(&c);
         assert_eq!(
             (o.cache_size, o.chunk_size, o.readahead_chunks),
             (1 << 30, 64 << 10, 0)

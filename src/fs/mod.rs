@@ -78,6 +78,22 @@ impl Default for FsOptions {
     }
 }
 
+impl FsOptions {
+    /// The core's options from the mount's configuration.
+    pub fn from_config(c: &crate::config::Config) -> Self {
+        FsOptions {
+            chunk_size: c.cache.chunk_size,
+            cache_size: c.cache.cache_size,
+            metadata_ttl: c.cache.metadata_ttl,
+            readahead_chunks: c.cache.readahead_chunks,
+            platform: c.platform.clone(),
+            upload_chunk_size: c.push.upload_chunk_size,
+            checkpoint_spacing: c.cache.checkpoint_spacing,
+            cache_dir: c.cache.cache_dir.clone(),
+        }
+    }
+}
+
 /// Called with (parent inode, name) when a name's meaning changed under the kernel's cache.
 pub type Invalidator = Box<dyn Fn(Ino, String) + Send + Sync>;
 

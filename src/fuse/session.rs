@@ -332,7 +332,10 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
         .map_err(|e| format!("cannot use registry {}: {e}", conn.base_url))?;
     log::info!("registry {} answers", conn.base_url);
 
-    let fs = Arc::new(Fs::new(Arc::new(reg), cfg.fs_options()));
+    let fs = Arc::new(Fs::new(
+        Arc::new(reg),
+        crate::fs::FsOptions::from_config(cfg),
+    ));
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
 
     let signals = install_signal_handlers(&rt)?;
