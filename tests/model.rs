@@ -1673,3 +1673,60 @@ async fn random_sequences_match_the_model() {
     }
     eprintln!("model: {total} operations matched; {counts:?}");
 }
+
+// ------------------------------------------------------------------ regressions found by the model
+
+/// Found by the model (any seed that does `mkdir` of a repository and then looks up its
+/// `index.json`, e.g. `Mkdir([], "gamma")`, `Lookup(["gamma", "index.json"])`): readdir of a
+/// repository made by mkdir lists `index.json`, but lookup, getattr and open of it fail with
+/// ENOENT, because the index is made from the registry's tag list and the registry does not know
+/// the repository yet (`tags/` of the same repository handles that case and lists nothing).
+/// `ls -l` shows the name with `?????????`. Expected: an empty OCI index, as for a repository
+/// without tags.
+#[tokio::test]
+#[ignore = "bug: index.json of a repository made by mkdir is listed by readdir but lookup says ENOENT"]
+async fn index_json_of_a_new_repository_is_listed_but_missing() {
+    let reg = Arc::new(FakeRegistry::new());
+    seed_registry(&fixture(), &reg);
+    let fs = new_fs(&reg);
+    let repo = fs.mkdir(ROOT_INO, "gamma").await.unwrap().attr.ino;
+    let names: Vec<String> = fs
+        .readdir(repo)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.contains(&"index.json".to_string()), "{names:?}");
+    let e = fs
+        .lookup(repo, "index.json")
+        .await
+        .expect("a listed name can be looked up");
+    let h = fs.open(e.attr.ino, false).await.unwrap();
+    let body = fs.read(h.fh, 0, 4096).await.unwrap();
+    fs.release(h.fh).await;
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["manifests"], serde_json::json!([]));
+}
+
+/// The same repository reads back as an empty index once something was pushed to it (the
+/// registry knows it from then on): the model's expectation in the case the bug above does not
+/// cover.
+#[tokio::test]
+async fn index_json_of_a_new_repository_after_an_upload_is_empty() {
+    let reg = Arc::new(FakeRegistry::new());
+    let fs = new_fs(&reg);
+    let repo = fs.mkdir(ROOT_INO, "gamma").await.unwrap().attr.ino;
+    let uploads = fs.lookup(repo, "uploads").await.unwrap().attr.ino;
+    let (_, h) = fs.create(uploads, "f").await.unwrap();
+    fs.write(h.fh, 0, b"hello").await.unwrap();
+    fs.flush(h.fh).await.unwrap();
+    fs.release(h.fh).await;
+    let e = fs.lookup(repo, "index.json").await.unwrap();
+    let h = fs.open(e.attr.ino, false).await.unwrap();
+    let body = fs.read(h.fh, 0, 4096).await.unwrap();
+    fs.release(h.fh).await;
+    assert_eq!(body.len() as u64, e.attr.size);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["manifests"], serde_json::json!([]));
+}
