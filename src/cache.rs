@@ -104,6 +104,11 @@ impl ChunkCache {
             .clone();
         let result = cell
             .get_or_try_init(|| async {
+                // A fetch that finished between our miss and our cell (it retired its own cell
+                // after caching) left the chunk in the LRU: no second request.
+                if let Some(b) = self.get(&key) {
+                    return Ok(b);
+                }
                 let data = fetch().await?;
                 self.insert(key.clone(), data.clone());
                 Ok(data)

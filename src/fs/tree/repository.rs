@@ -22,13 +22,17 @@ impl Fs {
         })
     }
 
+    /// The tags of a repository; none for one made here that the registry does not know yet.
+    async fn tags_of(&self, repo: &str) -> FsResult<Arc<Vec<String>>> {
+        match self.meta.tag_list(repo).await {
+            Ok(t) => Ok(t),
+            Err(e) if e.is_not_found() && self.meta.knows_repo(repo) => Ok(Arc::new(vec![])),
+            Err(e) => Err(e),
+        }
+    }
+
     pub(super) async fn tags_children(&self, repo: &str) -> FsResult<Vec<(String, Node)>> {
-        let tags = match self.meta.tag_list(repo).await {
-            Ok(t) => t,
-            // A repository made by mkdir has no tags in the registry yet.
-            Err(e) if e.is_not_found() && self.meta.knows_repo(repo) => Arc::new(vec![]),
-            Err(e) => return Err(e),
-        };
+        let tags = self.tags_of(repo).await?;
         let mut out = Vec::new();
         for t in tags.iter() {
             if let Ok(n) = self.tag_node(repo, t).await {
@@ -118,7 +122,7 @@ impl Fs {
 
     /// `index.json` of a repository: every tag as a descriptor with its ref name.
     pub(super) async fn index_json(&self, repo: String) -> FsResult<Node> {
-        let tags = self.meta.tag_list(&repo).await?;
+        let tags = self.tags_of(&repo).await?;
         let mut manifests = Vec::new();
         for t in tags.iter() {
             match self.meta.resolve_tag(&repo, t).await {
