@@ -22,10 +22,14 @@
 //!    - `layer::Layers`: `indexes`, `merged` (LRUs of once-cells; the cells are awaited
 //!      after the lock is released).
 //!    - `cache::ChunkCache`: `inflight`, `lru` (`inflight` is released before `lru` is taken).
-//!    - `registry::http`: the token cache and the stats counters (atomics).
+//!    - `fuse::adapter`: `dir_handles` (directory listings being paged).
+//!    - `registry::http`: `scheme` (the auth scheme learned from the challenge) and `tokens`
+//!      (Bearer tokens per scope); the request counters are atomics.
+//!    - In tests only: the fake's `repos` and `uploads`, the faulty wrapper's `faults`.
 //!
-//! A `tokio::sync::OnceCell` being initialised (a chunk fetch, a layer index build) is awaited
-//! with no std lock held.
+//! Not locks, but waited on the same way: the adapter's read `Semaphore` (a permit is held for
+//! the whole read, no std lock with it), and a `tokio::sync::OnceCell` being initialised (a chunk
+//! fetch, a layer index build, a merged tree), which is awaited with no std lock held.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

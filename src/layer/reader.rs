@@ -650,3 +650,190 @@ impl<R: Read> Read for Teed<'_, R> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::fake::FakeRegistry;
+    use crate::registry::Registry;
+    use std::io::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    const CHUNK: u64 = 4096;
+
+    fn tar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut b = ::tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = ::tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            b.append_data(&mut h, path, &data[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn files() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("etc/os-release", b"NAME=test\n".to_vec()),
+            ("usr/big", noise(300_000, 5)),
+            ("usr/tail", b"the end\n".to_vec()),
+        ]
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    struct Setup {
+        reg: Arc<FakeRegistry>,
+        layers: Layers,
+        blobs: Arc<Blobs>,
+    }
+
+    fn setup(cache_bytes: u64) -> Setup {
+        let reg = Arc::new(FakeRegistry::new());
+        let cache = Arc::new(ChunkCache::new(cache_bytes));
+        let blobs = Arc::new(Blobs::new(reg.clone(), cache, CHUNK, 0));
+        Setup {
+            layers: Layers::new(blobs.clone(), 64 * 1024, None),
+            reg,
+            blobs,
+        }
+    }
+
+    /// A layer blob in the fake, and a config naming `diff_id` for it.
+    fn layer(s: &Setup, blob: &[u8], media_type: &str, diff_id: &str) -> LayerRef {
+        let digest = s.reg.add_blob("r", blob.to_vec());
+        let config = serde_json::to_vec(&serde_json::json!({
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]}
+        }))
+        .unwrap();
+        let config_len = config.len() as u64;
+        let config_digest = s.reg.add_blob("r", config);
+        LayerRef {
+            digest: Digest::from(digest),
+            size: blob.len() as u64,
+            media_type: media_type.into(),
+            config: Some((Digest::from(config_digest), config_len)),
+            pos: 0,
+            toc_annotations: vec![],
+        }
+    }
+
+    async fn read_file(s: &Setup, l: &LayerRef, path: &str) -> FsResult<Vec<u8>> {
+        let idx = s.layers.index("r", l).await?;
+        let i = idx.by_path[path];
+        let e = idx.entries[i].clone();
+        let mut out = Vec::new();
+        // Odd-sized reads, so spans and chunks are crossed at every offset.
+        while (out.len() as u64) < e.size {
+            let off = out.len() as u64;
+            let end = (off + 10_007).min(e.size);
+            out.extend_from_slice(&s.layers.read("r", l, i, &e, off, end).await?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_format_indexes_once_and_reads_back() {
+        let tar = tar_of(&files());
+        let diff_id = crate::digest::sha256_digest(&tar);
+        let zst = ::zstd::encode_all(&tar[..], 3).unwrap();
+        for (blob, mt, format) in [
+            (tar.clone(), crate::manifest::OCI_LAYER_TAR, Format::Tar),
+            (gzip(&tar), crate::manifest::OCI_LAYER_GZIP, Format::Gzip),
+            (zst, crate::manifest::OCI_LAYER_ZSTD, Format::Zstd),
+        ] {
+            let s = setup(64 << 20);
+            let l = layer(&s, &blob, mt, &diff_id);
+            let idx = s.layers.index("r", &l).await.unwrap();
+            assert_eq!(idx.format, format, "{mt}");
+            let gets = s.reg.stats().blob_gets.load(Relaxed);
+            assert!(Arc::ptr_eq(&idx, &s.layers.index("r", &l).await.unwrap()));
+            assert_eq!(s.reg.stats().blob_gets.load(Relaxed), gets, "built once");
+            for (path, data) in files() {
+                assert_eq!(read_file(&s, &l, path).await.unwrap(), data, "{mt} {path}");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn evicted_spans_are_inflated_again_from_a_checkpoint() {
+        let tar = tar_of(&files());
+        let diff_id = crate::digest::sha256_digest(&tar);
+        // A cache of a few chunks: spans made while indexing are gone by the time of the read.
+        let s = setup(4 * CHUNK);
+        let l = layer(&s, &gzip(&tar), crate::manifest::OCI_LAYER_GZIP, &diff_id);
+        assert_eq!(read_file(&s, &l, "usr/tail").await.unwrap(), b"the end\n");
+        assert_eq!(
+            read_file(&s, &l, "usr/big").await.unwrap(),
+            noise(300_000, 5)
+        );
+        assert!(s.blobs.cache().used_bytes() <= 4 * CHUNK);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_wrong_diff_id_fails_the_index_with_eio() {
+        let tar = tar_of(&files());
+        let s = setup(64 << 20);
+        let wrong = crate::digest::sha256_digest(b"something else");
+        let l = layer(&s, &gzip(&tar), crate::manifest::OCI_LAYER_GZIP, &wrong);
+        let e = s.layers.index("r", &l).await.unwrap_err();
+        assert_eq!(e.errno, libc::EIO);
+        assert!(e.message.contains("diff_id"), "{}", e.message);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_truncated_layer_fails_with_eio_and_merges_nothing() {
+        let tar = tar_of(&files());
+        let gz = gzip(&tar);
+        let s = setup(64 << 20);
+        let cut = &gz[..gz.len() / 2];
+        let l = layer(&s, cut, crate::manifest::OCI_LAYER_GZIP, "");
+        assert_eq!(s.layers.index("r", &l).await.unwrap_err().errno, libc::EIO);
+        let image = Digest::from("sha256:image");
+        let e = s.layers.merged("r", &image, vec![l]).await.err().unwrap();
+        assert_eq!(e.errno, libc::EIO);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn merged_views_apply_later_layers() {
+        let lower = tar_of(&[("a", b"old".to_vec()), ("b", b"keep".to_vec())]);
+        let upper = tar_of(&[("a", b"new".to_vec()), (".wh.b", vec![])]);
+        let s = setup(64 << 20);
+        let mut l0 = layer(&s, &lower, crate::manifest::OCI_LAYER_TAR, "");
+        let mut l1 = layer(&s, &upper, crate::manifest::OCI_LAYER_TAR, "");
+        l0.config = None;
+        l1.config = None;
+        l1.pos = 1;
+        let image = Digest::from("sha256:image");
+        let mv = s.layers.merged("r", &image, vec![l0, l1]).await.unwrap();
+        let root = &mv.merged.dirs[""];
+        assert!(root.contains_key("a") && !root.contains_key("b"));
+        let (li, ei) = root["a"];
+        assert_eq!(li, 1);
+        let e = mv.indexes[li].entries[ei].clone();
+        let got = s
+            .layers
+            .read("r", &mv.layers[li], ei, &e, 0, e.size)
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"new");
+    }
+}
