@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 
 ensure_deps
 echo "==> building regfs (release)"
-cargo build --release --quiet --bin regfs --example seed
+# Two builds: the seeding example needs the test-only fake registry (dev-dependency features),
+# and building it alongside the binary would put the fake into target/release/regfs too.
+cargo build --release --quiet --bin regfs
+cargo build --release --quiet --example seed
 
 work_setup
 echo "==> registry on $REGISTRY_ADDR (pid $REGISTRY_PID), seeding sample images"
