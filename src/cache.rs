@@ -1,6 +1,7 @@
 //! The chunk cache: bytes in chunks under typed keys ([`ChunkKey`]: a blob chunk, a span of a
 //! layer's uncompressed stream, or a TOC chunk of a file), in an LRU capped in bytes. Concurrent
-//! readers of a chunk that is not cached yet share one fetch.
+//! readers of a chunk that is not cached yet share one fetch, and its result: when it fails, they
+//! all fail with it.
 //!
 //! Lock order: `inflight` is never held while `lru` is taken, and neither is held across `.await`
 //! (see `fs::inodes` for the whole crate).
@@ -48,8 +49,15 @@ struct Lru {
 pub struct ChunkCache {
     capacity: u64,
     lru: Mutex<Lru>,
-    inflight: Mutex<HashMap<ChunkKey, Arc<OnceCell<Bytes>>>>,
+    inflight: Mutex<HashMap<ChunkKey, Arc<Flight>>>,
 }
+
+/// The error of a failed fetch, shared by every reader that waited on it (type-erased, because
+/// callers use their own error types; each reader gets a clone of its own).
+type SharedError = Arc<dyn std::any::Any + Send + Sync>;
+
+/// One fetch in flight: its result, once it has one.
+type Flight = OnceCell<Result<Bytes, SharedError>>;
 
 impl ChunkCache {
     pub fn new(capacity_bytes: u64) -> Self {
@@ -86,11 +94,17 @@ impl ChunkCache {
     }
 
     /// The chunk for `key`: from the cache, from a fetch already in flight, or by running `fetch`.
-    /// A failed fetch caches nothing, and the next reader fetches again.
+    ///
+    /// Every reader that joins one in-flight fetch gets that fetch's result, error included: a
+    /// failed fetch fails its waiters once, and they do not queue up to retry it one after
+    /// another (the registry client already retried within its budget). A failure caches
+    /// nothing, and the next new reader starts a fresh fetch. If the reader running the fetch is
+    /// cancelled, a waiter takes the fetch over, so no waiter is left asleep.
     pub async fn get_or_fetch<F, Fut, E>(&self, key: ChunkKey, fetch: F) -> Result<Bytes, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Bytes, E>>,
+        E: Clone + Send + Sync + 'static,
     {
         if let Some(b) = self.get(&key) {
             return Ok(b);
@@ -102,25 +116,50 @@ impl ChunkCache {
             .entry(key.clone())
             .or_default()
             .clone();
-        let result = cell
-            .get_or_try_init(|| async {
+        let mut fetch = Some(fetch);
+        let outcome = cell
+            .get_or_init(|| async {
                 // A fetch that finished between our miss and our cell (it retired its own cell
                 // after caching) left the chunk in the LRU: no second request.
                 if let Some(b) = self.get(&key) {
                     return Ok(b);
                 }
-                let data = fetch().await?;
-                self.insert(key.clone(), data.clone());
-                Ok(data)
+                let f = fetch.take().expect("the init closure runs once per reader");
+                match f().await {
+                    Ok(data) => {
+                        self.insert(key.clone(), data.clone());
+                        Ok(data)
+                    }
+                    Err(e) => Err(Arc::new(e) as SharedError),
+                }
             })
             .await
-            .cloned();
-        // Whoever finishes first retires the in-flight entry; later readers hit the LRU.
-        let mut inflight = self.inflight.lock().unwrap();
-        if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) && cell.initialized() {
-            inflight.remove(&key);
+            .clone();
+        // Whoever finishes first retires the in-flight entry, success or failure: later readers
+        // hit the LRU, or start a fresh fetch.
+        {
+            let mut inflight = self.inflight.lock().unwrap();
+            if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(&key);
+            }
         }
-        result
+        match outcome {
+            Ok(b) => Ok(b),
+            Err(shared) => match shared.downcast_ref::<E>() {
+                Some(e) => Err(e.clone()),
+                // Another kind of caller failed this key with another error type: this reader
+                // cannot be handed that error, so it fetches for itself (caching nothing new
+                // on failure, as ever).
+                None => match fetch.take() {
+                    Some(f) => {
+                        let data = f().await?;
+                        self.insert(key, data.clone());
+                        Ok(data)
+                    }
+                    None => unreachable!("a reader whose own fetch failed gets its own error type"),
+                },
+            },
+        }
     }
 
     /// Drop every chunk made from `digest`, of every kind (after a digest mismatch, a delete).
