@@ -115,6 +115,15 @@ pub struct Cli {
         help_heading = "Connection"
     )]
     pub request_timeout: String,
+    /// How long one operation may keep retrying a flaky registry (connect errors, resets,
+    /// timeouts, 5xx, 429) before it fails, e.g. 30s; 0 = no retries.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "30s",
+        help_heading = "Connection"
+    )]
+    pub retry_budget: String,
 }
 
 /// This machine's platform in OCI terms: the default for `--platform`, because the image that

@@ -31,6 +31,11 @@ pub const DEFAULT_CHECKPOINT_SPACING: u64 = 4 << 20;
 /// Chunks fetched ahead of a sequential reader. Two keeps the network busy while the reader
 /// consumes one chunk; a random reader never triggers it.
 pub const DEFAULT_READAHEAD_CHUNKS: u64 = 2;
+/// How long one operation (a chunk read, a manifest GET, a PATCH) may keep retrying a flaky
+/// registry. 30 s: a registry restart or a load balancer shuffling takes seconds, and a FUSE
+/// caller blocked longer than half a minute is better told EIO than kept waiting; it is also
+/// below the 60 s request timeout, so a dead registry is reported before a hung one would be.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(30);
 /// How long connecting to the registry may take (capped by the request timeout). 10 s is far
 /// beyond any healthy connect, even across continents, yet a wrong address fails quickly.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,6 +68,8 @@ pub struct ConnectionConfig {
     pub insecure: bool,
     /// Limit for one HTTP request.
     pub request_timeout: Duration,
+    /// How long one operation may keep retrying (`--retry-budget`).
+    pub retry_budget: Duration,
 }
 
 impl ConnectionConfig {
@@ -176,7 +183,19 @@ pub fn registry_url(reg: &str) -> Result<(Url, String), String> {
         let loopback = crate::registry::http::is_loopback_host(hostname);
         format!("{}://{reg}", if loopback { "http" } else { "https" })
     };
-    let url = Url::parse(&with_scheme).map_err(|e| format!("bad registry {reg:?}: {e}"))?;
+    // A password in the URL is refused, and the message never repeats it (nor the user name).
+    let shown = match reg.rsplit_once('@') {
+        Some((_, host)) => format!("<credentials>@{host}"),
+        None => reg.to_string(),
+    };
+    let url = Url::parse(&with_scheme).map_err(|e| format!("bad registry {shown:?}: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "registry {shown:?}: credentials in the URL are refused (they would show in process \
+             lists and logs); use --username with REGFS_PASSWORD, or docker login"
+        ));
+    }
+    let reg = shown.as_str();
     if url.path() != "/" && !url.path().is_empty() {
         return Err(format!(
             "registry {reg:?} must not have a path (give host[:port])"
@@ -273,6 +292,7 @@ impl TryFrom<Cli> for Config {
         if request_timeout.is_zero() {
             return Err("--request-timeout must be more than 0".into());
         }
+        let retry_budget = parse_flag("--retry-budget", &cli.retry_budget, parse_duration)?;
         let platform = parse_platform(&cli.platform)?;
         let mount = mount_config(&cli, &host)?;
         Ok(Config {
@@ -286,6 +306,7 @@ impl TryFrom<Cli> for Config {
                 ca_cert: cli.ca_cert,
                 insecure: cli.insecure,
                 request_timeout,
+                retry_budget,
             },
             mount,
             cache: CacheConfig {
@@ -360,6 +381,13 @@ mod tests {
         assert_eq!(u("reg.example:443").0.as_str(), "https://reg.example/");
         assert_eq!(u("http://reg.example:8080").1, "reg.example:8080");
         assert!(registry_url("https://x/v2/foo").is_err());
+        for with_pw in [
+            "https://u:hunter2@reg.example",
+            "u:hunter2@reg.example:5000",
+        ] {
+            let e = registry_url(with_pw).unwrap_err();
+            assert!(e.contains("refused") && !e.contains("hunter2"), "{e}");
+        }
         for hub in [
             "docker.io",
             "index.docker.io",
@@ -387,6 +415,10 @@ mod tests {
         assert_eq!(c.cache.cache_size, DEFAULT_CACHE_SIZE);
         assert_eq!(c.cache.metadata_ttl, DEFAULT_METADATA_TTL);
         assert_eq!(c.connection.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        assert_eq!(c.connection.retry_budget, DEFAULT_RETRY_BUDGET);
+        let c = parse(&["localhost:5000", "/mnt", "--retry-budget", "0"]).unwrap();
+        assert!(c.connection.retry_budget.is_zero());
+        assert!(parse(&["localhost", "/mnt", "--retry-budget", "soon"]).is_err());
         assert!(parse(&["localhost", "/mnt", "-o", "bogus"]).is_err());
         assert!(parse(&["localhost", "/mnt", "--chunk-size", "1k"]).is_err());
         assert!(parse(&[

@@ -327,7 +327,8 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
         connect_timeout: conn.connect_timeout(),
         request_timeout: conn.request_timeout,
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())?
+    .with_retry_budget(conn.retry_budget);
     rt.block_on(reg.ping())
         .map_err(|e| format!("cannot use registry {}: {e}", conn.base_url))?;
     log::info!("registry {} answers", conn.base_url);

@@ -127,6 +127,10 @@ impl fmt::Debug for Token {
     }
 }
 
+/// The longest a token is kept. A day: long enough that no sane token is refetched early, short
+/// enough that `expires_in: 2^63` cannot overflow a clock.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(86_400);
+
 /// The JSON a token endpoint answers with.
 #[derive(serde::Deserialize)]
 pub struct TokenResponse {
@@ -141,11 +145,17 @@ pub struct TokenResponse {
 impl TokenResponse {
     pub fn into_token(self, now: Instant) -> Option<Token> {
         let value = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
-        // The spec's default and minimum lifetime is 60 s; renew 10 s early.
-        let secs = self.expires_in.unwrap_or(60).max(60);
+        // The spec's default and minimum lifetime is 60 s; renew 10 s early. An absurd lifetime
+        // is cut to a day ([`MAX_TOKEN_LIFETIME`]) and never overflows.
+        let secs = self
+            .expires_in
+            .unwrap_or(60)
+            .clamp(60, MAX_TOKEN_LIFETIME.as_secs());
         Some(Token {
             value,
-            expires: now + Duration::from_secs(secs - 10),
+            expires: now
+                .checked_add(Duration::from_secs(secs - 10))
+                .unwrap_or(now),
         })
     }
 }
@@ -228,6 +238,18 @@ mod tests {
         .unwrap();
         assert_eq!(t.value, "sekrit");
         assert!(!format!("{t:?}").contains("sekrit"));
+        let now = Instant::now();
+        let t = TokenResponse {
+            token: Some("x".into()),
+            access_token: None,
+            expires_in: Some(u64::MAX),
+        }
+        .into_token(now)
+        .unwrap();
+        assert!(
+            t.expires <= now + MAX_TOKEN_LIFETIME,
+            "absurd lifetimes saturate"
+        );
         assert_eq!(
             c.basic_header(),
             format!(

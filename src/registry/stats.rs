@@ -47,6 +47,15 @@ request_stats! {
     upload_cancels,
     blob_mounts,
     deletes,
+    /// Requests sent again after a transport error, a 5xx or a 429 (within the retry budget).
+    retries,
+    /// Blob reads whose body was cut, resumed with a Range from the byte where it stopped.
+    resumes,
+    /// Uploads whose failed PATCH was resumed from the registry's upload status.
+    upload_resumes,
+    /// Requests to another origin than the registry's (a `Link`, `Location` or redirect), sent
+    /// without credentials.
+    foreign_requests,
 }
 
 impl RequestStats {
@@ -85,6 +94,10 @@ mod tests {
             "upload_cancels",
             "blob_mounts",
             "deletes",
+            "retries",
+            "resumes",
+            "upload_resumes",
+            "foreign_requests",
         ];
         let mut keys_sorted = keys.clone();
         keys_sorted.sort();

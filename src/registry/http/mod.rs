@@ -1,9 +1,12 @@
 //! The real registry client: Distribution API v2 over reqwest.
 //!
 //! One `send` path handles auth for every request: it attaches the cached token (or Basic
-//! credentials), and on a 401 it reads the challenge, fetches a token for the challenged scope and
-//! retries once. Blob reads are closed `Range` requests with `Accept-Encoding: identity`; a 200
-//! answer with the whole body is tolerated, anything short of the asked length is an error.
+//! credentials) to the registry's own origin only, and on a 401 it reads the challenge, fetches a
+//! token for the challenged scope and retries once. Idempotent requests retry transient failures
+//! within a per-operation budget (`--retry-budget`). Blob reads are closed `Range` requests with
+//! `Accept-Encoding: identity`; a 200 answer with the whole body is tolerated, and a body cut
+//! short is resumed with a `Range` from the byte where it stopped. A failed PATCH resumes from the
+//! registry's upload status. Every body is read under a cap.
 //!
 //! This file holds the client and its [`Registry`] implementation; the request path (auth, retries,
 //! error bodies) is in `transport`, `Link` pagination in `paging`, and argument checks and header
@@ -29,9 +32,18 @@ use crate::error::{RegistryError, RegistryResult};
 use crate::manifest::{sniff_media_type, MANIFEST_ACCEPT};
 pub use paging::next_link;
 use paging::PAGE_SIZE;
-use transport::{error_from, repo_scope, transport, Req};
+use transport::{error_body, error_from, idempotent, repo_scope, transport, Budget, Req};
 pub use wire::is_loopback_host;
 use wire::{check_digest, check_reference, check_repo, content_type, header_str, resolve_location};
+
+/// The end N of a `Range: 0-N` (or `bytes=0-N`) header.
+fn range_end(range: &str) -> Option<u64> {
+    range
+        .trim()
+        .trim_start_matches("bytes=")
+        .split_once('-')
+        .and_then(|(_, e)| e.trim().parse::<u64>().ok())
+}
 
 /// Options for building an [`HttpRegistry`].
 #[derive(Debug, Clone)]
@@ -49,6 +61,12 @@ pub struct HttpOptions {
     pub request_timeout: Duration,
 }
 
+/// Cap on a manifest or index body: distribution's own limit (4 MiB).
+pub const MANIFEST_BODY_CAP: usize = 4 << 20;
+/// Cap on one page of `_catalog` or `tags/list`. We ask for 100 names a page, but a registry may
+/// ignore `n` and send every tag at once: 16 MiB holds about 100,000 long tags.
+pub const LIST_BODY_CAP: usize = 16 << 20;
+
 /// A Distribution v2 client.
 pub struct HttpRegistry {
     base: Url,
@@ -57,6 +75,7 @@ pub struct HttpRegistry {
     scheme: Mutex<Scheme>,
     tokens: Mutex<TokenCache>,
     stats: RequestStats,
+    retry_budget: Duration,
 }
 
 impl std::fmt::Debug for HttpRegistry {
@@ -78,8 +97,9 @@ impl HttpRegistry {
             .user_agent(concat!("regfs/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(opts.connect_timeout)
             .timeout(opts.request_timeout)
-            // reqwest drops Authorization when a redirect changes host, port or scheme.
-            .redirect(reqwest::redirect::Policy::limited(10))
+            // Redirects are followed by `send`, which attaches credentials only to the
+            // registry's own scheme://host:port.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(16);
         if let Some(pem) = &opts.ca_cert_pem {
             let cert = reqwest::Certificate::from_pem(pem)
@@ -92,14 +112,26 @@ impl HttpRegistry {
         let client = b
             .build()
             .map_err(|e| RegistryError::Transport(format!("building HTTP client: {e}")))?;
+        // A password in the registry URL is refused by the CLI; never send or log one anyway.
+        let mut base = opts.base;
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
         Ok(HttpRegistry {
-            base: opts.base,
+            base,
             client,
             credentials: opts.credentials,
             scheme: Mutex::new(Scheme::None),
             tokens: Mutex::new(TokenCache::default()),
             stats: RequestStats::default(),
+            // Until `with_retry_budget` says otherwise; the reason is at the constant.
+            retry_budget: crate::config::DEFAULT_RETRY_BUDGET,
         })
+    }
+
+    /// Set how long one operation may keep retrying (`--retry-budget`); zero means one try.
+    pub fn with_retry_budget(mut self, budget: Duration) -> Self {
+        self.retry_budget = budget;
+        self
     }
 
     fn url(&self, path: &str) -> Url {
@@ -121,7 +153,7 @@ impl HttpRegistry {
         if status.is_success() {
             return Ok(());
         }
-        let body = resp.bytes().await.unwrap_or_default();
+        let body = error_body(resp).await;
         if status == StatusCode::UNAUTHORIZED && self.credentials.is_none() {
             // Anonymous access may still work per repository (Docker Hub, GHCR).
             log::info!(
@@ -176,17 +208,14 @@ impl Registry for HttpRegistry {
     async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {
         RequestStats::inc(&self.stats.manifest_gets);
         let req = self.manifest_req(Method::GET, repo, reference)?;
-        let resp = self.send(&req).await?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await.map_err(|e| transport(e, &req.what))?;
+        let (status, headers, body) = self.fetch_capped(&req, MANIFEST_BODY_CAP).await?;
         if !status.is_success() {
             return Err(error_from(status, &body, &req.what));
         }
         if let Some(len) =
-            header_str(&headers, "content-length").and_then(|l| l.parse::<usize>().ok())
+            header_str(&headers, "content-length").and_then(|l| l.parse::<u64>().ok())
         {
-            if len != body.len() {
+            if len != body.len() as u64 {
                 return Err(RegistryError::Protocol(format!(
                     "{}: truncated body ({} of {len} bytes)",
                     req.what,
@@ -286,72 +315,37 @@ impl Registry for HttpRegistry {
             return Err(RegistryError::Invalid(format!("range {start}-{end}")));
         }
         RequestStats::inc(&self.stats.blob_gets);
-        let want = (end - start + 1) as usize;
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            reqwest::header::RANGE,
-            HeaderValue::from_str(&format!("bytes={start}-{end}")).expect("ascii"),
-        );
-        let req = Req {
-            method: Method::GET,
-            url: self.url(&format!("/v2/{repo}/blobs/{digest}")),
-            headers,
-            body: None,
-            scope: repo_scope(repo, false),
-            what: format!("GET {repo}@{digest} bytes {start}-{end}"),
-        };
-        let resp = self.send(&req).await?;
-        let status = resp.status();
-        let skip = match status {
-            StatusCode::PARTIAL_CONTENT => {
-                let cr = header_str(resp.headers(), "content-range").unwrap_or("");
-                if !cr.starts_with(&format!("bytes {start}-")) {
-                    return Err(RegistryError::Protocol(format!(
-                        "{}: answered with Content-Range {cr:?}",
-                        req.what
-                    )));
+        let want = usize::try_from(end - start + 1)
+            .map_err(|_| RegistryError::Invalid(format!("range {start}-{end}")))?;
+        let what = format!("GET {repo}@{digest} bytes {start}-{end}");
+        let mut budget = Budget::new(self.retry_budget);
+        // What arrived stays; a cut body is resumed from the byte where it stopped. The buffer
+        // grows with what arrives (capped at 64 MiB up front), not from the asked size alone.
+        let mut buf = BytesMut::with_capacity(want.min(64 << 20));
+        loop {
+            let from = start + buf.len() as u64;
+            match self
+                .blob_range_once(repo, digest, from, end, &mut buf, &mut budget)
+                .await
+            {
+                Ok(()) if buf.len() == want => break,
+                Ok(()) => {
+                    let why = format!("body cut after {} of {want} bytes", buf.len());
+                    if !budget.pause(None, &why, &what).await {
+                        return Err(RegistryError::Protocol(format!(
+                            "{what}: truncated body ({} of {want} bytes)",
+                            buf.len()
+                        )));
+                    }
                 }
-                0
+                Err(e @ RegistryError::Transport(_)) => {
+                    if !budget.pause(None, &e.to_string(), &what).await {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            StatusCode::OK => {
-                // The registry ignored Range and sends the whole blob: skip to `start`.
-                log::debug!("{}: Range ignored (200), skipping {start} bytes", req.what);
-                start as usize
-            }
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                return Err(RegistryError::Protocol(format!(
-                    "{}: range refused (416)",
-                    req.what
-                )));
-            }
-            s => {
-                let body = resp.bytes().await.unwrap_or_default();
-                return Err(error_from(s, &body, &req.what));
-            }
-        };
-        let mut buf = BytesMut::with_capacity(want);
-        let mut skipped = 0usize;
-        let mut stream = resp.bytes_stream();
-        while buf.len() < want {
-            let Some(piece) = stream.next().await else {
-                break;
-            };
-            let mut piece = piece.map_err(|e| transport(e, &req.what))?;
-            if skipped < skip {
-                let n = (skip - skipped).min(piece.len());
-                skipped += n;
-                piece = piece.slice(n..);
-            }
-            let take = (want - buf.len()).min(piece.len());
-            buf.extend_from_slice(&piece[..take]);
-        }
-        // Dropping the stream here closes a 200 full-body answer early.
-        if buf.len() != want {
-            return Err(RegistryError::Protocol(format!(
-                "{}: truncated body ({} of {want} bytes)",
-                req.what,
-                buf.len()
-            )));
+            RequestStats::inc(&self.stats.resumes);
         }
         self.stats
             .blob_bytes
@@ -387,7 +381,7 @@ impl Registry for HttpRegistry {
         let resp = self.send(&req).await?;
         if resp.status() != StatusCode::CREATED {
             let s = resp.status();
-            let body = resp.bytes().await.unwrap_or_default();
+            let body = error_body(resp).await;
             return Err(error_from(s, &body, &req.what));
         }
         Ok(digest)
@@ -407,7 +401,7 @@ impl Registry for HttpRegistry {
         let resp = self.send(&req).await?;
         if resp.status() != StatusCode::ACCEPTED {
             let s = resp.status();
-            let body = resp.bytes().await.unwrap_or_default();
+            let body = error_body(resp).await;
             return Err(error_from(s, &body, &req.what));
         }
         let location = resolve_location(resp.headers(), &req.url, &req.what)?;
@@ -430,52 +424,39 @@ impl Registry for HttpRegistry {
             return Ok(());
         }
         RequestStats::inc(&self.stats.upload_patches);
-        let start = session.offset;
-        let end = start + data.len() as u64 - 1;
-        let url = Url::parse(&session.location)
-            .map_err(|e| RegistryError::Protocol(format!("upload location: {e}")))?;
-        let mut headers = HeaderMap::new();
-        // distribution 2.8 wants `START-END`, without `bytes=`.
-        headers.insert(
-            reqwest::header::CONTENT_RANGE,
-            HeaderValue::from_str(&format!("{start}-{end}")).expect("ascii"),
-        );
-        headers.insert(
-            reqwest::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        let len = data.len() as u64;
-        let req = Req {
-            method: Method::PATCH,
-            url,
-            headers,
-            body: Some(data),
-            scope: repo_scope(repo, true),
-            what: format!("PATCH {repo} upload bytes {start}-{end}"),
-        };
-        let resp = self.send(&req).await?;
-        let status = resp.status();
-        // 202 per the spec; ECR answers 201.
-        if status != StatusCode::ACCEPTED && status != StatusCode::CREATED {
-            let body = resp.bytes().await.unwrap_or_default();
-            return Err(error_from(status, &body, &req.what));
+        let first = session.offset;
+        let end = first + data.len() as u64 - 1;
+        let mut budget = Budget::new(self.retry_budget);
+        loop {
+            // Send what the registry does not have yet: all of `data`, or after a failed PATCH
+            // the suffix past the offset its upload status reported.
+            let start = session.offset;
+            let suffix = data.slice((start - first) as usize..);
+            let outcome = self.patch_once(repo, session, start, end, suffix).await;
+            let err = match outcome {
+                Ok(()) => return Ok(()),
+                Err(e @ (RegistryError::Transport(_) | RegistryError::Server { .. })) => e,
+                Err(e) => return Err(e),
+            };
+            let what = format!("PATCH {repo} upload bytes {start}-{end}");
+            if !budget.pause(None, &err.to_string(), &what).await {
+                return Err(err);
+            }
+            // Ask the registry how much it has, and go on from there.
+            let have = self.upload_status(repo, session, &mut budget).await?;
+            if have < first || have > end + 1 {
+                return Err(RegistryError::Protocol(format!(
+                    "{what}: after a failed PATCH the registry has {have} bytes, outside \
+                     {first}..={}",
+                    end + 1
+                )));
+            }
+            RequestStats::inc(&self.stats.upload_resumes);
+            session.offset = have;
+            if have == end + 1 {
+                return Ok(());
+            }
         }
-        // distribution 2.8 appends out-of-order data silently: the Range it reports is the truth.
-        let range = header_str(resp.headers(), "range").unwrap_or("");
-        let acked = range
-            .trim_start_matches("bytes=")
-            .split_once('-')
-            .and_then(|(_, e)| e.parse::<u64>().ok());
-        if acked != Some(end) {
-            return Err(RegistryError::Protocol(format!(
-                "{}: registry acknowledged {range:?}, expected 0-{end}",
-                req.what
-            )));
-        }
-        session.location = resolve_location(resp.headers(), &req.url, &req.what)?.to_string();
-        session.offset = end + 1;
-        RequestStats::add(&self.stats.upload_bytes, len);
-        Ok(())
     }
 
     async fn upload_finish(
@@ -513,7 +494,7 @@ impl Registry for HttpRegistry {
         let resp = self.send(&req).await?;
         if resp.status() != StatusCode::CREATED {
             let s = resp.status();
-            let body = resp.bytes().await.unwrap_or_default();
+            let body = error_body(resp).await;
             return Err(error_from(s, &body, &req.what));
         }
         if let Some(d) = header_str(resp.headers(), "docker-content-digest") {
@@ -584,7 +565,7 @@ impl Registry for HttpRegistry {
                 Ok(false)
             }
             s => {
-                let body = resp.bytes().await.unwrap_or_default();
+                let body = error_body(resp).await;
                 Err(error_from(s, &body, &req.what))
             }
         }
@@ -605,6 +586,176 @@ impl Registry for HttpRegistry {
 }
 
 impl HttpRegistry {
+    /// One GET of bytes `from..=end` of a blob, appended to `buf` as they arrive. Ok when the
+    /// body ended (maybe short: the caller resumes); a transport error mid-body keeps what came.
+    async fn blob_range_once(
+        &self,
+        repo: &str,
+        digest: &str,
+        from: u64,
+        end: u64,
+        buf: &mut BytesMut,
+        budget: &mut Budget,
+    ) -> RegistryResult<()> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::RANGE,
+            HeaderValue::from_str(&format!("bytes={from}-{end}")).expect("ascii"),
+        );
+        let req = Req {
+            method: Method::GET,
+            url: self.url(&format!("/v2/{repo}/blobs/{digest}")),
+            headers,
+            body: None,
+            scope: repo_scope(repo, false),
+            what: format!("GET {repo}@{digest} bytes {from}-{end}"),
+        };
+        let want = (end - from + 1) as usize;
+        let target = buf.len() + want;
+        let resp = self.send_in(&req, budget).await?;
+        let status = resp.status();
+        let skip = match status {
+            StatusCode::PARTIAL_CONTENT => {
+                let cr = header_str(resp.headers(), "content-range").unwrap_or("");
+                if !cr.starts_with(&format!("bytes {from}-")) {
+                    return Err(RegistryError::Protocol(format!(
+                        "{}: answered with Content-Range {cr:?}",
+                        req.what
+                    )));
+                }
+                0
+            }
+            StatusCode::OK => {
+                // The registry ignored Range and sends the whole blob: skip to `from`.
+                log::debug!("{}: Range ignored (200), skipping {from} bytes", req.what);
+                from
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                return Err(RegistryError::Protocol(format!(
+                    "{}: range refused (416)",
+                    req.what
+                )));
+            }
+            s => {
+                let body = error_body(resp).await;
+                return Err(error_from(s, &body, &req.what));
+            }
+        };
+        let mut skipped = 0u64;
+        let mut stream = resp.bytes_stream();
+        while buf.len() < target {
+            let Some(piece) = stream.next().await else {
+                break;
+            };
+            let mut piece = piece.map_err(|e| transport(e, &req.what))?;
+            if skipped < skip {
+                let n = (skip - skipped).min(piece.len() as u64) as usize;
+                skipped += n as u64;
+                piece = piece.slice(n..);
+            }
+            let take = (target - buf.len()).min(piece.len());
+            buf.extend_from_slice(&piece[..take]);
+        }
+        // Dropping the stream here closes a 200 full-body answer early.
+        Ok(())
+    }
+
+    /// One PATCH of bytes `start..=end`; on success the session moves past `end`.
+    async fn patch_once(
+        &self,
+        repo: &str,
+        session: &mut UploadSession,
+        start: u64,
+        end: u64,
+        data: Bytes,
+    ) -> RegistryResult<()> {
+        let url = Url::parse(&session.location)
+            .map_err(|e| RegistryError::Protocol(format!("upload location: {e}")))?;
+        let mut headers = HeaderMap::new();
+        // distribution 2.8 wants `START-END`, without `bytes=`.
+        headers.insert(
+            reqwest::header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("{start}-{end}")).expect("ascii"),
+        );
+        headers.insert(
+            reqwest::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        let len = data.len() as u64;
+        let req = Req {
+            method: Method::PATCH,
+            url,
+            headers,
+            body: Some(data),
+            scope: repo_scope(repo, true),
+            what: format!("PATCH {repo} upload bytes {start}-{end}"),
+        };
+        let resp = self.send(&req).await?;
+        let status = resp.status();
+        // 202 per the spec; ECR answers 201.
+        if status != StatusCode::ACCEPTED && status != StatusCode::CREATED {
+            let body = error_body(resp).await;
+            return Err(error_from(status, &body, &req.what));
+        }
+        // distribution 2.8 appends out-of-order data silently: the Range it reports is the truth.
+        let range = header_str(resp.headers(), "range").unwrap_or("");
+        if range_end(range) != Some(end) {
+            return Err(RegistryError::Protocol(format!(
+                "{}: registry acknowledged {range:?}, expected 0-{end}",
+                req.what
+            )));
+        }
+        session.location = resolve_location(resp.headers(), &req.url, &req.what)?.to_string();
+        session.offset = end + 1;
+        RequestStats::add(&self.stats.upload_bytes, len);
+        Ok(())
+    }
+
+    /// `GET` on the upload URL: how many bytes the registry holds (its `Range: 0-N` gives N+1).
+    /// The session moves to the `Location` it returns, if any.
+    async fn upload_status(
+        &self,
+        repo: &str,
+        session: &mut UploadSession,
+        budget: &mut Budget,
+    ) -> RegistryResult<u64> {
+        let url = Url::parse(&session.location)
+            .map_err(|e| RegistryError::Protocol(format!("upload location: {e}")))?;
+        let req = Req {
+            method: Method::GET,
+            url,
+            headers: HeaderMap::new(),
+            body: None,
+            scope: repo_scope(repo, true),
+            what: format!("GET {repo} upload status"),
+        };
+        debug_assert!(idempotent(&req.method));
+        let resp = self.send_in(&req, budget).await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = error_body(resp).await;
+            return Err(error_from(status, &body, &req.what));
+        }
+        let range = header_str(resp.headers(), "range").unwrap_or("");
+        // distribution reports `0-0` for both 0 and 1 bytes; the session offset tells them apart
+        // (0 bytes only while nothing was acknowledged).
+        let have = match range_end(range) {
+            Some(0) if session.offset == 0 => 0,
+            Some(n) => n.saturating_add(1),
+            None if range.is_empty() => 0,
+            None => {
+                return Err(RegistryError::Protocol(format!(
+                    "{}: upload status Range {range:?}",
+                    req.what
+                )))
+            }
+        };
+        if let Ok(loc) = resolve_location(resp.headers(), &req.url, &req.what) {
+            session.location = loc.to_string();
+        }
+        Ok(have)
+    }
+
     async fn delete(&self, repo: &str, what_path: &str, digest: &str) -> RegistryResult<()> {
         check_repo(repo)?;
         check_digest(digest)?;
@@ -622,7 +773,7 @@ impl HttpRegistry {
         if status.is_success() {
             return Ok(());
         }
-        let body = resp.bytes().await.unwrap_or_default();
+        let body = error_body(resp).await;
         Err(match status.as_u16() {
             405 => RegistryError::Unsupported(format!(
                 "{}: the registry does not allow deletes ({})",

@@ -1,10 +1,11 @@
-//! `Link` pagination of `_catalog` and `tags/list`.
+//! `Link` pagination of `_catalog` and `tags/list`. Each page is read under [`LIST_BODY_CAP`]; a
+//! `Link` to another origin is followed without credentials (see `transport`).
 
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode, Url};
 
-use super::transport::{error_from, transport, Req};
-use super::HttpRegistry;
+use super::transport::{error_from, Req};
+use super::{HttpRegistry, LIST_BODY_CAP};
 use crate::error::{RegistryError, RegistryResult};
 use crate::registry::RequestStats;
 
@@ -65,10 +66,8 @@ impl HttpRegistry {
                 scope: scope.to_string(),
                 what: what.clone(),
             };
-            let resp = self.send(&req).await?;
-            let status = resp.status();
-            let next = next_link(resp.headers(), &url);
-            let body = resp.bytes().await.map_err(|e| transport(e, &what))?;
+            let (status, headers, body) = self.fetch_capped(&req, LIST_BODY_CAP).await?;
+            let next = next_link(&headers, &url);
             if status == StatusCode::BAD_REQUEST
                 && !retried_without_n
                 && String::from_utf8_lossy(&body).contains("PAGINATION_NUMBER_INVALID")

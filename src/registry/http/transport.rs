@@ -1,7 +1,14 @@
 //! The request path of the HTTP client: building a request with auth, sending it, answering a
-//! 401 challenge (Bearer token or Basic) and waiting out a short 429, and turning error answers
-//! into [`RegistryError`]s.
+//! 401 challenge (Bearer token or Basic), following redirects, retrying idempotent requests within
+//! a per-operation [`Budget`], reading bodies under caps, and turning error answers into
+//! [`RegistryError`]s.
+//!
+//! Credentials stay home: `Authorization` is attached only to URLs on the registry's own
+//! scheme://host:port (see [`same_origin`]); a `Link`, an upload `Location` or a redirect to any
+//! other origin is requested without it. Token realms get the user's credentials, and a realm
+//! over plain http is refused unless it is loopback or the registry itself was given as `http://`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,8 +21,150 @@ use crate::error::{RegistryError, RegistryResult};
 use crate::registry::auth::{parse_challenges, Scheme, TokenResponse};
 use crate::registry::RequestStats;
 
-/// How long a 429 may ask us to wait before we give up instead (the FUSE caller is waiting).
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// The longest single wait a `Retry-After` may impose; a longer one is cut to this (and the budget
+/// still bounds the whole). 10 s: a registry that restarts or sheds load asks for seconds, while a
+/// pull-rate limit asks for hours, which no FUSE caller should wait out.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+/// First backoff step; doubled on each retry up to [`MAX_BACKOFF`], with jitter.
+const BASE_BACKOFF: Duration = Duration::from_millis(100);
+/// Largest backoff step: a registry back after a restart is noticed within 2 s.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Redirect hops followed for one request (reqwest's own default).
+const MAX_REDIRECTS: usize = 10;
+/// Cap on an error body: enough for any JSON error list, and only its start is shown.
+pub(super) const ERROR_BODY_CAP: usize = 64 << 10;
+/// Cap on a token response: JWTs are a few KiB; 1 MiB leaves room for large claim sets.
+pub(super) const TOKEN_BODY_CAP: usize = 1 << 20;
+
+/// A per-operation retry budget: idempotent requests retry until it is spent.
+pub(super) struct Budget {
+    until: Instant,
+    retries: u32,
+}
+
+impl Budget {
+    pub(super) fn new(d: Duration) -> Self {
+        Budget {
+            // Saturate: an absurd budget means "retry for a very long time", never a panic.
+            until: Instant::now()
+                .checked_add(d)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 86400)),
+            retries: 0,
+        }
+    }
+
+    /// Wait before the next try, if the budget allows one. `hint` is a `Retry-After`. Returns
+    /// false, without waiting, when the wait would overrun the budget.
+    pub(super) async fn pause(&mut self, hint: Option<Duration>, why: &str, what: &str) -> bool {
+        let step = BASE_BACKOFF
+            .saturating_mul(1u32 << self.retries.min(16))
+            .min(MAX_BACKOFF);
+        // Equal jitter: half the step, plus a random part of the other half.
+        let half = step / 2;
+        let jitter = Duration::from_nanos(jitter_below(half.as_nanos() as u64 + 1));
+        let wait = hint.map_or(half + jitter, |h| h.min(MAX_RETRY_AFTER).max(half));
+        let now = Instant::now();
+        if now + wait >= self.until {
+            log::warn!(
+                "{what}: {why}; retry budget spent after {} retries",
+                self.retries
+            );
+            return false;
+        }
+        self.retries += 1;
+        let level = if self.retries == 1 {
+            log::Level::Warn
+        } else {
+            log::Level::Debug
+        };
+        log::log!(
+            level,
+            "{what}: {why}; retry {} in {} ms",
+            self.retries,
+            wait.as_millis()
+        );
+        tokio::time::sleep(wait).await;
+        true
+    }
+}
+
+/// A cheap random number below `n` (jitter only; not for anything secret).
+fn jitter_below(n: u64) -> u64 {
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let seed = Instant::now().elapsed().as_nanos() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    let mut x = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed) ^ seed;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x % n.max(1)
+}
+
+/// Is this request safe to send twice?
+pub(super) fn idempotent(m: &Method) -> bool {
+    *m == Method::GET || *m == Method::HEAD
+}
+
+/// Is this status worth another try (of an idempotent request)?
+fn transient(s: StatusCode) -> bool {
+    s == StatusCode::TOO_MANY_REQUESTS
+        || (s.is_server_error()
+            && s != StatusCode::NOT_IMPLEMENTED
+            && s != StatusCode::HTTP_VERSION_NOT_SUPPORTED)
+}
+
+/// Same scheme, host and port (default ports filled in)?
+pub(super) fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// Read a body, failing once it passes `cap` bytes (a `Content-Length` over the cap fails
+/// before any byte is read). Nothing is preallocated from the header.
+pub(super) async fn read_capped(
+    resp: reqwest::Response,
+    cap: usize,
+    what: &str,
+) -> RegistryResult<Bytes> {
+    if resp.content_length().is_some_and(|l| l > cap as u64) {
+        return Err(RegistryError::Protocol(format!(
+            "{what}: body of {} bytes is over the {cap}-byte cap",
+            resp.content_length().unwrap_or(0)
+        )));
+    }
+    let mut buf = bytes::BytesMut::new();
+    let mut stream = resp.bytes_stream();
+    use futures_util::StreamExt;
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| transport(e, what))?;
+        if buf.len() + piece.len() > cap {
+            return Err(RegistryError::Protocol(format!(
+                "{what}: body over the {cap}-byte cap"
+            )));
+        }
+        buf.extend_from_slice(&piece);
+    }
+    Ok(buf.freeze())
+}
+
+/// The start of an error body (at most [`ERROR_BODY_CAP`] bytes; the rest is dropped, and a
+/// body that fails to arrive is empty).
+pub(super) async fn error_body(resp: reqwest::Response) -> Bytes {
+    let mut buf = bytes::BytesMut::new();
+    let mut stream = resp.bytes_stream();
+    use futures_util::StreamExt;
+    while let Some(Ok(piece)) = stream.next().await {
+        let take = (ERROR_BODY_CAP - buf.len()).min(piece.len());
+        buf.extend_from_slice(&piece[..take]);
+        if buf.len() >= ERROR_BODY_CAP {
+            break;
+        }
+    }
+    buf.freeze()
+}
 
 /// What a request needs for auth: the token scope it belongs to.
 pub(super) fn repo_scope(repo: &str, push: bool) -> String {
@@ -89,7 +238,7 @@ pub(super) fn transport(e: reqwest::Error, what: &str) -> RegistryError {
     RegistryError::Transport(msg)
 }
 
-/// `Retry-After` in seconds, if present and small enough to wait for.
+/// `Retry-After` in seconds, if present (any size; [`Budget::pause`] caps it).
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let secs: u64 = headers
         .get(reqwest::header::RETRY_AFTER)?
@@ -98,8 +247,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .trim()
         .parse()
         .ok()?;
-    let d = Duration::from_secs(secs);
-    (d <= MAX_RETRY_AFTER).then_some(d)
+    Some(Duration::from_secs(secs))
 }
 
 /// A request, rebuilt for each attempt (the body is `Bytes`, cheap to clone).
@@ -128,13 +276,18 @@ impl HttpRegistry {
         Some(v)
     }
 
-    fn build(&self, req: &Req) -> reqwest::RequestBuilder {
+    fn build(&self, req: &Req, url: &Url) -> reqwest::RequestBuilder {
         let mut b = self
             .client
-            .request(req.method.clone(), req.url.clone())
+            .request(req.method.clone(), url.clone())
             .headers(req.headers.clone());
-        if let Some(auth) = self.auth_header(&req.scope) {
-            b = b.header(AUTHORIZATION, auth);
+        // Credentials stay home: only the registry's own origin gets them.
+        if same_origin(url, &self.base) {
+            if let Some(auth) = self.auth_header(&req.scope) {
+                b = b.header(AUTHORIZATION, auth);
+            }
+        } else {
+            RequestStats::inc(&self.stats.foreign_requests);
         }
         if let Some(body) = &req.body {
             b = b.body(body.clone());
@@ -142,18 +295,67 @@ impl HttpRegistry {
         b
     }
 
-    /// Send with auth: on 401, answer the challenge and retry once; on a short 429, wait and retry once.
+    /// Send with auth, under a fresh retry budget.
     pub(super) async fn send(&self, req: &Req) -> RegistryResult<reqwest::Response> {
+        let mut budget = Budget::new(self.retry_budget);
+        self.send_in(req, &mut budget).await
+    }
+
+    /// Send with auth: on 401, answer the challenge and retry once; follow redirects (auth only
+    /// to the registry's own origin); retry an idempotent request on transport errors, 5xx and
+    /// 429 while `budget` lasts. A non-idempotent one waits out one 429 that names a
+    /// `Retry-After` within the budget. Once the budget is spent, the last answer (or error) is
+    /// returned.
+    pub(super) async fn send_in(
+        &self,
+        req: &Req,
+        budget: &mut Budget,
+    ) -> RegistryResult<reqwest::Response> {
         let mut answered_challenge = false;
         let mut waited = false;
+        let retrying = idempotent(&req.method);
+        let mut url = req.url.clone();
+        let mut hops = 0;
         loop {
-            let resp = self
-                .build(req)
-                .send()
-                .await
-                .map_err(|e| transport(e, &req.what))?;
-            match resp.status() {
-                StatusCode::UNAUTHORIZED if !answered_challenge => {
+            let resp = match self.build(req, &url).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    let err = transport(e, &req.what);
+                    if retrying && budget.pause(None, &err.to_string(), &req.what).await {
+                        RequestStats::inc(&self.stats.retries);
+                        url = req.url.clone();
+                        continue;
+                    }
+                    return Err(err);
+                }
+            };
+            let status = resp.status();
+            if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
+                let Ok(next) = super::wire::resolve_location(resp.headers(), &url, &req.what)
+                else {
+                    return Ok(resp);
+                };
+                hops += 1;
+                if hops > MAX_REDIRECTS {
+                    return Err(RegistryError::Protocol(format!(
+                        "{}: more than {MAX_REDIRECTS} redirects",
+                        req.what
+                    )));
+                }
+                if !same_origin(&next, &self.base) {
+                    log::debug!(
+                        "{}: redirected to {}, sent without credentials",
+                        req.what,
+                        next.host_str().unwrap_or("")
+                    );
+                }
+                url = next;
+                continue;
+            }
+            match status {
+                StatusCode::UNAUTHORIZED
+                    if !answered_challenge && same_origin(&url, &self.base) =>
+                {
                     answered_challenge = true;
                     let challenges: Vec<_> = resp
                         .headers()
@@ -162,19 +364,61 @@ impl HttpRegistry {
                         .filter_map(|v| v.to_str().ok())
                         .flat_map(parse_challenges)
                         .collect();
-                    if !self.answer_challenge(&challenges, &req.scope).await? {
+                    if !self
+                        .answer_challenge(&challenges, &req.scope, budget)
+                        .await?
+                    {
                         return Ok(resp);
                     }
                 }
-                StatusCode::TOO_MANY_REQUESTS if !waited => match retry_after(resp.headers()) {
-                    Some(d) => {
-                        log::warn!("{}: rate limited, retrying in {}s", req.what, d.as_secs());
-                        waited = true;
-                        tokio::time::sleep(d).await;
+                s if retrying && transient(s) => {
+                    let why = format!("HTTP {}", s.as_u16());
+                    if !budget
+                        .pause(retry_after(resp.headers()), &why, &req.what)
+                        .await
+                    {
+                        return Ok(resp);
                     }
-                    None => return Ok(resp),
+                    RequestStats::inc(&self.stats.retries);
+                    url = req.url.clone();
+                }
+                StatusCode::TOO_MANY_REQUESTS if !waited => match retry_after(resp.headers()) {
+                    Some(d) if budget.pause(Some(d), "rate limited", &req.what).await => {
+                        waited = true;
+                        RequestStats::inc(&self.stats.retries);
+                    }
+                    _ => return Ok(resp),
                 },
                 _ => return Ok(resp),
+            }
+        }
+    }
+
+    /// GET (or HEAD) a whole body of at most `cap` bytes, under one budget: the request retries
+    /// as [`Self::send_in`] does, and a body cut short is asked for again. Error answers come
+    /// back with the start of their body (see [`error_body`]).
+    pub(super) async fn fetch_capped(
+        &self,
+        req: &Req,
+        cap: usize,
+    ) -> RegistryResult<(StatusCode, HeaderMap, Bytes)> {
+        let mut budget = Budget::new(self.retry_budget);
+        loop {
+            let resp = self.send_in(req, &mut budget).await?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            if !status.is_success() {
+                return Ok((status, headers, error_body(resp).await));
+            }
+            match read_capped(resp, cap, &req.what).await {
+                Ok(body) => return Ok((status, headers, body)),
+                Err(e @ RegistryError::Transport(_))
+                    if idempotent(&req.method)
+                        && budget.pause(None, &e.to_string(), &req.what).await =>
+                {
+                    RequestStats::inc(&self.stats.retries);
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -184,6 +428,7 @@ impl HttpRegistry {
         &self,
         challenges: &[crate::registry::auth::Challenge],
         scope: &str,
+        budget: &mut Budget,
     ) -> RegistryResult<bool> {
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
             let Some(realm) = c.param("realm") else {
@@ -197,7 +442,9 @@ impl HttpRegistry {
             // Prefer the scope the registry asked for; fall back to ours.
             let want = c.param("scope").unwrap_or(scope).to_string();
             self.tokens.lock().unwrap().remove(scope);
-            let token = self.fetch_token(realm, service.as_deref(), &want).await?;
+            let token = self
+                .fetch_token(realm, service.as_deref(), &want, budget)
+                .await?;
             self.tokens.lock().unwrap().put(scope, token);
             return Ok(true);
         }
@@ -212,14 +459,30 @@ impl HttpRegistry {
         Ok(false)
     }
 
+    /// Fetch a token from `realm` (retried within `budget`, like any GET). The user's
+    /// credentials go to the realm; a realm over plain http is refused unless it is loopback or
+    /// the registry itself was given as `http://`.
     async fn fetch_token(
         &self,
         realm: &str,
         service: Option<&str>,
         scope: &str,
+        budget: &mut Budget,
     ) -> RegistryResult<crate::registry::auth::Token> {
         let mut url = Url::parse(realm)
             .map_err(|e| RegistryError::Protocol(format!("bad token realm {realm:?}: {e}")))?;
+        let realm_host = url.host_str().unwrap_or("").to_string();
+        match url.scheme() {
+            "https" => {}
+            "http" if self.base.scheme() == "http" || is_loopback_host(&realm_host) => {}
+            other => {
+                return Err(RegistryError::Denied(format!(
+                    "token realm {other}://{realm_host} refused: a realm must be https (plain \
+                     http only for loopback, or when the registry is given as http://)"
+                )))
+            }
+        }
+        url.set_fragment(None);
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = service {
@@ -229,37 +492,65 @@ impl HttpRegistry {
                 q.append_pair("scope", s);
             }
         }
-        RequestStats::inc(&self.stats.token_fetches);
-        let mut b = self.client.get(url.clone());
-        // Credentials go to the realm only when it is the registry's own host or https.
-        if let Some(c) = &self.credentials {
-            let same_host = url.host_str() == self.base.host_str();
-            if url.scheme() == "https" || same_host || url.host_str().is_some_and(is_loopback_host)
-            {
+        let what = format!("token for {scope}");
+        let body = loop {
+            RequestStats::inc(&self.stats.token_fetches);
+            let mut b = self.client.get(url.clone());
+            if let Some(c) = &self.credentials {
                 let mut v = HeaderValue::from_str(&c.basic_header()).map_err(|_| {
                     RegistryError::Invalid("credentials are not valid header text".into())
                 })?;
                 v.set_sensitive(true);
                 b = b.header(AUTHORIZATION, v);
-            } else {
-                log::warn!(
-                    "not sending credentials to plain-http token realm {}",
-                    url.host_str().unwrap_or("")
-                );
             }
-        }
-        let what = format!("token for {scope}");
-        let resp = b.send().await.map_err(|e| transport(e, &what))?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| transport(e, &what))?;
-        if !status.is_success() {
-            return Err(match error_from(status, &body, &what) {
-                RegistryError::NotFound(m) | RegistryError::Server { message: m, .. } => {
-                    RegistryError::Unauthorized(m)
+            let resp = match b.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    let err = transport(e, &what);
+                    if budget.pause(None, &err.to_string(), &what).await {
+                        RequestStats::inc(&self.stats.retries);
+                        continue;
+                    }
+                    return Err(err);
                 }
-                e => e,
-            });
-        }
+            };
+            let status = resp.status();
+            if transient(status) {
+                let hint = retry_after(resp.headers());
+                if budget
+                    .pause(hint, &format!("HTTP {}", status.as_u16()), &what)
+                    .await
+                {
+                    RequestStats::inc(&self.stats.retries);
+                    continue;
+                }
+            }
+            if status.is_redirection() {
+                // Following a realm's redirect would carry the credentials elsewhere.
+                return Err(RegistryError::Unauthorized(format!(
+                    "{what}: the token realm redirects (HTTP {}); not followed",
+                    status.as_u16()
+                )));
+            }
+            if !status.is_success() {
+                let body = error_body(resp).await;
+                return Err(match error_from(status, &body, &what) {
+                    RegistryError::NotFound(m) | RegistryError::Server { message: m, .. } => {
+                        RegistryError::Unauthorized(m)
+                    }
+                    e => e,
+                });
+            }
+            match read_capped(resp, TOKEN_BODY_CAP, &what).await {
+                Ok(b) => break b,
+                Err(e @ RegistryError::Transport(_))
+                    if budget.pause(None, &e.to_string(), &what).await =>
+                {
+                    RequestStats::inc(&self.stats.retries);
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let parsed: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| RegistryError::Malformed(format!("token response: {e}")))?;
         parsed
