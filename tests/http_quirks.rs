@@ -2,128 +2,24 @@
 //! not produce: a Range answered with 200, a wrong Content-Range, a truncated body, 429 with
 //! Retry-After, relative opaque pagination links, Bearer challenges, a lying Docker-Content-Digest,
 //! and a redirect to another host (which must not receive the credentials). Also: the
-//! failure-injecting wrapper over the real client.
+//! failure-injecting wrapper over the real client. The stub server is `common::stub`.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use common::{resp, stub, stub_client, Req};
 
 use regfs::digest::sha256_digest;
 use regfs::error::RegistryError;
 use regfs::registry::auth::Credentials;
 use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
-use regfs::registry::http::{HttpOptions, HttpRegistry};
+use regfs::registry::http::HttpRegistry;
 use regfs::registry::Registry;
 
-#[derive(Debug, Clone)]
-struct Req {
-    method: String,
-    path: String,
-    headers: HashMap<String, String>,
-}
-
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    /// Send only this many body bytes, then close (a truncated body).
-    cut: Option<usize>,
-}
-
-fn resp(status: u16, body: impl Into<Vec<u8>>) -> Resp {
-    Resp {
-        status,
-        headers: vec![],
-        body: body.into(),
-        cut: None,
-    }
-}
-
-impl Resp {
-    fn h(mut self, k: &str, v: &str) -> Self {
-        self.headers.push((k.into(), v.into()));
-        self
-    }
-}
-
-type Handler = Arc<dyn Fn(&Req) -> Resp + Send + Sync>;
-
-/// Serve `handler` on 127.0.0.1:0; returns the port and the log of requests.
-fn stub(handler: Handler) -> (u16, Arc<Mutex<Vec<Req>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { break };
-            let handler = handler.clone();
-            let log = log2.clone();
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut first = String::new();
-                if r.read_line(&mut first).unwrap_or(0) == 0 {
-                    return;
-                }
-                let mut parts = first.split_whitespace();
-                let method = parts.next().unwrap_or("").to_string();
-                let path = parts.next().unwrap_or("").to_string();
-                let mut headers = HashMap::new();
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some((k, v)) = line.split_once(':') {
-                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-                    }
-                }
-                let len: usize = headers
-                    .get("content-length")
-                    .and_then(|l| l.parse().ok())
-                    .unwrap_or(0);
-                let mut body = vec![0; len];
-                let _ = r.read_exact(&mut body);
-                let req = Req {
-                    method,
-                    path,
-                    headers,
-                };
-                log.lock().unwrap().push(req.clone());
-                let out = handler(&req);
-                let mut head = format!(
-                    "HTTP/1.1 {} X\r\nConnection: close\r\nContent-Length: {}\r\n",
-                    out.status,
-                    out.body.len()
-                );
-                for (k, v) in &out.headers {
-                    head.push_str(&format!("{k}: {v}\r\n"));
-                }
-                head.push_str("\r\n");
-                let _ = s.write_all(head.as_bytes());
-                if req.method != "HEAD" {
-                    let n = out.cut.unwrap_or(out.body.len());
-                    let _ = s.write_all(&out.body[..n]);
-                }
-                let _ = s.flush();
-            });
-        }
-    });
-    (port, log)
-}
-
 fn client(port: u16, credentials: Option<Credentials>) -> HttpRegistry {
-    HttpRegistry::new(HttpOptions {
-        base: reqwest::Url::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
-        credentials,
-        ca_cert_pem: None,
-        insecure: false,
-        connect_timeout: Duration::from_secs(5),
-        request_timeout: Duration::from_secs(10),
-    })
-    .unwrap()
+    stub_client(port, credentials, Duration::from_secs(30))
 }
 
 fn blob() -> Vec<u8> {
@@ -163,25 +59,47 @@ async fn wrong_content_range_and_416_are_errors() {
 }
 
 #[tokio::test]
-async fn truncated_bodies_are_errors_not_hangs() {
-    let (port, _) = stub(Arc::new(|_r: &Req| {
-        let mut r = resp(206, &blob()[0..1000]).h("Content-Range", "bytes 0-999/2048");
-        r.cut = Some(400);
-        r
+async fn truncated_bodies_resume_from_where_they_stopped() {
+    // Every answer stops after 400 bytes; each resumed request asks from the byte it stopped at.
+    let (port, log) = stub(Arc::new(|r: &Req| {
+        let range = r.headers.get("range").cloned().unwrap_or_default();
+        let (s, e) = range.trim_start_matches("bytes=").split_once('-').unwrap();
+        let (s, e): (usize, usize) = (s.parse().unwrap(), e.parse().unwrap());
+        resp(206, &blob()[s..=e])
+            .h("Content-Range", &format!("bytes {s}-{e}/2048"))
+            .cut_after(400)
     }));
     let c = client(port, None);
-    let e = c.blob_range("a/b", &digest(), 0, 999).await.unwrap_err();
-    assert!(
-        matches!(e, RegistryError::Protocol(_) | RegistryError::Transport(_)),
-        "{e}"
-    );
+    let b = c.blob_range("a/b", &digest(), 0, 999).await.unwrap();
+    assert_eq!(&b[..], &blob()[..1000]);
+    let ranges: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.headers["range"].clone())
+        .collect();
+    assert_eq!(ranges, ["bytes=0-999", "bytes=400-999", "bytes=800-999"]);
+    assert_eq!(c.stats().snapshot().resumes, 2);
+    assert_eq!(c.stats().snapshot().blob_bytes, 1000);
 }
 
 #[tokio::test]
-async fn rate_limits_wait_once_then_fail() {
+async fn a_lying_content_range_is_an_error_not_a_hang() {
+    let (port, _) = stub(Arc::new(|_r: &Req| {
+        resp(206, &blob()[0..1000])
+            .h("Content-Range", "bytes 0-999/2048")
+            .cut_after(400)
+    }));
+    let c = client(port, None);
+    let e = c.blob_range("a/b", &digest(), 0, 999).await.unwrap_err();
+    assert!(matches!(e, RegistryError::Protocol(_)), "{e}");
+}
+
+#[tokio::test]
+async fn rate_limits_retry_within_the_budget_then_fail() {
     let n = Arc::new(Mutex::new(0));
     let n2 = n.clone();
-    let (port, _) = stub(Arc::new(move |r: &Req| {
+    let (port, log) = stub(Arc::new(move |r: &Req| {
         if r.path.starts_with("/v2/slow/") {
             let mut k = n2.lock().unwrap();
             *k += 1;
@@ -192,12 +110,22 @@ async fn rate_limits_wait_once_then_fail() {
         }
         resp(429, "You have reached your pull rate limit")
     }));
-    let c = client(port, None);
+    let c = stub_client(port, None, Duration::from_secs(2));
     assert_eq!(c.tags("slow").await.unwrap(), vec!["x"]);
     let e = c.tags("never").await.unwrap_err();
     assert!(
         matches!(&e, RegistryError::TooManyRequests(m) if m.contains("pull rate limit")),
         "{e}"
+    );
+    let never = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path.starts_with("/v2/never/"))
+        .count();
+    assert!(
+        never > 1,
+        "429 is retried within the budget ({never} requests)"
     );
 }
 

@@ -196,7 +196,15 @@ fn killing_the_registry_mid_copy_fails_cp_and_leaves_no_tag() {
     let mut reg = TestRegistry::start();
     let m = TestMount::new(
         &reg.addr(),
-        &["--upload-chunk-size", "64KiB", "--request-timeout", "5s"],
+        // A short retry budget: the registry stays down, and only a spent budget fails.
+        &[
+            "--upload-chunk-size",
+            "64KiB",
+            "--request-timeout",
+            "5s",
+            "--retry-budget",
+            "1s",
+        ],
     );
     std::fs::create_dir(m.p("victim")).unwrap();
     std::fs::create_dir(m.p("victim/tags/v1")).unwrap();

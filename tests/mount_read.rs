@@ -398,7 +398,11 @@ fn registry_going_away_gives_eio_not_a_hang() {
         "amd64",
         &[Layer::tar(&make_tar(&[("a", b"b")]))],
     ));
-    let m = TestMount::new(&reg.addr(), &["--request-timeout", "5s"]);
+    // A short retry budget: the registry stays gone, and only a spent budget gives EIO.
+    let m = TestMount::new(
+        &reg.addr(),
+        &["--request-timeout", "5s", "--retry-budget", "1s"],
+    );
     assert_eq!(ls(&m.p("gone/soon/tags")), vec!["v1"]);
     reg.stop();
     let e = std::fs::read(m.p("gone/soon/tags/v1/config.json")).unwrap_err();

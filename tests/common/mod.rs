@@ -6,6 +6,12 @@
 
 mod images;
 pub use images::*;
+mod proxy;
+#[allow(unused_imports)]
+pub use proxy::*;
+mod stub;
+#[allow(unused_imports)]
+pub use stub::*;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -65,10 +65,12 @@ impl Budget {
         let wait = hint.map_or(half + jitter, |h| h.min(MAX_RETRY_AFTER).max(half));
         let now = Instant::now();
         if now + wait >= self.until {
-            log::warn!(
-                "{what}: {why}; retry budget spent after {} retries",
-                self.retries
-            );
+            if self.retries > 0 {
+                log::warn!(
+                    "{what}: {why}; retry budget spent after {} retries",
+                    self.retries
+                );
+            }
             return false;
         }
         self.retries += 1;
@@ -562,6 +564,60 @@ impl HttpRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn registry(base: &str) -> HttpRegistry {
+        HttpRegistry::new(super::super::HttpOptions {
+            base: Url::parse(base).unwrap(),
+            credentials: Some(crate::registry::auth::Credentials {
+                username: "u".into(),
+                password: "p".into(),
+            }),
+            ca_cert_pem: None,
+            insecure: false,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn plain_http_realms_only_for_loopback_or_an_http_registry() {
+        let mut b = Budget::new(Duration::ZERO);
+        let https = registry("https://reg.example");
+        let e = https
+            .fetch_token("http://auth.example/token", None, "s", &mut b)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, RegistryError::Denied(m) if m.contains("realm")),
+            "{e}"
+        );
+        assert_eq!(https.stats.token_fetches.load(Ordering::Relaxed), 0);
+        // Loopback realms, and any realm of an http:// registry, are tried (and fail to connect
+        // here: port 1 is closed).
+        for (reg, realm) in [
+            ("https://reg.example", "http://127.0.0.1:1/token"),
+            ("http://reg.example", "http://auth.example:1/token"),
+        ] {
+            let r = registry(reg);
+            let e = r.fetch_token(realm, None, "s", &mut b).await.unwrap_err();
+            assert!(!matches!(e, RegistryError::Denied(_)), "{reg} {realm}: {e}");
+            assert_eq!(r.stats.token_fetches.load(Ordering::Relaxed), 1);
+        }
+    }
+
+    #[test]
+    fn origins_compare_scheme_host_and_port() {
+        let u = |s| Url::parse(s).unwrap();
+        assert!(same_origin(&u("https://h/v2/x"), &u("https://h:443/")));
+        assert!(!same_origin(&u("http://h/v2/x"), &u("https://h/")));
+        assert!(!same_origin(&u("https://h:8443/"), &u("https://h/")));
+        assert!(!same_origin(&u("https://h.evil/"), &u("https://h/")));
+        assert!(transient(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(transient(StatusCode::TOO_MANY_REQUESTS));
+        assert!(!transient(StatusCode::NOT_IMPLEMENTED));
+        assert!(!transient(StatusCode::NOT_FOUND));
+    }
 
     #[test]
     fn error_bodies_become_messages() {

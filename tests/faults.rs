@@ -1,0 +1,238 @@
+//! Fault tests on the real `docker-registry`: the registry stopped for about 2 s in the middle of
+//! a large read and started again on the same storage and port; a fault proxy that cuts bodies
+//! and answers 503 and 429; and "another host" (127.0.0.2) that `Link`, upload `Location` and
+//! redirects point at, which must never receive the credentials. Reads are checked against their
+//! digest; retries, resumes and foreign requests are counted, never timed.
+
+mod common;
+
+use std::io::Read;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use common::*;
+use regfs::digest::sha256_digest;
+use regfs::registry::auth::Credentials;
+use regfs::registry::http::{HttpOptions, HttpRegistry};
+use regfs::registry::Registry;
+use sha2::Digest as _;
+
+/// Push a raw (uncompressed) layer of `len` pseudo-random bytes as repo:v1; its digest.
+fn push_big(reg: &TestRegistry, repo: &str, len: usize) -> String {
+    let data = pseudo_random(len, 11);
+    let pushed = rt().block_on(push_image(
+        &reg.client(),
+        repo,
+        Some("v1"),
+        "amd64",
+        &[Layer::raw(data, "application/vnd.oci.image.layer.v1.tar")],
+    ));
+    pushed.layers[0].0.clone()
+}
+
+fn blob_path(m: &TestMount, repo: &str, digest: &str) -> std::path::PathBuf {
+    m.p(&format!(
+        "{repo}/blobs/sha256/{}",
+        digest.trim_start_matches("sha256:")
+    ))
+}
+
+#[test]
+fn a_registry_restart_mid_read_does_not_fail_the_read() {
+    let mut reg = TestRegistry::start();
+    let digest = push_big(&reg, "big/restart", 64 << 20);
+    let m = TestMount::new(
+        &reg.addr(),
+        &["--chunk-size", "1MiB", "--cache-size", "8MiB"],
+    );
+    let path = blob_path(&m, "big/restart", &digest);
+    let (at_quarter, go_on) = (mpsc::channel(), mpsc::channel::<()>());
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::open(&path).unwrap();
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0usize;
+        loop {
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            done += n;
+            if done == 16 << 20 {
+                // A quarter in: let the test stop the registry, then read on while it is down.
+                at_quarter.0.send(()).unwrap();
+                go_on.1.recv().unwrap();
+            }
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    });
+    at_quarter
+        .1
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the reader reached a quarter");
+    reg.stop();
+    go_on.0.send(()).unwrap();
+    // Down for about 2 s while the reader asks for the next chunks.
+    std::thread::sleep(Duration::from_secs(2));
+    reg.start_again_on_same_port();
+    let got = reader.join().unwrap();
+    assert_eq!(got, digest, "the whole blob verifies");
+    assert!(
+        m.stat("retries") >= 1,
+        "the outage was retried: {}",
+        m.log_text()
+    );
+    assert!(!m.log_text().contains("budget spent"), "{}", m.log_text());
+}
+
+#[test]
+fn cut_bodies_503_and_429_are_absorbed() {
+    let reg = TestRegistry::start();
+    let digest = push_big(&reg, "big/flaky", 16 << 20);
+    // Every 3rd request answered 503 or 429 in turn; every 2nd blob body cut after 100 KB.
+    let proxy = FaultProxy::start(
+        "127.0.0.1",
+        reg.port,
+        ProxyRules {
+            fail_every: Some((3, vec![503, 429])),
+            cut_every: Some((2, 100_000)),
+            ..Default::default()
+        },
+    );
+    let m = TestMount::new(&proxy.addr(), &["--chunk-size", "1MiB"]);
+    assert_eq!(ls(&m.p("big/flaky/tags")), vec!["v1"]);
+    assert_eq!(sha256_file(&blob_path(&m, "big/flaky", &digest)), digest);
+    let (failed, cut) = (
+        proxy.counts.failed.load(Ordering::SeqCst) as u64,
+        proxy.counts.cut.load(Ordering::SeqCst) as u64,
+    );
+    assert!(
+        failed >= 3 && cut >= 3,
+        "faults were injected: {failed} failed, {cut} cut"
+    );
+    assert_eq!(m.stat("retries"), failed, "each failed answer retried once");
+    assert_eq!(m.stat("resumes"), cut, "each cut body resumed once");
+    assert_eq!(
+        m.stat("blob_bytes"),
+        16 << 20,
+        "resumes ask only for what is missing"
+    );
+}
+
+#[test]
+fn links_locations_and_redirects_to_another_host_get_no_credentials() {
+    let (user, pw) = ("alice", "s3cret-pw");
+    let reg = TestRegistry::start_with(
+        Auth::Basic {
+            user: user.into(),
+            password: pw.into(),
+        },
+        "",
+    );
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"))
+    );
+    // "Another host" forwards to the registry with a right of its own (like a presigned URL).
+    let other = FaultProxy::start(
+        "127.0.0.2",
+        reg.port,
+        ProxyRules {
+            add_auth: Some(basic.clone()),
+            ..Default::default()
+        },
+    );
+    // The registry's front names that host in Link and Location, and redirects blob GETs there.
+    let front = FaultProxy::start(
+        "127.0.0.1",
+        reg.port,
+        ProxyRules {
+            rewrite_to: Some(other.url()),
+            redirect_blobs_to: Some(other.url()),
+            page_size: Some(1),
+            ..Default::default()
+        },
+    );
+    let client = HttpRegistry::new(HttpOptions {
+        base: reqwest::Url::parse(&front.url()).unwrap(),
+        credentials: Some(Credentials {
+            username: user.into(),
+            password: pw.into(),
+        }),
+        ca_cert_pem: None,
+        insecure: false,
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(30),
+    })
+    .unwrap();
+    let data = pseudo_random(300_000, 5);
+    let digest = sha256_digest(&data);
+    rt().block_on(async {
+        // Upload: POST at the registry, PATCH and PUT at the Location (the other host).
+        let mut s = client.upload_start("far/away").await.unwrap();
+        client
+            .upload_patch("far/away", &mut s, Bytes::copy_from_slice(&data[..100_000]))
+            .await
+            .unwrap();
+        client
+            .upload_finish("far/away", s, &digest, Bytes::copy_from_slice(&data[100_000..]))
+            .await
+            .unwrap();
+        // Read back: redirected to the other host.
+        let b = client.blob_range("far/away", &digest, 0, 299_999).await.unwrap();
+        assert_eq!(sha256_digest(&b), digest);
+        // Tags, one a page: every page after the first comes from the other host.
+        for t in ["a", "b", "c"] {
+            let body = Bytes::from(format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{digest}","size":300000}},"layers":[],"annotations":{{"t":"{t}"}}}}"#
+            ));
+            client
+                .put_manifest(
+                    "far/away",
+                    t,
+                    "application/vnd.oci.image.manifest.v1+json",
+                    body,
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(client.tags("far/away").await.unwrap(), vec!["a", "b", "c"]);
+    });
+    let seen = other.seen.lock().unwrap().clone();
+    let kinds = |m: &str| seen.iter().filter(|r| r.method == m).count();
+    assert_eq!(kinds("PATCH"), 1, "{seen:?}");
+    assert_eq!(kinds("PUT"), 1, "{seen:?}");
+    assert!(
+        kinds("GET") >= 3,
+        "one blob GET, the tag pages after the first: {seen:?}"
+    );
+    for r in &seen {
+        assert!(
+            !r.headers.contains_key("authorization"),
+            "{} {} reached 127.0.0.2 with credentials",
+            r.method,
+            r.path
+        );
+    }
+    assert_eq!(
+        client.stats().snapshot().foreign_requests,
+        seen.len() as u64
+    );
+    assert_eq!(front.counts.redirected.load(Ordering::SeqCst), 1);
+    // The registry's own address did get the credentials.
+    assert!(front
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| r.headers.get("authorization") == Some(&basic)));
+    // And what was pushed through the other host is whole.
+    let direct = rt()
+        .block_on(reg.client().blob_range("far/away", &digest, 0, 299_999))
+        .unwrap();
+    assert_eq!(sha256_digest(&direct), digest);
+}
