@@ -81,6 +81,7 @@ fn a_registry_restart_mid_read_does_not_fail_the_read() {
     reg.start_again_on_same_port();
     let got = reader.join().unwrap();
     assert_eq!(got, digest, "the whole blob verifies");
+    eprintln!("restart mid-read: {}", m.stats());
     assert!(
         m.stat("retries") >= 1,
         "the outage was retried: {}",
@@ -114,6 +115,7 @@ fn cut_bodies_503_and_429_are_absorbed() {
         failed >= 3 && cut >= 3,
         "faults were injected: {failed} failed, {cut} cut"
     );
+    eprintln!("proxy: {failed} failed, {cut} cut; mount: {}", m.stats());
     assert_eq!(m.stat("retries"), failed, "each failed answer retried once");
     assert_eq!(m.stat("resumes"), cut, "each cut body resumed once");
     assert_eq!(
@@ -153,7 +155,7 @@ fn links_locations_and_redirects_to_another_host_get_no_credentials() {
         ProxyRules {
             rewrite_to: Some(other.url()),
             redirect_blobs_to: Some(other.url()),
-            page_size: Some(1),
+            link_tags: true,
             ..Default::default()
         },
     );
@@ -185,7 +187,7 @@ fn links_locations_and_redirects_to_another_host_get_no_credentials() {
         // Read back: redirected to the other host.
         let b = client.blob_range("far/away", &digest, 0, 299_999).await.unwrap();
         assert_eq!(sha256_digest(&b), digest);
-        // Tags, one a page: every page after the first comes from the other host.
+        // Tags: the second page is on the other host.
         for t in ["a", "b", "c"] {
             let body = Bytes::from(format!(
                 r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{digest}","size":300000}},"layers":[],"annotations":{{"t":"{t}"}}}}"#
@@ -206,10 +208,7 @@ fn links_locations_and_redirects_to_another_host_get_no_credentials() {
     let kinds = |m: &str| seen.iter().filter(|r| r.method == m).count();
     assert_eq!(kinds("PATCH"), 1, "{seen:?}");
     assert_eq!(kinds("PUT"), 1, "{seen:?}");
-    assert!(
-        kinds("GET") >= 3,
-        "one blob GET, the tag pages after the first: {seen:?}"
-    );
+    assert!(kinds("GET") == 2, "one blob GET, one tag page: {seen:?}");
     for r in &seen {
         assert!(
             !r.headers.contains_key("authorization"),

@@ -2,7 +2,7 @@
 //! with a free port and forwards each request (one per connection) to a `docker-registry` on
 //! 127.0.0.1, and by its [`ProxyRules`] can answer every k-th request with an error status, cut
 //! every k-th blob body after n bytes, redirect blob GETs, point `Location` and `Link` at another
-//! host, shrink the page size asked for, or add credentials of its own (playing a storage host
+//! host, add a `Link` to tag lists, or add credentials of its own (playing a storage host
 //! with a presigned right). It logs every request with its headers and counts what it did.
 //! Also: restarting a [`TestRegistry`] on the port it had.
 
@@ -26,8 +26,9 @@ pub struct ProxyRules {
     pub redirect_blobs_to: Option<String>,
     /// `Location` and `Link` targets are moved to this base URL (another host).
     pub rewrite_to: Option<String>,
-    /// `n=100` in a query becomes `n=<this>`, so that short lists paginate.
-    pub page_size: Option<usize>,
+    /// Tag lists get a `Link` to a next page: the same list at `rewrite_to` (distribution 2.8
+    /// does not paginate tags itself).
+    pub link_tags: bool,
     /// An `Authorization` value added to forwarded requests that carry none.
     pub add_auth: Option<String>,
 }
@@ -133,7 +134,7 @@ fn serve(
     let head = read_head(&mut cr)?;
     let first = head.first().cloned().unwrap_or_default();
     let mut parts = first.split_whitespace();
-    let (method, mut path) = (
+    let (method, path) = (
         parts.next().unwrap_or("").to_string(),
         parts.next().unwrap_or("").to_string(),
     );
@@ -171,9 +172,6 @@ fn serve(
             answer(&mut out, 307, &format!("Location: {base}{path}\r\n"));
             return Ok(());
         }
-    }
-    if let Some(size) = rules.page_size {
-        path = path.replace("n=100", &format!("n={size}"));
     }
     // The registry is down: drop the connection, as a refused one would fail.
     let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
@@ -224,6 +222,11 @@ fn serve(
                 resp.push_str(l);
                 resp.push_str("\r\n");
             }
+        }
+    }
+    if let (true, Some(base)) = (rules.link_tags, &rules.rewrite_to) {
+        if path.contains("/tags/list") {
+            resp.push_str(&format!("Link: <{base}{path}&page=2>; rel=\"next\"\r\n"));
         }
     }
     resp.push_str("Connection: close\r\n\r\n");
