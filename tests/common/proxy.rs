@@ -159,7 +159,7 @@ fn serve(
         let _ = out.shutdown(Shutdown::Both);
     };
     if let Some((k, statuses)) = &rules.fail_every {
-        if n % k == 0 {
+        if n.is_multiple_of(*k) {
             let j = counts.failed.fetch_add(1, Ordering::SeqCst);
             answer(&mut out, statuses[j % statuses.len()], "Retry-After: 0\r\n");
             return Ok(());
@@ -243,7 +243,7 @@ fn serve(
         // Only a body longer than the limit is cut (and counted).
         rules
             .cut_every
-            .filter(|&(k, n)| b % k == 0 && body_len > n)
+            .filter(|&(k, n)| b.is_multiple_of(k) && body_len > n)
             .map(|(_, n)| n)
     } else {
         None
