@@ -31,11 +31,9 @@ pub const DEFAULT_CHECKPOINT_SPACING: u64 = 4 << 20;
 /// Chunks fetched ahead of a sequential reader. Two keeps the network busy while the reader
 /// consumes one chunk; a random reader never triggers it.
 pub const DEFAULT_READAHEAD_CHUNKS: u64 = 2;
-/// How long one operation (a chunk read, a manifest GET, a PATCH) may keep retrying a flaky
-/// registry. 30 s: a registry restart or a load balancer shuffling takes seconds, and a FUSE
-/// caller blocked longer than half a minute is better told EIO than kept waiting; it is also
-/// below the 60 s request timeout, so a dead registry is reported before a hung one would be.
-pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(30);
+/// `--retry-budget`: defined with its reason next to the client that spends it (the registry
+/// module may not depend on this one).
+pub use crate::registry::http::DEFAULT_RETRY_BUDGET;
 /// How long connecting to the registry may take (capped by the request timeout). 10 s is far
 /// beyond any healthy connect, even across continents, yet a wrong address fails quickly.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -453,6 +451,7 @@ mod tests {
         assert_eq!(c.push.upload_chunk_size, DEFAULT_UPLOAD_CHUNK_SIZE);
         assert_eq!(c.connection.request_timeout, DEFAULT_REQUEST_TIMEOUT);
         assert_eq!(c.connection.connect_timeout(), CONNECT_TIMEOUT);
+        assert_eq!(c.connection.retry_budget, DEFAULT_RETRY_BUDGET);
         assert_eq!(c.connection.credentials, CredentialsSource::ConfigFiles);
         assert!(!c.connection.insecure);
         assert_eq!(c.mount.fsname, "regfs:ghcr.io");

@@ -52,6 +52,11 @@ pub struct HttpOptions {
     pub request_timeout: Duration,
 }
 
+/// How long one operation (a chunk read, a manifest GET, a PATCH) may keep retrying a flaky
+/// registry. 30 s: a registry restart or a load balancer shuffling takes seconds, and a FUSE
+/// caller blocked longer than half a minute is better told EIO than kept waiting; it is also
+/// below the 60 s request timeout, so a dead registry is reported before a hung one would be.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(30);
 /// Cap on a manifest or index body: distribution's own limit (4 MiB).
 pub const MANIFEST_BODY_CAP: usize = 4 << 20;
 /// Cap on one page of `_catalog` or `tags/list`. We ask for 100 names a page, but a registry may
@@ -115,7 +120,7 @@ impl HttpRegistry {
             tokens: Mutex::new(TokenCache::default()),
             stats: RequestStats::default(),
             // Until `with_retry_budget` says otherwise; the reason is at the constant.
-            retry_budget: crate::config::DEFAULT_RETRY_BUDGET,
+            retry_budget: DEFAULT_RETRY_BUDGET,
         })
     }
 
