@@ -2,7 +2,8 @@
 //! lying bodies, absurd headers, endless errors, and links, upload locations and redirects to
 //! another host (127.0.0.2). Each test asserts the errno the filesystem would give (through
 //! `FsError::from`), that the one line it would log names the problem and holds no secret, and
-//! that the same client still works afterwards. Counts, never time.
+//! that the same client still works afterwards; the last does the same through a real mount.
+//! Counts, never time.
 
 mod common;
 
@@ -332,4 +333,41 @@ async fn a_failed_patch_resumes_from_the_upload_status() {
         "resumed at the status Location"
     );
     assert_eq!(c.stats().snapshot().upload_resumes, 1);
+}
+
+#[test]
+fn a_mount_survives_an_oversized_manifest() {
+    // Through a real mount: the oversized manifest is EIO with one log line naming the cap, and
+    // the rest of the mount (another tag, the daemon) still works.
+    let good = MANIFEST.as_bytes().to_vec();
+    let good_digest = regfs::digest::sha256_digest(&good);
+    let (port, _) = stub(Arc::new(move |r: &Req| {
+        let path = r.path.as_str();
+        match path {
+            "/v2/" => resp(200, "{}"),
+            "/v2/_catalog?n=100" => resp(200, r#"{"repositories":["a/b"]}"#),
+            "/v2/a/b/tags/list?n=100" => resp(200, r#"{"name":"a/b","tags":["big","ok"]}"#),
+            "/v2/a/b/manifests/big" => resp(200, vec![b' '; 5 << 20]).h("Content-Type", OCI),
+            p if p == "/v2/a/b/manifests/ok" || p.ends_with(&good_digest) => {
+                resp(200, good.clone())
+                    .h("Content-Type", OCI)
+                    .h("Docker-Content-Digest", &good_digest)
+            }
+            p => resp(404, format!("unexpected {p}")),
+        }
+    }));
+    let m = common::TestMount::new(&format!("127.0.0.1:{port}"), &["--retry-budget", "0"]);
+    let e = std::fs::read(m.p("a/b/tags/big/manifest.json")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let log = m.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("4194304-byte cap"))
+        .count();
+    assert_eq!(lines, 1, "one log line: {log}");
+    let ok = std::fs::read(m.p("a/b/tags/ok/manifest.json"))
+        .unwrap_or_else(|e| panic!("{e}: {}", m.log_text()));
+    assert_eq!(ok, MANIFEST.as_bytes());
+    // The listing goes on (it leaves out the tag it cannot describe).
+    assert!(common::ls(&m.p("a/b/tags")).contains(&"ok".to_string()));
 }
