@@ -229,13 +229,11 @@ impl Fs {
             .collect())
     }
 
-    /// Close a handle. A writing handle that was not flushed commits here; errors can only be
-    /// logged at this point.
+    /// Close a handle. A writing handle not committed yet commits here; errors can only be
+    /// logged at this point (`write::release_writer`).
     pub async fn release(&self, fh: Fh) {
         if let Some(handles::Handle::Write(w)) = self.handles.remove(fh) {
-            if let Err(e) = self.commit(&w).await {
-                log::log!(e.level, "release fh={}: {}", fh.0, e.message);
-            }
+            self.release_writer(fh, &w).await;
         }
     }
 }
