@@ -527,7 +527,10 @@ impl Fs {
         if !sharing.is_empty() || !indexes.is_empty() {
             let mut why = Vec::new();
             if !sharing.is_empty() {
-                why.push(format!("tag(s) {} point to it", sharing.join(", ")));
+                why.push(format!(
+                    "tag(s) {} point to the same manifest",
+                    sharing.join(", ")
+                ));
             }
             if !indexes.is_empty() {
                 why.push(format!(
