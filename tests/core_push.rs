@@ -612,3 +612,24 @@ async fn tag_delete_refuses_a_manifest_a_tagged_index_lists() {
     fs.rmdir(tags, "amd64").await.unwrap();
     assert!(reg.tag_names("r").is_empty());
 }
+
+#[tokio::test]
+async fn writable_files_show_the_owners_write_bit() {
+    let (reg, fs) = setup();
+    let cfg = reg.add_blob("r", b"{}".to_vec());
+    reg.add_manifest("r", Some("a"), image_manifest(&cfg, 2, &[]));
+    let perm = |ino| {
+        let fs = &fs;
+        async move { fs.getattr(ino).await.unwrap().attr.perm }
+    };
+    let m = walk(&fs, "r/tags/a/manifest.json").await.unwrap();
+    assert_eq!(perm(m).await, 0o644);
+    let blob = walk(&fs, &format!("r/blobs/sha256/{}", digest_hex(&cfg)))
+        .await
+        .unwrap();
+    assert_eq!(perm(blob).await, 0o644);
+    let c = walk(&fs, "r/tags/a/config.json").await.unwrap();
+    assert_eq!(perm(c).await, 0o444, "read-only files stay read-only");
+    let lookup = fs.lookup(walk(&fs, "r/tags/a").await.unwrap(), "manifest.json");
+    assert_eq!(lookup.await.unwrap().attr.perm, 0o644);
+}

@@ -188,6 +188,7 @@ impl Fs {
     fn entry_for(&self, parent: Ino, name: &str, node: Node) -> EntryOut {
         let mut out = self.entry_out(Ino(0), &node);
         out.attr.ino = self.inodes.child(parent, name, node, true);
+        self.owner_write(&mut out.attr);
         out
     }
 
@@ -210,7 +211,9 @@ impl Fs {
     pub async fn getattr(&self, ino: Ino) -> FsResult<EntryOut> {
         let node = self.inodes.node(ino)?;
         let node = self.materialize((*node).clone()).await?;
-        Ok(self.entry_out(ino, &node))
+        let mut out = self.entry_out(ino, &node);
+        self.owner_write(&mut out.attr);
+        Ok(out)
     }
 
     /// The whole listing of a directory (without `.` and `..`).

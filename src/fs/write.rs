@@ -21,7 +21,7 @@ use super::handles::Handle;
 use super::meta::Event;
 use super::node::{Area, Node, StagedKey};
 use super::staging::UnlinkRefused;
-use super::types::{EntryOut, Fh, Ino, Opened};
+use super::types::{Attr, EntryOut, Fh, Ino, Kind, Opened};
 use super::{Fs, RESERVED};
 use crate::digest::{is_sha256_hex, Digest};
 use crate::error::{FsError, FsResult, RegistryError};
@@ -94,6 +94,18 @@ impl Fs {
             Node::Staged(_) => true,
             Node::File(_) => self.manifest_target(ino).is_some() || self.blob_target(ino).is_some(),
             _ => false,
+        }
+    }
+
+    /// A file that can be written (a tag's `manifest.json`, `blobs/sha256/<hex>`) shows the
+    /// owner's write bit, so `default_permissions` (implied by `allow_other`) lets the mount's
+    /// owner write it and nobody else.
+    pub(super) fn owner_write(&self, a: &mut Attr) {
+        if a.kind == Kind::File
+            && a.perm & 0o200 == 0
+            && (self.manifest_target(a.ino).is_some() || self.blob_target(a.ino).is_some())
+        {
+            a.perm |= 0o200;
         }
     }
 
