@@ -259,3 +259,44 @@ print(errs)
         404
     );
 }
+
+#[test]
+fn allow_other_lets_other_users_read_but_not_write() {
+    let reg = TestRegistry::start();
+    let m = TestMount::new(&reg.addr(), &["-o", "allow_other"]);
+    // Let another user reach the mountpoint inside the test's private temp dir.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(m.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(m.p("myapp")).unwrap();
+    let as_nobody = |cmd: &str| {
+        Command::new("runuser")
+            .args(["-u", "nobody", "--", "sh", "-c", cmd])
+            .output()
+            .unwrap()
+    };
+    let up = m.p("myapp/uploads");
+    let out = as_nobody(&format!("ls '{}'", up.display()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for cmd in [
+        format!("echo x > '{}/y'", up.display()),
+        format!("mkdir '{}'", m.p("other").display()),
+        format!("mkdir '{}'", m.p("myapp/tags/t").display()),
+    ] {
+        let out = as_nobody(&cmd);
+        assert!(!out.status.success(), "{cmd} succeeded as nobody");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(ls(&up).is_empty());
+    assert!(m.log_text().contains("adding default_permissions"));
+    // The owner still writes.
+    std::fs::write(up.join("mine"), b"mine").unwrap();
+    pushed(&reg, &m, "myapp", "mine", b"mine");
+}
