@@ -3,7 +3,8 @@
 //! Bytes are hashed as they arrive and sent as PATCH chunks of the upload chunk size (at least the
 //! registry's `OCI-Chunk-Min-Length`). One PATCH is in flight while the next chunk fills, so memory
 //! stays at about two chunks whatever the file size. The commit (PUT `?digest=`) happens in
-//! [`BlobUpload::finish`]; any failure cancels the session so nothing claims to be complete.
+//! [`BlobUpload::finish`]; any failure (a refused write included) poisons the upload and cancels
+//! the session, so nothing claims to be complete.
 //!
 //! Errors are [`PushError`]s; `error.rs` decides which errno the writer sees.
 
@@ -85,10 +86,11 @@ impl BlobUpload {
             return Err(e.clone());
         }
         if offset != self.written {
-            return Err(PushError::OutOfOrder {
+            let e = PushError::OutOfOrder {
                 offset,
                 expected: self.written,
-            });
+            };
+            return Err(self.fail(e));
         }
         self.hasher.update(data);
         self.written += data.len() as u64;
@@ -350,16 +352,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn out_of_order_writes_are_refused_without_poisoning() {
+    async fn an_out_of_order_write_poisons_the_upload() {
         let reg = Arc::new(FakeRegistry::new());
         let mut up = upload(&reg, None, false);
-        assert!(matches!(
-            up.write(5, b"x").await,
-            Err(PushError::OutOfOrder {
-                offset: 5,
-                expected: 0
-            })
-        ));
         up.write(0, b"abc").await.unwrap();
         assert!(matches!(
             up.write(0, b"x").await,
@@ -368,8 +363,14 @@ mod tests {
                 expected: 3
             })
         ));
-        up.write(3, b"d").await.unwrap();
-        assert_eq!(up.finish().await.unwrap(), sha256_digest(b"abcd"));
+        // The right offset now is refused too, and nothing is committed.
+        assert!(matches!(
+            up.write(3, b"d").await,
+            Err(PushError::OutOfOrder { .. })
+        ));
+        assert!(up.finish().await.is_err());
+        assert!(!reg.has_blob("app", &sha256_digest(b"abc")));
+        assert_eq!(reg.stats().snapshot().upload_starts, 0);
     }
 
     #[tokio::test]

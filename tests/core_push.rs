@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use regfs::digest::{digest_hex, sha256_digest};
+use regfs::error::{RegistryError, RegistryResult};
 use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
 use regfs::registry::fake::FakeRegistry;
 use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
-use regfs::registry::Registry;
+use regfs::registry::{ManifestBlob, ManifestHead, Registry, UploadSession};
 
 const CHUNK: u64 = 64 * 1024;
 
@@ -144,24 +145,166 @@ async fn fsync_sends_chunks_and_reports_failures() {
     assert_eq!(reg.open_uploads(), 0);
 }
 
+/// Names listed in a directory.
+async fn names(fs: &Fs, dir: &str) -> Vec<String> {
+    let ino = walk(fs, dir).await.unwrap();
+    fs.readdir(ino)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect()
+}
+
 #[tokio::test]
-async fn writes_must_be_sequential() {
-    let (_reg, fs) = setup();
+async fn an_out_of_order_write_poisons_the_handle() {
+    let (reg, fs) = setup();
     fs.mkdir(ROOT_INO, "app").await.unwrap();
     let parent = walk(&fs, "app/uploads").await.unwrap();
     let (_, h) = fs.create(parent, "f").await.unwrap();
-    fs.write(h.fh, 0, b"abc").await.unwrap();
+    // More than a chunk: a session is open when the bad write comes.
+    let d = data(CHUNK as usize + 100);
+    fs.write(h.fh, 0, &d).await.unwrap();
     assert_eq!(
         fs.write(h.fh, 10, b"x").await.unwrap_err().errno,
         libc::EINVAL
     );
+    // Poisoned: the right offset fails too, and so does close.
+    let end = d.len() as u64;
     assert_eq!(
-        fs.write(h.fh, 0, b"x").await.unwrap_err().errno,
-        libc::EINVAL
+        fs.write(h.fh, end, b"d").await.unwrap_err().errno,
+        libc::EIO
     );
-    fs.write(h.fh, 3, b"d").await.unwrap();
-    fs.flush(h.fh).await.unwrap();
+    assert_eq!(fs.flush(h.fh).await.unwrap_err().errno, libc::EIO);
+    assert_eq!(fs.fsync(h.fh).await.unwrap_err().errno, libc::EIO);
     fs.release(h.fh).await;
+    assert!(!reg.has_blob("app", &sha256_digest(&d)));
+    assert!(!reg.has_blob("app", &sha256_digest(&d[..CHUNK as usize])));
+    assert_eq!(reg.open_uploads(), 0, "the session was cancelled");
+    assert!(reg.stats().snapshot().upload_cancels >= 1);
+    assert!(names(&fs, "app/uploads").await.is_empty(), "nothing listed");
+    assert_eq!(walk(&fs, "app/uploads/f").await.unwrap_err(), libc::ENOENT);
+}
+
+#[tokio::test]
+async fn a_failed_chunk_poisons_before_close() {
+    let (reg, faults, fs) = setup_faulty();
+    fs.mkdir(ROOT_INO, "app").await.unwrap();
+    let parent = walk(&fs, "app/uploads").await.unwrap();
+    let (_, h) = fs.create(parent, "f").await.unwrap();
+    faults.inject(Op::UploadPatch, Fault::Error(FaultError::Server));
+    let d = data(4 * CHUNK as usize);
+    // The first PATCH fails in the background; a later write sees it.
+    let mut failed_at = None;
+    for (i, piece) in d.chunks(CHUNK as usize).enumerate() {
+        if let Err(e) = fs.write(h.fh, i as u64 * CHUNK, piece).await {
+            failed_at = Some((i, e.errno));
+            break;
+        }
+    }
+    let (i, errno) = failed_at.expect("a write fails");
+    assert_eq!(errno, libc::EIO);
+    assert!(names(&fs, "app/uploads").await.is_empty());
+    let next = (i as u64 + 1) * CHUNK;
+    assert_eq!(
+        fs.write(h.fh, next, b"x").await.unwrap_err().errno,
+        libc::EIO
+    );
+    assert_eq!(fs.flush(h.fh).await.unwrap_err().errno, libc::EIO);
+    fs.release(h.fh).await;
+    assert_eq!(reg.open_uploads(), 0);
+    assert!(names(&fs, "app/uploads").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_too_large_manifest_poisons_and_tags_nothing() {
+    let (reg, fs) = setup();
+    let cfg = reg.add_blob("r", b"{}".to_vec());
+    let m = image_manifest(&cfg, 2, &[]);
+    let tags = walk(&fs, "r/tags").await.unwrap();
+    let t = fs.mkdir(tags, "big").await.unwrap().attr.ino;
+    let (_, h) = fs.create(t, "manifest.json").await.unwrap();
+    fs.write(h.fh, 0, m.as_bytes()).await.unwrap();
+    let pad = vec![b' '; 4 << 20];
+    let off = m.len() as u64;
+    assert_eq!(
+        fs.write(h.fh, off, &pad).await.unwrap_err().errno,
+        libc::EFBIG
+    );
+    // A valid manifest was written before the failure: still nothing is pushed.
+    assert_eq!(fs.flush(h.fh).await.unwrap_err().errno, libc::EIO);
+    fs.release(h.fh).await;
+    assert!(reg.tag_names("r").is_empty());
+    assert_eq!(reg.stats().snapshot().pushes, 0);
+}
+
+#[tokio::test]
+async fn flush_commits_only_for_the_opener_after_a_write() {
+    let (reg, fs) = setup();
+    fs.mkdir(ROOT_INO, "app").await.unwrap();
+    let parent = walk(&fs, "app/uploads").await.unwrap();
+    // `{ cat a; cat b; } > uploads/x`: the shell (100) opens, closes its copy after dup2 before
+    // anything is written, two children write and exit, the shell's restore closes last.
+    let (_, h) = fs.create(parent, "x").await.unwrap();
+    fs.set_opener(h.fh, 100).await;
+    fs.flush_by(h.fh, Some(100)).await.unwrap();
+    fs.write(h.fh, 0, b"first ").await.unwrap();
+    fs.flush_by(h.fh, Some(201)).await.unwrap();
+    fs.write(h.fh, 6, b"second").await.unwrap();
+    fs.flush_by(h.fh, Some(202)).await.unwrap();
+    assert_eq!(reg.stats().snapshot().upload_starts, 0, "nothing sent yet");
+    let x = walk(&fs, "app/uploads/x").await.unwrap();
+    assert!(
+        fs.getxattr(x, "user.oci.digest").await.is_err(),
+        "not complete yet"
+    );
+    fs.flush_by(h.fh, Some(100)).await.unwrap();
+    let digest = sha256_digest(b"first second");
+    assert!(reg.has_blob("app", &digest));
+    assert_eq!(
+        &fs.getxattr(x, "user.oci.digest").await.unwrap()[..],
+        digest.as_bytes()
+    );
+    // A write after the commit fails and poisons: close reports it; what was pushed stays.
+    assert_eq!(fs.write(h.fh, 12, b"!").await.unwrap_err().errno, libc::EIO);
+    assert_eq!(
+        fs.flush_by(h.fh, Some(100)).await.unwrap_err().errno,
+        libc::EIO
+    );
+    fs.release(h.fh).await;
+    assert!(reg.has_blob("app", &digest));
+    assert_eq!(reg.stats().snapshot().upload_starts, 1);
+
+    // Written and closed by another process only: committed at release.
+    let (_, h) = fs.create(parent, "y").await.unwrap();
+    fs.set_opener(h.fh, 100).await;
+    fs.write(h.fh, 0, b"from a child").await.unwrap();
+    fs.flush_by(h.fh, Some(300)).await.unwrap();
+    assert!(!reg.has_blob("app", &sha256_digest(b"from a child")));
+    fs.release(h.fh).await;
+    assert!(reg.has_blob("app", &sha256_digest(b"from a child")));
+}
+
+#[tokio::test]
+async fn an_empty_file_is_committed_at_release_and_never_listed_complete_before() {
+    let (reg, fs) = setup();
+    fs.mkdir(ROOT_INO, "app").await.unwrap();
+    let parent = walk(&fs, "app/uploads").await.unwrap();
+    let (_, h) = fs.create(parent, "empty").await.unwrap();
+    fs.set_opener(h.fh, 7).await;
+    fs.flush_by(h.fh, Some(7)).await.unwrap();
+    fs.flush_by(h.fh, Some(7)).await.unwrap();
+    let empty = sha256_digest(b"");
+    assert!(!reg.has_blob("app", &empty));
+    let ino = walk(&fs, "app/uploads/empty").await.unwrap();
+    assert!(fs.getxattr(ino, "user.oci.digest").await.is_err());
+    fs.release(h.fh).await;
+    assert!(reg.has_blob("app", &empty));
+    assert_eq!(
+        &fs.getxattr(ino, "user.oci.digest").await.unwrap()[..],
+        empty.as_bytes()
+    );
+    assert_eq!(names(&fs, "app/uploads").await, ["empty"]);
 }
 
 #[tokio::test]
@@ -322,4 +465,171 @@ async fn tag_delete_never_takes_another_tag_along() {
         fs.mkdir(ROOT_INO, "UPPER").await.unwrap_err().errno,
         libc::EINVAL
     );
+}
+
+/// The fake, except that a HEAD of the manifests named in `fail` answers 500.
+struct HeadFails {
+    inner: Arc<FakeRegistry>,
+    fail: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Registry for HeadFails {
+    async fn catalog(&self) -> RegistryResult<Vec<String>> {
+        self.inner.catalog().await
+    }
+    async fn tags(&self, repo: &str) -> RegistryResult<Vec<String>> {
+        self.inner.tags(repo).await
+    }
+    async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {
+        self.inner.manifest(repo, reference).await
+    }
+    async fn manifest_head(&self, repo: &str, reference: &str) -> RegistryResult<ManifestHead> {
+        if self.fail.lock().unwrap().iter().any(|r| r == reference) {
+            return Err(RegistryError::Server {
+                status: 500,
+                message: "injected".into(),
+            });
+        }
+        self.inner.manifest_head(repo, reference).await
+    }
+    async fn blob_size(&self, repo: &str, digest: &str) -> RegistryResult<u64> {
+        self.inner.blob_size(repo, digest).await
+    }
+    async fn blob_range(
+        &self,
+        repo: &str,
+        digest: &str,
+        start: u64,
+        end: u64,
+    ) -> RegistryResult<bytes::Bytes> {
+        self.inner.blob_range(repo, digest, start, end).await
+    }
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: bytes::Bytes,
+    ) -> RegistryResult<String> {
+        self.inner
+            .put_manifest(repo, reference, media_type, body)
+            .await
+    }
+    async fn upload_start(&self, repo: &str) -> RegistryResult<UploadSession> {
+        self.inner.upload_start(repo).await
+    }
+    async fn upload_patch(
+        &self,
+        repo: &str,
+        session: &mut UploadSession,
+        data: bytes::Bytes,
+    ) -> RegistryResult<()> {
+        self.inner.upload_patch(repo, session, data).await
+    }
+    async fn upload_finish(
+        &self,
+        repo: &str,
+        session: UploadSession,
+        digest: &str,
+        last: bytes::Bytes,
+    ) -> RegistryResult<()> {
+        self.inner.upload_finish(repo, session, digest, last).await
+    }
+    async fn upload_cancel(&self, repo: &str, session: UploadSession) {
+        self.inner.upload_cancel(repo, session).await
+    }
+    async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> RegistryResult<bool> {
+        self.inner.mount_blob(repo, digest, from).await
+    }
+    async fn delete_manifest(&self, repo: &str, digest: &str) -> RegistryResult<()> {
+        self.inner.delete_manifest(repo, digest).await
+    }
+    async fn delete_blob(&self, repo: &str, digest: &str) -> RegistryResult<()> {
+        self.inner.delete_blob(repo, digest).await
+    }
+    fn stats(&self) -> &regfs::registry::RequestStats {
+        self.inner.stats()
+    }
+}
+
+#[tokio::test]
+async fn tag_delete_refuses_when_any_head_fails_and_sends_no_delete() {
+    let reg = Arc::new(FakeRegistry::new());
+    let heads = Arc::new(HeadFails {
+        inner: reg.clone(),
+        fail: std::sync::Mutex::new(Vec::new()),
+    });
+    let fs = Fs::new(heads.clone() as Arc<dyn Registry>, FsOptions::default());
+    let cfg = reg.add_blob("r", b"{}".to_vec());
+    reg.add_manifest("r", Some("a"), image_manifest(&cfg, 2, &[]));
+    reg.add_manifest("r", Some("b"), image_manifest(&cfg, 2, &[(&cfg, 2)]));
+    let tags = walk(&fs, "r/tags").await.unwrap();
+    for failing in ["b", "a"] {
+        // Another tag's HEAD fails (then the tag's own): cannot prove "alone", so no delete.
+        *heads.fail.lock().unwrap() = vec![failing.to_string()];
+        assert_eq!(fs.rmdir(tags, "a").await.unwrap_err().errno, libc::EIO);
+        assert_eq!(reg.stats().snapshot().deletes, 0);
+        assert_eq!(reg.tag_names("r"), ["a", "b"]);
+    }
+    // A failing tag list refuses too.
+    let (reg2, faults, fs2) = setup_faulty();
+    reg2.add_manifest("r", Some("a"), image_manifest(&cfg, 2, &[]));
+    let tags2 = walk(&fs2, "r/tags").await.unwrap();
+    faults.inject(Op::Tags, Fault::Error(FaultError::Server));
+    assert_eq!(fs2.rmdir(tags2, "a").await.unwrap_err().errno, libc::EIO);
+    assert_eq!(reg2.stats().snapshot().deletes, 0);
+    // All HEADs answer: a lone tag goes.
+    heads.fail.lock().unwrap().clear();
+    fs.rmdir(tags, "a").await.unwrap();
+    assert_eq!(reg.tag_names("r"), ["b"]);
+}
+
+#[tokio::test]
+async fn tag_delete_refuses_a_manifest_a_tagged_index_lists() {
+    let (reg, fs) = setup();
+    let cfg = reg.add_blob("r", b"{}".to_vec());
+    let child = reg.add_manifest("r", Some("amd64"), image_manifest(&cfg, 2, &[]));
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": child, "size": image_manifest(&cfg, 2, &[]).len(),
+                       "platform": {"os": "linux", "architecture": "amd64"}}],
+    })
+    .to_string();
+    reg.add_manifest("r", Some("latest"), index);
+    let tags = walk(&fs, "r/tags").await.unwrap();
+    assert_eq!(
+        fs.rmdir(tags, "amd64").await.unwrap_err().errno,
+        libc::EBUSY
+    );
+    assert_eq!(reg.stats().snapshot().deletes, 0);
+    // The index itself may go: its children stay.
+    fs.rmdir(tags, "latest").await.unwrap();
+    assert_eq!(reg.tag_names("r"), ["amd64"]);
+    // Untagged now: the child can go too.
+    fs.rmdir(tags, "amd64").await.unwrap();
+    assert!(reg.tag_names("r").is_empty());
+}
+
+#[tokio::test]
+async fn writable_files_show_the_owners_write_bit() {
+    let (reg, fs) = setup();
+    let cfg = reg.add_blob("r", b"{}".to_vec());
+    reg.add_manifest("r", Some("a"), image_manifest(&cfg, 2, &[]));
+    let perm = |ino| {
+        let fs = &fs;
+        async move { fs.getattr(ino).await.unwrap().attr.perm }
+    };
+    let m = walk(&fs, "r/tags/a/manifest.json").await.unwrap();
+    assert_eq!(perm(m).await, 0o644);
+    let blob = walk(&fs, &format!("r/blobs/sha256/{}", digest_hex(&cfg)))
+        .await
+        .unwrap();
+    assert_eq!(perm(blob).await, 0o644);
+    let c = walk(&fs, "r/tags/a/config.json").await.unwrap();
+    assert_eq!(perm(c).await, 0o444, "read-only files stay read-only");
+    let lookup = fs.lookup(walk(&fs, "r/tags/a").await.unwrap(), "manifest.json");
+    assert_eq!(lookup.await.unwrap().attr.perm, 0o644);
 }

@@ -777,8 +777,10 @@ struct WriteHandle {
     repo: String,
     name: String,
     written: u64,
-    /// Committed (by flush): later writes fail.
+    /// Committed (by a flush after a write, or by release): later writes fail and poison.
     committed: bool,
+    /// A write failed: every later write and flush fails, nothing is committed.
+    poisoned: bool,
     seed: u64,
 }
 
@@ -1220,6 +1222,7 @@ impl<'a> Harness<'a> {
                             name: name.clone(),
                             written: 0,
                             committed: false,
+                            poisoned: false,
                             seed: h.fh.0 * 7919 + ino.0,
                         });
                         Ok(())
@@ -1239,11 +1242,17 @@ impl<'a> Harness<'a> {
                 let w = &self.writers[i];
                 let data = bytes_of(*len, w.seed + w.written);
                 let offset = if *skew { w.written + 1 } else { w.written };
-                let want = if w.committed || *skew {
+                let want = if w.poisoned || w.committed {
+                    Err(libc::EIO)
+                } else if *skew {
                     Err(libc::EINVAL)
                 } else {
                     Ok(())
                 };
+                if want.is_err() {
+                    self.poisoned(i);
+                }
+                let w = &self.writers[i];
                 let got = self.fs.write(w.fh, offset, &data).await;
                 match (&want, got) {
                     (Ok(()), Ok(n)) if n as usize == data.len() => {
@@ -1265,7 +1274,14 @@ impl<'a> Harness<'a> {
                 }
                 let i = slot % self.writers.len();
                 let got = self.fs.flush(self.writers[i].fh).await.map_err(|e| e.errno);
-                self.committed(i);
+                let w = &self.writers[i];
+                if w.poisoned {
+                    return Self::expect_err("flush", got, Err(libc::EIO));
+                }
+                // The opener's flush commits once something was written; before, it waits.
+                if w.written > 0 {
+                    self.committed(i);
+                }
                 Self::expect_err("flush", got, Ok(()))
             }
             Op::WRelease { slot } => {
@@ -1281,10 +1297,25 @@ impl<'a> Harness<'a> {
         }
     }
 
-    /// The model side of a commit of writer `i` (once).
+    /// The model side of a failed write of writer `i`: an upload still being written disappears.
+    fn poisoned(&mut self, i: usize) {
+        let w = &mut self.writers[i];
+        if w.poisoned {
+            return;
+        }
+        w.poisoned = true;
+        if !w.committed {
+            let r = self.model.repos.get_mut(&w.repo).unwrap();
+            if let Some(Upload::Writing(_)) = r.uploads.get(&w.name) {
+                r.uploads.remove(&w.name);
+            }
+        }
+    }
+
+    /// The model side of a commit of writer `i` (once; never for a poisoned one).
     fn committed(&mut self, i: usize) {
         let w = &mut self.writers[i];
-        if w.committed {
+        if w.committed || w.poisoned {
             return;
         }
         w.committed = true;

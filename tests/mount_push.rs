@@ -44,6 +44,19 @@ fn uploads_of_every_size_are_verified_by_an_independent_client() {
             m.log_text()
         );
         let digest = sha256_digest(&data);
+        if len == 0 {
+            // Nothing written: committed at release, which the kernel sends after close()
+            // returned. Wait for it (bounded).
+            let up = m.p(&format!("myapp/uploads/{name}"));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while xattr(&up, "user.oci.digest").is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{name} never completed"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         let (code, body) = registry_blob(&reg, "myapp", &digest);
         assert_eq!(code, 200, "{name}");
         assert_eq!(sha256_digest(&body), digest, "{name}");
@@ -179,7 +192,7 @@ fn blob_named_by_a_wrong_digest_is_refused() {
 }
 
 #[test]
-fn out_of_order_writes_are_einval() {
+fn an_out_of_order_write_is_einval_and_poisons_the_file() {
     let reg = TestRegistry::start();
     let m = TestMount::new(&reg.addr(), &[]);
     std::fs::create_dir(m.p("ooo")).unwrap();
@@ -187,8 +200,22 @@ fn out_of_order_writes_are_einval() {
     f.write_at(b"hello", 0).unwrap();
     let e = f.write_at(b"world", 100).unwrap_err();
     assert_eq!(errno(&e), libc::EINVAL, "{e}");
-    let e = f.write_at(b"again", 0).unwrap_err();
-    assert_eq!(errno(&e), libc::EINVAL, "{e}");
+    // From then on every write fails, and so does close; nothing is pushed or listed.
+    let e = f.write_at(b"again", 5).unwrap_err();
+    assert_eq!(errno(&e), libc::EIO, "{e}");
+    // SAFETY: the descriptor is ours, closed once here (File's drop would ignore the error).
+    let rc = unsafe { libc::close(std::os::fd::IntoRawFd::into_raw_fd(f)) };
+    assert_eq!(rc, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EIO)
+    );
+    assert!(ls(&m.p("ooo/uploads")).is_empty());
+    let (code, _) = reg.curl(
+        "HEAD",
+        &format!("/v2/ooo/blobs/{}", sha256_digest(b"hello")),
+    );
+    assert_eq!(code, 404);
 }
 
 #[test]

@@ -2,6 +2,11 @@
 //! lock. Numbers come from a counter and are never reused; a node is dropped when the kernel
 //! forgets its last lookup. Hard links of one tree share an inode.
 //!
+//! `readdir` makes inodes with no lookup counted, which the kernel never forgets (it never heard
+//! of them as inodes). They wait in an LRU of [`MAX_UNREFERENCED`] and the oldest are dropped
+//! beyond it, so listing ever more names does not grow memory. An inode with a lookup (and so any
+//! open file: opening needs a lookup) is never in that LRU.
+//!
 //! # Lock order (the whole crate, written here once)
 //!
 //! Every lock below is a `std::sync::Mutex` unless it says otherwise. None is held across an
@@ -11,7 +16,8 @@
 //!    held across the upload's awaits, and while it is held any lock below may be taken briefly.
 //!    Nothing else is held when it is taken.
 //! 2. Leaf locks: each is taken alone, released before any other lock is taken, never nested:
-//!    - `fs::inodes::Inodes::table` (this file). `lookup`, `readdir`, `mkdir` and `create` work
+//!    - `fs::inodes::Inodes::table` (this file; it holds the LRU of unreferenced inodes too, no
+//!      lock of its own). `lookup`, `readdir`, `mkdir` and `create` work
 //!      out a node's attributes (which may read `staging`) *before* they take it.
 //!    - `fs::handles::Handles::table`; a read handle's own mutex is taken after the table is
 //!      released.
@@ -34,10 +40,17 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use lru::LruCache;
+
 use super::node::Node;
 use super::types::{Ino, ROOT_INO};
 use crate::digest::Digest;
 use crate::error::{FsError, FsResult};
+
+/// Inodes made by `readdir` and not looked up since, kept at most: a listing of a directory that
+/// large still gets stable numbers for `ls -i` within the listing, while memory stays bounded (an
+/// entry is a few hundred bytes with its name and node: some MiB at this count) whatever is listed.
+pub const MAX_UNREFERENCED: usize = 16384;
 
 struct InodeEntry {
     node: Arc<Node>,
@@ -62,18 +75,71 @@ struct InodeTable {
     nodes: HashMap<Ino, InodeEntry>,
     by_name: HashMap<(Ino, String), Ino>,
     shared: HashMap<LinkKey, Ino>,
+    /// Inodes with no lookup (made by readdir), oldest first; bounded by `cap`.
+    unreferenced: LruCache<Ino, ()>,
+    cap: usize,
     next: u64,
 }
 
 impl InodeTable {
+    fn new(cap: usize) -> Self {
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT_INO,
+            InodeEntry {
+                node: Arc::new(Node::Root),
+                lookups: 1,
+                key: None,
+            },
+        );
+        InodeTable {
+            nodes,
+            by_name: HashMap::new(),
+            shared: HashMap::new(),
+            unreferenced: LruCache::unbounded(),
+            cap,
+            next: ROOT_INO.0 + 1,
+        }
+    }
+
+    /// Count a lookup of `ino` if `lookup`, else note it as listed (most recently).
+    fn touch(&mut self, ino: Ino, lookup: bool) {
+        let Some(e) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        if lookup {
+            e.lookups += 1;
+            self.unreferenced.pop(&ino);
+        } else if e.lookups == 0 {
+            self.unreferenced.put(ino, ());
+        }
+    }
+
+    /// Drop the oldest unreferenced inodes beyond the cap.
+    fn trim(&mut self) {
+        while self.unreferenced.len() > self.cap {
+            let Some((ino, ())) = self.unreferenced.pop_lru() else {
+                break;
+            };
+            if self.nodes.get(&ino).is_some_and(|e| e.lookups == 0) {
+                self.remove(ino);
+            }
+        }
+    }
+
     fn child(&mut self, parent: Ino, name: &str, node: Node, lookup: bool) -> Ino {
+        let ino = self.child_inner(parent, name, node);
+        self.touch(ino, lookup);
+        self.trim();
+        ino
+    }
+
+    /// The inode for `parent/name`; its lookup count is left to [`Self::touch`].
+    fn child_inner(&mut self, parent: Ino, name: &str, node: Node) -> Ino {
         let key = (parent, name.to_string());
         if let Some(&ino) = self.by_name.get(&key) {
-            if let Some(e) = self.nodes.get_mut(&ino) {
+            if let Some(e) = self.nodes.get(&ino) {
                 if *e.node == node {
-                    if lookup {
-                        e.lookups += 1;
-                    }
                     return ino;
                 }
                 // The old node lives on for open handles until forgotten; it keeps its
@@ -82,10 +148,7 @@ impl InodeTable {
         }
         let lk = link_key(&node);
         if let Some(&ino) = lk.as_ref().and_then(|k| self.shared.get(k)) {
-            if let Some(e) = self.nodes.get_mut(&ino) {
-                if lookup {
-                    e.lookups += 1;
-                }
+            if self.nodes.contains_key(&ino) {
                 self.by_name.insert(key, ino);
                 return ino;
             }
@@ -99,7 +162,7 @@ impl InodeTable {
             ino,
             InodeEntry {
                 node: Arc::new(node),
-                lookups: u64::from(lookup),
+                lookups: 0,
                 key: Some(key.clone()),
             },
         );
@@ -119,16 +182,22 @@ impl InodeTable {
             None => false,
         };
         if drop_it {
-            if let Some(e) = self.nodes.remove(&ino) {
-                if let Some(k) = e.key {
-                    if self.by_name.get(&k) == Some(&ino) {
-                        self.by_name.remove(&k);
-                    }
+            self.remove(ino);
+        }
+    }
+
+    /// Drop `ino` and every name that leads to it.
+    fn remove(&mut self, ino: Ino) {
+        self.unreferenced.pop(&ino);
+        if let Some(e) = self.nodes.remove(&ino) {
+            if let Some(k) = e.key {
+                if self.by_name.get(&k) == Some(&ino) {
+                    self.by_name.remove(&k);
                 }
-                if let Some(k) = link_key(&e.node) {
-                    if self.shared.get(&k) == Some(&ino) {
-                        self.shared.remove(&k);
-                    }
+            }
+            if let Some(k) = link_key(&e.node) {
+                if self.shared.get(&k) == Some(&ino) {
+                    self.shared.remove(&k);
                 }
             }
         }
@@ -142,22 +211,13 @@ pub(crate) struct Inodes {
 
 impl Inodes {
     pub fn new() -> Self {
-        let mut nodes = HashMap::new();
-        nodes.insert(
-            ROOT_INO,
-            InodeEntry {
-                node: Arc::new(Node::Root),
-                lookups: 1,
-                key: None,
-            },
-        );
+        Self::with_cap(MAX_UNREFERENCED)
+    }
+
+    /// A table keeping at most `cap` unreferenced inodes.
+    fn with_cap(cap: usize) -> Self {
         Inodes {
-            table: Mutex::new(InodeTable {
-                nodes,
-                by_name: HashMap::new(),
-                shared: HashMap::new(),
-                next: ROOT_INO.0 + 1,
-            }),
+            table: Mutex::new(InodeTable::new(cap)),
         }
     }
 
@@ -254,6 +314,52 @@ mod tests {
         // Listed but never looked up: a forget of 0 lookups drops it.
         t.forget(x, 0);
         assert!(t.node(x).is_err());
+    }
+
+    #[test]
+    fn listed_inodes_are_bounded_and_looked_up_ones_stay() {
+        let t = Inodes::with_cap(3);
+        let looked = t.child(ROOT_INO, "kept", dir("kept"), true);
+        let list = |names: &[&str]| -> Vec<Ino> {
+            t.children(
+                ROOT_INO,
+                names.iter().map(|n| (n.to_string(), dir(n))).collect(),
+            )
+            .into_iter()
+            .map(|(i, _, _)| i)
+            .collect()
+        };
+        let first = list(&["a", "b", "c", "kept"]);
+        assert_eq!(first[3], looked, "a listed name keeps its looked-up inode");
+        assert_eq!(t.len(), 5);
+        // Three more names: the three oldest listed ones go, the looked-up one never.
+        let second = list(&["d", "e", "f"]);
+        assert_eq!(t.len(), 5, "root + kept + 3 listed");
+        for gone in &first[..3] {
+            assert_eq!(t.node(*gone).unwrap_err().errno, libc::ESTALE);
+        }
+        assert!(t.node(looked).is_ok());
+        // Listed again: a new number, never a reused one.
+        let again = list(&["a"]);
+        assert!(!first.contains(&again[0]) && !second.contains(&again[0]));
+        assert!(again[0].0 > second[2].0);
+        // That pushed out the oldest, "d".
+        assert!(t.node(second[0]).is_err());
+        assert!(t.node(second[1]).is_ok() && t.node(second[2]).is_ok());
+        // Listing refreshes: "e" is listed again, so "f" (now older) goes next, not "e".
+        list(&["e"]);
+        list(&["g"]);
+        assert!(t.node(second[2]).is_err());
+        assert!(t.node(second[1]).is_ok());
+        // A listed inode looked up later leaves the bound; forgotten, it is dropped as usual.
+        let e = t.child(ROOT_INO, "e", dir("e"), true);
+        assert_eq!(e, second[1]);
+        list(&["i", "j", "k", "l"]);
+        assert!(t.node(e).is_ok());
+        assert!(t.node(looked).is_ok());
+        t.forget(e, 1);
+        assert!(t.node(e).is_err());
+        assert!(t.lock().unreferenced.len() <= 3);
     }
 
     #[test]

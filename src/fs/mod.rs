@@ -188,6 +188,7 @@ impl Fs {
     fn entry_for(&self, parent: Ino, name: &str, node: Node) -> EntryOut {
         let mut out = self.entry_out(Ino(0), &node);
         out.attr.ino = self.inodes.child(parent, name, node, true);
+        self.owner_write(&mut out.attr);
         out
     }
 
@@ -210,7 +211,9 @@ impl Fs {
     pub async fn getattr(&self, ino: Ino) -> FsResult<EntryOut> {
         let node = self.inodes.node(ino)?;
         let node = self.materialize((*node).clone()).await?;
-        Ok(self.entry_out(ino, &node))
+        let mut out = self.entry_out(ino, &node);
+        self.owner_write(&mut out.attr);
+        Ok(out)
     }
 
     /// The whole listing of a directory (without `.` and `..`).
@@ -229,13 +232,11 @@ impl Fs {
             .collect())
     }
 
-    /// Close a handle. A writing handle that was not flushed commits here; errors can only be
-    /// logged at this point.
+    /// Close a handle. A writing handle not committed yet commits here; errors can only be
+    /// logged at this point (`write::release_writer`).
     pub async fn release(&self, fh: Fh) {
         if let Some(handles::Handle::Write(w)) = self.handles.remove(fh) {
-            if let Err(e) = self.commit(&w).await {
-                log::log!(e.level, "release fh={}: {}", fh.0, e.message);
-            }
+            self.release_writer(fh, &w).await;
         }
     }
 }

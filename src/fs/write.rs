@@ -3,8 +3,15 @@
 //! docs/SEMANTICS.md.
 //!
 //! A writing handle owns a [`Writer`] behind a tokio mutex (held across the upload's awaits, never
-//! together with a std mutex). The commit happens at the first `flush` (so `close()` reports the
-//! registry's verdict) or at `release`, once.
+//! together with a std mutex).
+//!
+//! When an upload completes (the rule of docs/SEMANTICS.md, "When an upload completes", learned
+//! from mountpoint-s3): a `flush` commits only when it comes from the process that opened the
+//! handle *and* at least one byte has been written; any other flush (the shell's close after
+//! `dup2`, a forked child's exit, a close before any write) is deferred. `release` commits what is
+//! still uncommitted. Commit happens once. Any failed write poisons the handle: the session is
+//! cancelled, the entry disappears, and every later write, flush and release fails or does
+//! nothing.
 
 use std::sync::Arc;
 
@@ -14,10 +21,11 @@ use super::handles::Handle;
 use super::meta::Event;
 use super::node::{Area, Node, StagedKey};
 use super::staging::UnlinkRefused;
-use super::types::{EntryOut, Fh, Ino, Opened};
+use super::types::{Attr, EntryOut, Fh, Ino, Kind, Opened};
 use super::{Fs, RESERVED};
 use crate::digest::{is_sha256_hex, Digest};
 use crate::error::{FsError, FsResult, RegistryError};
+use crate::manifest::{parse, Parsed, DOCKER_MANIFEST, OCI_MANIFEST};
 use crate::push::{BlobUpload, ManifestWrite};
 use crate::registry::{is_valid_component, is_valid_repo_name, is_valid_tag};
 
@@ -30,8 +38,49 @@ pub(crate) enum WriteKind {
 pub(crate) struct Writer {
     kind: WriteKind,
     key: StagedKey,
+    /// Thread-group id of the process that opened the handle (told by the adapter); None when
+    /// unknown, and then every flush counts as the opener's.
+    opener: Option<u32>,
     /// The commit's outcome, once committed.
     result: Option<FsResult<String>>,
+    /// The first failed write (or a write after the commit): nothing more is accepted.
+    poisoned: Option<FsError>,
+}
+
+impl Writer {
+    /// Bytes accepted so far.
+    fn written(&self) -> u64 {
+        match &self.kind {
+            WriteKind::Blob(up) => up.written(),
+            WriteKind::Manifest(m) => m.buf.len() as u64,
+        }
+    }
+
+    /// The error every call returns once the handle is poisoned.
+    fn poison_error(&self) -> Option<FsError> {
+        self.poisoned.as_ref().map(|e| {
+            FsError::io(format!(
+                "{}: an earlier write failed, nothing is pushed ({})",
+                self.key.name, e.message
+            ))
+        })
+    }
+}
+
+/// `rmdir tags/<tag>` could not prove the tag is alone: refuse with EIO, never delete.
+fn refuse_delete(repo: &str, tag: &str, why: &str) -> FsError {
+    FsError::io(format!(
+        "not deleting tag {repo}:{tag}: cannot tell whether another tag shares its manifest ({why})"
+    ))
+}
+
+/// Does a flush from `closer` come from the process that opened the handle? Unknown on either
+/// side counts as yes (the core's own callers and tests flush as the opener).
+fn from_opener(opener: Option<u32>, closer: Option<u32>) -> bool {
+    match (opener, closer) {
+        (Some(o), Some(c)) => o == c,
+        _ => true,
+    }
 }
 
 impl Fs {
@@ -45,6 +94,18 @@ impl Fs {
             Node::Staged(_) => true,
             Node::File(_) => self.manifest_target(ino).is_some() || self.blob_target(ino).is_some(),
             _ => false,
+        }
+    }
+
+    /// A file that can be written (a tag's `manifest.json`, `blobs/sha256/<hex>`) shows the
+    /// owner's write bit, so `default_permissions` (implied by `allow_other`) lets the mount's
+    /// owner write it and nobody else.
+    pub(super) fn owner_write(&self, a: &mut Attr) {
+        if a.kind == Kind::File
+            && a.perm & 0o200 == 0
+            && (self.manifest_target(a.ino).is_some() || self.blob_target(a.ino).is_some())
+        {
+            a.perm |= 0o200;
         }
     }
 
@@ -234,7 +295,9 @@ impl Fs {
             .insert(Handle::Write(Arc::new(tokio::sync::Mutex::new(Writer {
                 kind,
                 key,
+                opener: None,
                 result: None,
+                poisoned: None,
             }))));
         Ok(Opened {
             fh,
@@ -247,24 +310,63 @@ impl Fs {
         self.handles.writer(fh).is_some()
     }
 
+    /// Record the thread-group id of the process that opened `fh` (the adapter calls this before
+    /// it answers the open, so no flush can come first).
+    pub async fn set_opener(&self, fh: Fh, tgid: u32) {
+        if let Some(w) = self.handles.writer(fh) {
+            w.lock().await.opener = Some(tgid);
+        }
+    }
+
     pub async fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> FsResult<u32> {
         let w = self.handles.writer(fh).ok_or_else(FsError::bad_handle)?;
         let mut w = w.lock().await;
-        if w.result.is_some() {
-            return Err(FsError::invalid("this handle has already been committed"));
+        if let Some(e) = w.poison_error() {
+            return Err(e);
         }
-        let (n, size) = match &mut w.kind {
-            WriteKind::Blob(up) => {
-                let n = up.write(offset, data).await?;
-                (n, up.written())
-            }
-            WriteKind::Manifest(m) => {
-                let n = m.write(offset, data)?;
-                (n, m.buf.len() as u64)
-            }
+        if w.result.is_some() {
+            // What was committed stays; this handle accepts nothing more.
+            let e = FsError::io(format!(
+                "{}: written after its upload completed (the writer's own close committed it)",
+                w.key.name
+            ));
+            w.poisoned = Some(e.clone());
+            return Err(e);
+        }
+        let r = match &mut w.kind {
+            WriteKind::Blob(up) => up.write(offset, data).await.map_err(FsError::from),
+            WriteKind::Manifest(m) => m.write(offset, data).map_err(FsError::from),
         };
-        self.staging.set_size(&w.key, size);
-        Ok(n)
+        match r {
+            Ok(n) => {
+                let size = w.written();
+                self.staging.set_size(&w.key, size);
+                Ok(n)
+            }
+            Err(e) => {
+                self.poison(&mut w, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A write failed: cancel the session, drop the entry, refuse everything from now on.
+    async fn poison(&self, w: &mut Writer, e: &FsError) {
+        if let WriteKind::Blob(up) = &mut w.kind {
+            up.abort().await;
+        }
+        if let WriteKind::Manifest(m) = &mut w.kind {
+            m.buf = Vec::new();
+        }
+        self.staging.remove(&w.key);
+        log::error!(
+            "write of {}/{:?}/{} failed, nothing will be pushed: {}",
+            w.key.repo,
+            w.key.area,
+            w.key.name,
+            e.message
+        );
+        w.poisoned = Some(e.clone());
     }
 
     /// `fsync`: chunks written so far are sent and acknowledged.
@@ -273,26 +375,75 @@ impl Fs {
             return Ok(());
         };
         let mut w = w.lock().await;
+        if let Some(e) = w.poison_error() {
+            return Err(e);
+        }
         if w.result.is_some() {
             return Ok(());
         }
         match &mut w.kind {
-            WriteKind::Blob(up) => up.sync().await.map_err(FsError::from),
+            WriteKind::Blob(up) => match up.sync().await.map_err(FsError::from) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.poison(&mut w, &e).await;
+                    Err(e)
+                }
+            },
             WriteKind::Manifest(_) => Ok(()),
         }
     }
 
-    /// `flush` (every `close`): commit a writing handle and report the registry's verdict.
+    /// `flush` from the process that opened the handle: see [`Fs::flush_by`].
     pub async fn flush(&self, fh: Fh) -> FsResult<()> {
-        match self.handles.writer(fh) {
-            Some(w) => self.commit(&w).await,
-            None => Ok(()),
+        self.flush_by(fh, None).await
+    }
+
+    /// `flush` (every `close()` of a descriptor), from the process with thread-group id `closer`
+    /// (None: the opener). Commits when the closer opened the handle and something was written;
+    /// otherwise the commit waits for a later flush or for `release`.
+    pub async fn flush_by(&self, fh: Fh, closer: Option<u32>) -> FsResult<()> {
+        let Some(w) = self.handles.writer(fh) else {
+            return Ok(());
+        };
+        {
+            let w = w.lock().await;
+            if let Some(e) = w.poison_error() {
+                return Err(e);
+            }
+            if let Some(r) = &w.result {
+                return r.clone().map(|_| ());
+            }
+            if !from_opener(w.opener, closer) || w.written() == 0 {
+                log::debug!(
+                    "flush of {} by {closer:?} (opened by {:?}, {} bytes): commit deferred",
+                    w.key.name,
+                    w.opener,
+                    w.written()
+                );
+                return Ok(());
+            }
+        }
+        self.commit(&w).await
+    }
+
+    /// `release`: commit whatever was not committed (an empty file, or one whose opener never
+    /// flushed after writing). Nobody hears the result but the log.
+    pub(super) async fn release_writer(&self, fh: Fh, w: &tokio::sync::Mutex<Writer>) {
+        if let Some(e) = w.lock().await.poison_error() {
+            log::debug!("release fh={}: {}", fh.0, e.message);
+            return;
+        }
+        if let Err(e) = self.commit(w).await {
+            log::log!(e.level, "release fh={}: {}", fh.0, e.message);
         }
     }
 
     /// Commit once; later calls return the first outcome.
     pub(super) async fn commit(&self, w: &tokio::sync::Mutex<Writer>) -> FsResult<()> {
         let mut w = w.lock().await;
+        if let Some(e) = w.poison_error() {
+            return Err(e);
+        }
         if let Some(r) = &w.result {
             return r.clone().map(|_| ());
         }
@@ -380,27 +531,32 @@ impl Fs {
                     Err(FsError::not_found(format!("tag {name}")))
                 };
             }
-            Err(e) => return Err(FsError::registry(e, format!("{repo}:{name}"))),
+            Err(e) => return Err(refuse_delete(repo, name, &format!("HEAD {name}: {e}"))),
         };
-        // distribution deletes manifests, and with one every tag pointing at it: refuse when
-        // another tag shares the digest.
-        let tags = self.reg.tags(repo).await.map_err(FsError::from)?;
-        let mut sharing = Vec::new();
-        for t in tags.iter().filter(|t| t.as_str() != name) {
-            if let Ok(h) = self.reg.manifest_head(repo, t).await {
-                if h.digest == head.digest {
-                    sharing.push(t.clone());
-                }
+        // distribution deletes manifests, and with one every tag pointing at it (and an index
+        // that is still tagged breaks when a child goes): refuse unless proven alone.
+        let (sharing, indexes) = self.sharers(repo, name, &head.digest).await?;
+        if !sharing.is_empty() || !indexes.is_empty() {
+            let mut why = Vec::new();
+            if !sharing.is_empty() {
+                why.push(format!(
+                    "tag(s) {} point to the same manifest",
+                    sharing.join(", ")
+                ));
             }
-        }
-        if !sharing.is_empty() {
+            if !indexes.is_empty() {
+                why.push(format!(
+                    "tag(s) {} point to an index that lists it",
+                    indexes.join(", ")
+                ));
+            }
             return Err(FsError::busy(
                 log::Level::Warn,
                 format!(
-                    "not deleting tag {repo}:{name}: tag(s) {} point to the same manifest {} and the \
-                     registry can only delete a manifest together with all its tags",
-                    sharing.join(", "),
-                    head.digest
+                    "not deleting tag {repo}:{name} (manifest {}): {}, and the registry can only \
+                     delete a manifest together with all its tags",
+                    head.digest,
+                    why.join("; ")
                 ),
             ));
         }
@@ -415,6 +571,50 @@ impl Fs {
         self.staging.remove_pending_tag(repo, name);
         log::info!("deleted tag {repo}:{name} ({})", head.digest);
         Ok(())
+    }
+
+    /// The other tags of `repo` pointing at `digest`, and those pointing at an index that lists
+    /// it. Any failure to find out (tag list, a HEAD, an index GET) refuses the delete: EIO.
+    async fn sharers(
+        &self,
+        repo: &str,
+        name: &str,
+        digest: &str,
+    ) -> FsResult<(Vec<String>, Vec<String>)> {
+        let tags = self
+            .reg
+            .tags(repo)
+            .await
+            .map_err(|e| refuse_delete(repo, name, &format!("listing the tags: {e}")))?;
+        let (mut sharing, mut indexes) = (Vec::new(), Vec::new());
+        for t in tags.iter().filter(|t| t.as_str() != name) {
+            let h = match self.reg.manifest_head(repo, t).await {
+                Ok(h) => h,
+                // Gone since the listing: it shares nothing.
+                Err(RegistryError::NotFound(_)) => continue,
+                Err(e) => return Err(refuse_delete(repo, name, &format!("HEAD {t}: {e}"))),
+            };
+            if h.digest == digest {
+                sharing.push(t.clone());
+                continue;
+            }
+            if matches!(h.media_type.as_str(), OCI_MANIFEST | DOCKER_MANIFEST) {
+                continue;
+            }
+            // An index (or a type the HEAD did not tell): read it and look for the digest.
+            let children = self
+                .reg
+                .manifest(repo, &h.digest)
+                .await
+                .and_then(|m| parse(&m.media_type, &m.body))
+                .map_err(|e| refuse_delete(repo, name, &format!("reading {t}: {e}")))?;
+            if let Parsed::Index { manifests } = children {
+                if manifests.iter().any(|d| d.digest == digest) {
+                    indexes.push(t.clone());
+                }
+            }
+        }
+        Ok((sharing, indexes))
     }
 
     /// `unlink`: a blob by digest (where the registry allows it), or an `uploads/` entry (the

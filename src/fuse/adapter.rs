@@ -140,6 +140,20 @@ fn os_name(name: &OsStr) -> Option<String> {
     name.to_str().map(str::to_string)
 }
 
+/// The thread-group id (the process) of the task that sent a request: FUSE headers carry the
+/// thread id. Read from `/proc/<pid>/status` while the caller still waits for the answer; the raw
+/// pid when that is not readable (then it is the process id anyway for single-threaded callers).
+fn tgid(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(pid)
+}
+
 /// Whether an open asks to change the file: any access mode but read-only, or truncate/append.
 fn wants_write(flags: OpenFlags) -> bool {
     !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY)
@@ -374,12 +388,18 @@ impl Filesystem for FuseAdapter {
         reply.error(erofs("link", ino));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = wants_write(flags);
+        let opener = write.then(|| tgid(req.pid()));
         let fs = self.fs.clone();
         self.spawn(async move {
             match fs.open(core_ino(ino), write).await {
-                Ok(o) => reply.opened(kernel_fh(o.fh), fopen_flags(&o)),
+                Ok(o) => {
+                    if let Some(p) = opener {
+                        fs.set_opener(o.fh, p).await;
+                    }
+                    reply.opened(kernel_fh(o.fh), fopen_flags(&o))
+                }
                 Err(e) => reply.error(reply_error("open", ino, &e)),
             }
         });
@@ -438,15 +458,16 @@ impl Filesystem for FuseAdapter {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
+        let closer = tgid(req.pid());
         self.spawn(async move {
-            match fs.flush(core_fh(fh)).await {
+            match fs.flush_by(core_fh(fh), Some(closer)).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(reply_error("flush", ino, &e)),
             }
@@ -593,7 +614,7 @@ impl Filesystem for FuseAdapter {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         _mode: u32,
@@ -605,15 +626,19 @@ impl Filesystem for FuseAdapter {
             return reply.error(Errno::from_i32(FsError::non_utf8_name(true).errno));
         };
         let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
+        let opener = tgid(req.pid());
         self.spawn(async move {
             match fs.create(core_ino(parent), &name).await {
-                Ok((e, o)) => reply.created(
-                    &e.ttl,
-                    &file_attr(&e.attr, uid, gid),
-                    Generation(0),
-                    kernel_fh(o.fh),
-                    FopenFlags::empty(),
-                ),
+                Ok((e, o)) => {
+                    fs.set_opener(o.fh, opener).await;
+                    reply.created(
+                        &e.ttl,
+                        &file_attr(&e.attr, uid, gid),
+                        Generation(0),
+                        kernel_fh(o.fh),
+                        FopenFlags::empty(),
+                    )
+                }
                 Err(e) => reply.error(reply_error(&format!("create {name:?}"), parent, &e)),
             }
         });
@@ -708,6 +733,27 @@ mod tests {
             libc::EINVAL
         );
         assert_eq!(erofs("mknod", ino).code(), libc::EROFS);
+    }
+
+    #[test]
+    fn a_thread_id_resolves_to_its_process() {
+        let me = std::process::id();
+        assert_eq!(tgid(me), me);
+        // A live thread of this process: its own id, this process as its thread group.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() as u32 }).unwrap();
+            let _ = done_rx.recv();
+        });
+        let live = rx.recv().unwrap();
+        assert_ne!(live, me);
+        assert_eq!(tgid(live), me);
+        done_tx.send(()).unwrap();
+        h.join().unwrap();
+        // No such process: the raw number.
+        assert_eq!(tgid(u32::MAX - 1), u32::MAX - 1);
     }
 
     #[test]

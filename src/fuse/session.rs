@@ -218,7 +218,17 @@ fn redirect_stdio(mount: &MountConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// The mount options: always nosuid and nodev, plus what the user asked for.
+/// `-o allow_other` without `default_permissions` would let every local user push, re-tag and
+/// delete with the mount owner's registry credentials (FUSE checks nothing by itself). So
+/// allow_other implies default_permissions: the kernel then checks the modes regfs shows (writable
+/// directories and files are the owner's alone: 0755 / 0644), and other users can read but not
+/// write. Logged once at mount.
+fn implies_default_permissions(m: &MountConfig) -> bool {
+    m.allow_other && !m.default_permissions
+}
+
+/// The mount options: always nosuid and nodev, plus what the user asked for (default_permissions
+/// whenever allow_other is given: [`implies_default_permissions`]).
 fn mount_options(m: &MountConfig) -> Vec<MountOption> {
     let mut opts = vec![
         MountOption::FSName(m.fsname.clone()),
@@ -226,7 +236,7 @@ fn mount_options(m: &MountConfig) -> Vec<MountOption> {
         MountOption::NoSuid,
         MountOption::NoDev,
     ];
-    if m.default_permissions {
+    if m.default_permissions || implies_default_permissions(m) {
         opts.push(MountOption::DefaultPermissions);
     }
     if m.auto_unmount {
@@ -340,6 +350,12 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
 
     let signals = install_signal_handlers(&rt)?;
+    if implies_default_permissions(&cfg.mount) {
+        log::warn!(
+            "-o allow_other: adding default_permissions, so other users cannot push or delete with \
+             this mount's credentials (the kernel checks the modes shown)"
+        );
+    }
     let mountpoint = &cfg.mount.mountpoint;
     let mut session = fuser::Session::new(adapter, mountpoint, &fuse_config(&cfg.mount))
         .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
@@ -407,6 +423,36 @@ mod tests {
                 MountOption::AutoUnmount,
             ]
         );
+    }
+
+    #[test]
+    fn allow_other_implies_default_permissions() {
+        let base = vec![
+            MountOption::FSName("regfs:localhost:5000".into()),
+            MountOption::Subtype("regfs".into()),
+            MountOption::NoSuid,
+            MountOption::NoDev,
+            MountOption::DefaultPermissions,
+        ];
+        for o in [
+            "allow_other",
+            "allow_other,default_permissions",
+            "allow_root,allow_other",
+        ] {
+            let m = mount(&["-o", o]);
+            assert_eq!(mount_options(&m), base, "-o {o}");
+            assert_eq!(fuse_config(&m).mount_options, base, "-o {o}");
+            assert_eq!(session_acl(&m), SessionACL::All, "-o {o}");
+        }
+        assert!(implies_default_permissions(&mount(&["-o", "allow_other"])));
+        assert!(!implies_default_permissions(&mount(&[
+            "-o",
+            "allow_other,default_permissions"
+        ])));
+        // allow_root alone lets only root in, who passes any permission check anyway.
+        let m = mount(&["-o", "allow_root"]);
+        assert!(!mount_options(&m).contains(&MountOption::DefaultPermissions));
+        assert!(!implies_default_permissions(&m));
     }
 
     #[test]
