@@ -341,8 +341,7 @@ impl VerifyBudget {
     }
 
     fn give(&self, n: usize) {
-        self.used
-            .fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Bytes stashed now, by all handles.
@@ -612,7 +611,10 @@ mod tests {
         assert_eq!(v.feed(0, &Bytes::from_static(b"z")), Checked::Pending);
         // A read far past the verified prefix is random access: give up at once.
         let mut v = Verifier::new(d, u64::MAX, shared.clone());
-        assert_eq!(v.feed(VERIFY_WINDOW, &Bytes::from_static(b"far")), Checked::Pending);
+        assert_eq!(
+            v.feed(VERIFY_WINDOW, &Bytes::from_static(b"far")),
+            Checked::Pending
+        );
         assert!(v.done && shared.used() == 0);
     }
 

@@ -260,7 +260,13 @@ mod tests {
 
     #[test]
     fn hostile_digests_and_platforms_are_refused_or_tamed() {
-        for bad in ["sha256:ééééééééééééé", "sha256:../../etc", "", "nocolon", "sha256:"] {
+        for bad in [
+            "sha256:ééééééééééééé",
+            "sha256:../../etc",
+            "",
+            "nocolon",
+            "sha256:",
+        ] {
             let body = format!(
                 r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"digest":"sha256:aa","size":2}},"layers":[{{"digest":{bad:?},"size":1}}]}}"#
             );
@@ -278,12 +284,14 @@ mod tests {
             annotations: None,
         };
         assert_eq!(layer_file_name(0, 1, &d), "00-éééééééééééé.blob");
-        let p = |os: &str, arch: &str| Platform {
-            os: os.into(),
-            architecture: arch.into(),
-            variant: None,
-        }
-        .dir_name();
+        let p = |os: &str, arch: &str| {
+            Platform {
+                os: os.into(),
+                architecture: arch.into(),
+                variant: None,
+            }
+            .dir_name()
+        };
         assert_eq!(p("a/b", "x\0y"), "a_b-x_y");
     }
 

@@ -408,9 +408,10 @@ impl Layers {
                 .read_toc_chunks(repo, layer, entry, chunks, offset, end)
                 .await;
         }
-        let (Some(start), Some(stop)) =
-            (entry.offset.checked_add(offset), entry.offset.checked_add(end))
-        else {
+        let (Some(start), Some(stop)) = (
+            entry.offset.checked_add(offset),
+            entry.offset.checked_add(end),
+        ) else {
             return Err(FsError::io(format!(
                 "layer {repo}@{}: {} lies past any possible offset",
                 layer.digest, entry.path

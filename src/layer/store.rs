@@ -9,12 +9,8 @@ use super::index::LayerIndex;
 /// Where the index of layer `digest` is kept in `dir`: None unless the digest is a well-formed
 /// `sha256:` + 64 lowercase hex (nothing else from a registry becomes part of a path).
 pub fn index_path(dir: &Path, digest: &str) -> Option<PathBuf> {
-    crate::digest::is_sha256_digest(digest).then(|| {
-        dir.join(format!(
-            "{}.index.json",
-            crate::digest::digest_hex(digest)
-        ))
-    })
+    crate::digest::is_sha256_digest(digest)
+        .then(|| dir.join(format!("{}.index.json", crate::digest::digest_hex(digest))))
 }
 
 /// Open `p` for reading without following a symlink at its last component.
@@ -109,8 +105,7 @@ mod tests {
     use super::*;
     use crate::layer::{EntryKind, Format, TarEntry};
 
-    const DIGEST: &str =
-        "sha256:0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd";
+    const DIGEST: &str = "sha256:0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd";
     const HEX: &str = "0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd0123abcd";
 
     fn sample() -> LayerIndex {
@@ -163,7 +158,10 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(names, vec![format!("{HEX}.index.json")]);
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from(format!("{HEX}.index.json"))]
+        );
     }
 
     #[tokio::test]
@@ -201,11 +199,17 @@ mod tests {
         std::fs::write(&elsewhere, sample().to_bytes()).unwrap();
         let p = index_path(dir.path(), DIGEST).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &p).unwrap();
-        assert!(load(dir.path(), DIGEST).await.is_none(), "not read through a symlink");
+        assert!(
+            load(dir.path(), DIGEST).await.is_none(),
+            "not read through a symlink"
+        );
         // A symlink where the temp file would go is not written through either: the store
         // replaces the index's name, and the file it pointed to is untouched.
         store(dir.path(), DIGEST, &sample()).await;
-        assert!(!std::fs::symlink_metadata(&p).unwrap().file_type().is_symlink());
+        assert!(!std::fs::symlink_metadata(&p)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(std::fs::read(&elsewhere).unwrap(), sample().to_bytes());
         assert!(load(dir.path(), DIGEST).await.is_some());
     }

@@ -262,7 +262,7 @@ pub fn estargz_toc_json(region: &[u8]) -> std::io::Result<Vec<u8>> {
     let gz = flate2::read::GzDecoder::new(region);
     let mut archive = tar::Archive::new(gz);
     for entry in archive.entries()? {
-        let mut entry = entry?;
+        let entry = entry?;
         if normalise(&entry.path_bytes()) == "stargz.index.json" {
             return read_capped(entry, MAX_TOC, "the eStargz TOC");
         }

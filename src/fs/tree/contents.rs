@@ -184,7 +184,10 @@ mod tests {
     #[test]
     fn any_tar_mtime_is_a_time() {
         assert_eq!(time(0), UNIX_EPOCH);
-        assert_eq!(time(4_102_444_800), UNIX_EPOCH + Duration::from_secs(4_102_444_800));
+        assert_eq!(
+            time(4_102_444_800),
+            UNIX_EPOCH + Duration::from_secs(4_102_444_800)
+        );
         // GNU base-256 -1000 s (1969), as the header parser returns it.
         assert_eq!(
             time((-1000i64) as u64),
