@@ -363,3 +363,44 @@ async fn malformed_digests_in_a_manifest_are_eio_not_a_panic() {
     assert_eq!(names(&fs, "dig/tags/v1/layers").await, Err(EIO));
     assert_eq!(read_all(&fs, "dig/tags/ok/rootfs/f").await.unwrap(), b"1");
 }
+
+/// Real mount: `ls -l rootfs/etc/` over a pre-1970 (GNU base-256) mtime used to panic while the
+/// inode lock was held and take the whole mount down. Now it lists, and the mount keeps working.
+#[test]
+fn real_mount_lists_a_pre_1970_mtime_and_keeps_working() {
+    use std::os::unix::fs::MetadataExt;
+    let reg = common::TestRegistry::start();
+    let client = reg.client();
+    common::rt().block_on(async {
+        let tar = odd_headers_tar();
+        common::push_image(
+            &client,
+            "hostile/odd",
+            Some("v1"),
+            "amd64",
+            &[common::Layer::gzip(&tar)],
+        )
+        .await;
+    });
+    let m = common::TestMount::new(&reg.url(), &[]);
+    let etc = m.p("hostile/odd/tags/v1/rootfs/etc");
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir(&etc).unwrap() {
+        let e = e.unwrap();
+        let md = std::fs::symlink_metadata(e.path()).unwrap();
+        seen.push((e.file_name().into_string().unwrap(), md.mtime()));
+    }
+    seen.sort();
+    assert_eq!(seen.len(), 6);
+    assert!(
+        seen.contains(&("pre1970".to_string(), -86_400 * 365)),
+        "{seen:?}"
+    );
+    assert_eq!(
+        std::fs::read(etc.join("pre1970")).unwrap(),
+        b"x",
+        "the mount still reads after listing"
+    );
+    assert!(common::ls(&m.path()).contains(&"hostile".to_string()));
+    assert!(m.child.as_ref().is_some());
+}
