@@ -198,8 +198,8 @@ async fn a_config_claiming_2_pow_62_bytes_is_eio_not_an_abort() {
         &reg,
         "huge",
         "v1",
-        &[l.clone()],
-        &[d.clone()],
+        std::slice::from_ref(&l),
+        std::slice::from_ref(&d),
         Some(1 << 62),
     );
     image(&reg, "huge", "ok", &[l], &[d], None);

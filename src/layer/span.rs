@@ -162,3 +162,45 @@ impl<R: Read> Read for Teed<'_, R> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::tar::tar_of;
+
+    fn tee_index(
+        stream: &[u8],
+        diff_id: Option<String>,
+    ) -> (Arc<ChunkCache>, std::io::Result<LayerIndex>) {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let d = Digest::from(format!("sha256:{}", "1".repeat(64)));
+        let r = SpanTee::new(cache.clone(), d, 512)
+            .index(stream, diff_id)
+            .map(|(idx, _)| idx);
+        (cache, r)
+    }
+
+    #[test]
+    fn spans_are_recorded_checked_and_dropped_on_a_failed_pass() {
+        let t = tar_of(&[("a", ::tar::EntryType::Regular, &[7u8; 3000], None)]);
+        let want = crate::digest::sha256_digest(&t);
+        let (cache, idx) = tee_index(&t, Some(want.clone()));
+        let idx = idx.unwrap();
+        assert_eq!(idx.diff_id.as_deref(), Some(want.as_str()));
+        assert_eq!(idx.span_digests.len(), t.len().div_ceil(512));
+        assert_eq!(cache.len(), idx.span_digests.len());
+        for (i, span) in t.chunks(512).enumerate() {
+            check_span(&idx, i as u64, span).unwrap();
+        }
+        // A span that differs from the one the checked pass saw is refused.
+        let mut bad = t[..512].to_vec();
+        bad[100] ^= 1;
+        assert!(check_span(&idx, 0, &bad).is_err());
+        assert!(check_span(&idx, 1000, b"past the end").is_err());
+        check_span(&idx, 1000, b"").unwrap();
+        // A diff_id mismatch: an error, and none of the pass's spans stays cached.
+        let (cache, r) = tee_index(&t, Some(format!("sha256:{}", "0".repeat(64))));
+        assert!(r.is_err());
+        assert_eq!(cache.len(), 0, "spans of a failed pass are evicted");
+    }
+}

@@ -196,7 +196,8 @@ mod tests {
     async fn symlinks_in_the_cache_dir_are_not_followed() {
         let dir = tempfile::tempdir().unwrap();
         let elsewhere = dir.path().join("elsewhere");
-        std::fs::write(&elsewhere, sample().to_bytes()).unwrap();
+        let original = sample().to_bytes();
+        std::fs::write(&elsewhere, &original).unwrap();
         let p = index_path(dir.path(), DIGEST).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &p).unwrap();
         assert!(
@@ -210,7 +211,7 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
-        assert_eq!(std::fs::read(&elsewhere).unwrap(), sample().to_bytes());
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), original);
         assert!(load(dir.path(), DIGEST).await.is_some());
     }
 }
