@@ -17,9 +17,23 @@ use crate::digest::{Digest, StreamingDigest};
 use crate::error::{RegistryError, RegistryResult};
 use crate::registry::Registry;
 
-/// Out-of-order read data a handle keeps while waiting for the gap, for digest verification.
-/// Past this the handle gives up verifying (the data was read too far out of order).
-const MAX_PENDING_VERIFY: usize = 32 << 20;
+/// Out-of-order read data one handle keeps while waiting for the gap, for digest verification.
+/// Past this the handle gives up verifying (the data was read too far out of order). Stashed
+/// pieces are copied out of their chunks, so this is what the stash really holds.
+const MAX_PENDING_VERIFY: usize = 16 << 20;
+
+/// A read that starts this far or farther past the verified prefix is not the kernel's readahead
+/// arriving out of order (1 MiB requests, a dozen in flight) but random access: the handle gives
+/// up verifying at once rather than stash data it would never hash.
+const VERIFY_WINDOW: u64 = 16 << 20;
+
+/// Out-of-order data all handles together may stash. 16 threads reading at random would
+/// otherwise hold 16 stashes; past this a handle gives up verifying (see [`VerifyBudget`]).
+pub const MAX_PENDING_VERIFY_TOTAL: usize = 32 << 20;
+
+/// What [`gather`] reserves up front at most; a longer range grows as it fills (its length may
+/// come from an untrusted descriptor).
+const MAX_GATHER_RESERVE: u64 = 16 << 20;
 
 /// One piece of a range cut at fixed-size chunk boundaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +86,8 @@ where
             return Ok(data.slice(s.from..s.to));
         }
         if out.is_empty() {
-            out.reserve((end - offset) as usize);
+            // Sizes can come from a descriptor: never reserve more than a bounded guess.
+            out.reserve((end - offset).min(MAX_GATHER_RESERVE) as usize);
         }
         out.extend_from_slice(&data[s.from..s.to]);
     }
@@ -95,6 +110,8 @@ pub struct Blobs {
     readahead_chunks: u64,
     /// Blob digests whose whole content has been checked.
     verified: Mutex<HashSet<Digest>>,
+    /// What every handle's verifier stashes, together.
+    budget: Arc<VerifyBudget>,
 }
 
 impl Blobs {
@@ -110,6 +127,7 @@ impl Blobs {
             chunk_size,
             readahead_chunks,
             verified: Mutex::new(HashSet::new()),
+            budget: Arc::new(VerifyBudget::new(MAX_PENDING_VERIFY_TOTAL)),
         }
     }
 
@@ -125,6 +143,7 @@ impl Blobs {
     pub async fn chunk(&self, blob: &BlobRef, index: u64) -> RegistryResult<Bytes> {
         let key = ChunkKey::Blob {
             digest: blob.digest.clone(),
+            size: blob.size,
             index,
         };
         self.cache
@@ -150,6 +169,7 @@ impl Blobs {
             for index in (last + 1)..(last + 1 + self.readahead_chunks).min(total) {
                 let key = ChunkKey::Blob {
                     digest: blob.digest.clone(),
+                    size: blob.size,
                     index,
                 };
                 if self.cache.get(&key).is_some() {
@@ -198,7 +218,24 @@ impl Blobs {
     /// verified as they are fetched, and only sha256 can be checked.
     pub fn verifier(&self, blob: &BlobRef) -> Option<Verifier> {
         (blob.size > self.chunk_size && blob.digest.is_sha256())
-            .then(|| Verifier::new(blob.digest.clone(), blob.size))
+            .then(|| Verifier::new(blob.digest.clone(), blob.size, self.budget.clone()))
+    }
+
+    /// A whole document (a config) of at most `cap` bytes. A descriptor that says more is an
+    /// error before anything is fetched or allocated; the bytes are checked against the digest
+    /// as they always are.
+    pub async fn read_whole(&self, blob: &BlobRef, cap: u64) -> RegistryResult<Bytes> {
+        if blob.size > cap {
+            return Err(RegistryError::Protocol(format!(
+                "{}@{}: the descriptor says {} bytes, more than the {cap} bytes allowed for it",
+                blob.repo, blob.digest, blob.size
+            )));
+        }
+        let body = self.read(blob, 0, blob.size, false).await?;
+        if blob.size > self.chunk_size && blob.digest.is_sha256() {
+            crate::digest::verify(blob.digest.as_str(), &body)?;
+        }
+        Ok(body)
     }
 
     /// After a handle read `data` at `offset` of `blob`: feed its verifier, and act on the
@@ -278,13 +315,56 @@ pub enum Checked {
     Mismatch(String),
 }
 
+/// The stash memory shared by every handle's [`Verifier`].
+pub struct VerifyBudget {
+    used: std::sync::atomic::AtomicUsize,
+    cap: usize,
+}
+
+impl VerifyBudget {
+    pub fn new(cap: usize) -> Self {
+        VerifyBudget {
+            used: Default::default(),
+            cap,
+        }
+    }
+
+    /// Take `n` bytes, or false when that would pass the cap.
+    fn take(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let prev = self.used.fetch_add(n, SeqCst);
+        if prev.saturating_add(n) > self.cap {
+            self.used.fetch_sub(n, SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Bytes stashed now, by all handles.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Digest verification of a blob read by one handle from start to end.
+///
+/// Reads that arrive out of order (the kernel's readahead runs requests in parallel) are
+/// stashed until the gap fills. Stashed pieces are copied out of their chunk (a slice would pin
+/// the whole chunk behind it), and the stash is bounded three ways: a piece that starts
+/// [`VERIFY_WINDOW`] or more past the verified prefix, a handle stash past
+/// [`MAX_PENDING_VERIFY`], or all stashes together past the shared [`VerifyBudget`] make the
+/// handle give up verifying (its reads are then served unverified, as any out-of-order read is).
 pub struct Verifier {
     digest: Digest,
     size: u64,
     hasher: StreamingDigest,
     pending: BTreeMap<u64, Bytes>,
     pending_bytes: usize,
+    budget: Arc<VerifyBudget>,
     /// Gave up (data too far out of order) or already finished.
     done: bool,
     /// The blob failed verification: every later read through this handle fails too, so a
@@ -292,14 +372,21 @@ pub struct Verifier {
     failed: Option<String>,
 }
 
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.budget.give(self.pending_bytes);
+    }
+}
+
 impl Verifier {
-    pub fn new(digest: Digest, size: u64) -> Self {
+    pub fn new(digest: Digest, size: u64, budget: Arc<VerifyBudget>) -> Self {
         Verifier {
             digest,
             size,
             hasher: StreamingDigest::default(),
             pending: BTreeMap::new(),
             pending_bytes: 0,
+            budget,
             done: false,
             failed: None,
         }
@@ -310,21 +397,37 @@ impl Verifier {
         self.failed.as_deref()
     }
 
+    /// Stop verifying and free the stash.
+    fn give_up(&mut self) -> Checked {
+        self.done = true;
+        self.pending.clear();
+        self.budget.give(self.pending_bytes);
+        self.pending_bytes = 0;
+        Checked::Pending
+    }
+
     /// Feed data read at `offset`.
     pub fn feed(&mut self, offset: u64, data: &Bytes) -> Checked {
         if self.done {
             return Checked::Pending;
         }
         let next = self.hasher.bytes;
-        let end = offset + data.len() as u64;
+        let end = offset.saturating_add(data.len() as u64);
         if offset > next {
-            if self.pending_bytes + data.len() > MAX_PENDING_VERIFY {
-                self.done = true;
-                self.pending.clear();
-                return Checked::Pending;
+            if offset - next >= VERIFY_WINDOW
+                || self.pending_bytes.saturating_add(data.len()) > MAX_PENDING_VERIFY
+                || !self.budget.take(data.len())
+            {
+                return self.give_up();
             }
             self.pending_bytes += data.len();
-            self.pending.insert(offset, data.clone());
+            // A copy: a slice would keep its whole chunk alive while it waits here.
+            self.pending
+                .insert(offset, Bytes::copy_from_slice(data))
+                .inspect(|old| {
+                    self.pending_bytes -= old.len();
+                    self.budget.give(old.len());
+                });
             return Checked::Pending;
         }
         if end > next {
@@ -340,6 +443,7 @@ impl Verifier {
                 break;
             };
             self.pending_bytes -= piece.len();
+            self.budget.give(piece.len());
             let pend = off + piece.len() as u64;
             if pend > next {
                 self.hasher.update(&piece[(next - off) as usize..]);
@@ -459,7 +563,7 @@ mod tests {
     fn verifier_in_order_and_out_of_order() {
         let data = b"0123456789abcdef";
         let (d, parts) = blob(data);
-        let mut v = Verifier::new(d.clone(), 16);
+        let mut v = Verifier::new(d.clone(), 16, budget());
         assert_eq!(v.feed(0, &parts[0]), Checked::Pending);
         // Out of order: stashed, then drained when the gap fills.
         assert_eq!(v.feed(8, &parts[2]), Checked::Pending);
@@ -468,7 +572,7 @@ mod tests {
         // Re-reads after the end change nothing.
         assert_eq!(v.feed(0, &parts[0]), Checked::Pending);
         // Overlapping re-reads are hashed once.
-        let mut v = Verifier::new(d, 16);
+        let mut v = Verifier::new(d, 16, budget());
         v.feed(0, &Bytes::copy_from_slice(&data[..6]));
         v.feed(2, &Bytes::copy_from_slice(&data[2..10]));
         assert_eq!(
@@ -480,23 +584,60 @@ mod tests {
     #[test]
     fn verifier_reports_a_mismatch_and_stays_failed() {
         let (d, _) = blob(b"0123456789abcdef");
-        let mut v = Verifier::new(d, 16);
+        let mut v = Verifier::new(d, 16, budget());
         let r = v.feed(0, &Bytes::from_static(b"0123456789abcdeX"));
         assert!(matches!(r, Checked::Mismatch(_)));
         assert!(v.failed().is_some());
     }
 
+    fn budget() -> Arc<VerifyBudget> {
+        Arc::new(VerifyBudget::new(MAX_PENDING_VERIFY_TOTAL))
+    }
+
     #[test]
     fn verifier_gives_up_past_its_stash_budget() {
         let (d, _) = blob(b"x");
-        let mut v = Verifier::new(d, u64::MAX);
+        let shared = budget();
+        let mut v = Verifier::new(d.clone(), u64::MAX, shared.clone());
         let big = Bytes::from(vec![0u8; MAX_PENDING_VERIFY]);
         assert_eq!(v.feed(1, &big), Checked::Pending);
+        assert_eq!(shared.used(), MAX_PENDING_VERIFY);
         assert_eq!(
             v.feed(1 + big.len() as u64, &Bytes::from_static(b"y")),
             Checked::Pending
         );
         assert!(v.pending.is_empty(), "the stash is dropped when giving up");
+        assert_eq!(shared.used(), 0, "and its budget given back");
         assert_eq!(v.feed(0, &Bytes::from_static(b"z")), Checked::Pending);
+        // A read far past the verified prefix is random access: give up at once.
+        let mut v = Verifier::new(d, u64::MAX, shared.clone());
+        assert_eq!(
+            v.feed(VERIFY_WINDOW, &Bytes::from_static(b"far")),
+            Checked::Pending
+        );
+        assert!(v.done && shared.used() == 0);
+    }
+
+    #[test]
+    fn stashed_pieces_are_copies_and_share_one_budget() {
+        let (d, _) = blob(b"x");
+        let shared = Arc::new(VerifyBudget::new(10));
+        let chunk = Bytes::from(vec![1u8; 4 << 20]);
+        let mut a = Verifier::new(d.clone(), u64::MAX, shared.clone());
+        a.feed(4096, &chunk.slice(4096..4104)); // 8 bytes of a 4 MiB chunk
+        let (_, piece) = a.pending.first_key_value().unwrap();
+        assert_ne!(
+            piece.as_ptr(),
+            chunk[4096..].as_ptr(),
+            "a stashed piece does not point into (and pin) its chunk"
+        );
+        assert_eq!(shared.used(), 8);
+        // A second handle cannot stash past the shared cap: it gives up.
+        let mut b = Verifier::new(d, u64::MAX, shared.clone());
+        b.feed(100, &Bytes::from_static(b"0123"));
+        assert!(b.done);
+        assert_eq!(shared.used(), 8);
+        drop(a);
+        assert_eq!(shared.used(), 0, "a dropped handle gives its stash back");
     }
 }

@@ -20,8 +20,14 @@ use crate::digest::Digest;
 /// ([`ChunkCache::evict_digest`]) drops every kind of chunk made from it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ChunkKey {
-    /// Chunk `index` (of `--chunk-size` bytes) of a blob, as fetched.
-    Blob { digest: Digest, index: u64 },
+    /// Chunk `index` (of `--chunk-size` bytes) of a blob, as fetched for a descriptor that says
+    /// the blob has `size` bytes. The size is part of the key: a descriptor with a wrong size
+    /// fetches (and fails on) its own chunks, never poisoning those of a right one.
+    Blob {
+        digest: Digest,
+        size: u64,
+        index: u64,
+    },
     /// Span `index` (of `--chunk-size` bytes) of a compressed layer's uncompressed stream.
     Span { digest: Digest, index: u64 },
     /// The decompressed, verified chunk of an eStargz / zstd:chunked file that starts at
@@ -201,6 +207,7 @@ mod tests {
     fn key(d: &str, i: u64) -> ChunkKey {
         ChunkKey::Blob {
             digest: Digest::from(d),
+            size: 0,
             index: i,
         }
     }

@@ -26,6 +26,34 @@ pub fn digest_hex(d: &str) -> &str {
     d.split_once(':').map(|(_, h)| h).unwrap_or(d)
 }
 
+/// Is `s` a digest by the OCI grammar: `algorithm ":" encoded`, the algorithm
+/// `[a-z0-9]+([+._-][a-z0-9]+)*`, the encoded part `[a-zA-Z0-9=_-]+`, ASCII only (so slicing it
+/// is safe), at most 256 bytes. (A malformed `sha256:` digest passes here and fails its
+/// check when its bytes are read; paths need [`is_sha256_digest`].) Descriptors are
+/// checked with this when a manifest is parsed, before a digest names a file or a cache entry.
+pub fn is_valid_digest(s: &str) -> bool {
+    let Some((algo, enc)) = s.split_once(':') else {
+        return false;
+    };
+    let sep = |b: u8| matches!(b, b'+' | b'.' | b'_' | b'-');
+    s.len() <= 256
+        && !algo.is_empty()
+        && !enc.is_empty()
+        && algo
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || sep(b))
+        && !sep(algo.as_bytes()[0])
+        && !sep(algo.as_bytes()[algo.len() - 1])
+        && enc
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'=' | b'_' | b'-'))
+}
+
+/// The first 12 characters of a digest's hex part, for names (`NN-<hex12>`); safe on any text.
+pub fn short_hex(d: &str) -> String {
+    digest_hex(d).chars().take(12).collect()
+}
+
 /// Check `data` against `expected`. Only sha256 can be checked; other algorithms are refused.
 pub fn verify(expected: &str, data: &[u8]) -> RegistryResult<()> {
     if !expected.starts_with("sha256:") {

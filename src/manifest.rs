@@ -51,7 +51,9 @@ impl Platform {
             s.push('-');
             s.push_str(v);
         }
-        s.replace('/', "_")
+        // Names come from the registry: nothing that could not be a file name (it always
+        // holds a `-`, so it is never `.` or `..`).
+        s.replace(['/', '\0'], "_")
     }
 }
 
@@ -110,6 +112,19 @@ pub fn parse(content_type: &str, body: &[u8]) -> RegistryResult<Parsed> {
             )))
         }
     };
+    for d in raw
+        .config
+        .iter()
+        .chain(raw.layers.iter().flatten())
+        .chain(raw.manifests.iter().flatten())
+    {
+        if !crate::digest::is_valid_digest(&d.digest) {
+            return Err(RegistryError::Malformed(format!(
+                "descriptor digest {:?} is not a digest",
+                d.digest.chars().take(80).collect::<String>()
+            )));
+        }
+    }
     if is_index {
         let manifests = raw
             .manifests
@@ -170,8 +185,7 @@ pub fn layer_extension(media_type: &str) -> &'static str {
 
 /// `NN-<hex12>.<ext>` for layer `index` of `count`.
 pub fn layer_file_name(index: usize, count: usize, layer: &Descriptor) -> String {
-    let hex = crate::digest::digest_hex(&layer.digest);
-    let hex12 = &hex[..hex.len().min(12)];
+    let hex12 = crate::digest::short_hex(&layer.digest);
     let width = if count > 100 { 3 } else { 2 };
     format!(
         "{index:0width$}-{hex12}.{}",
@@ -242,6 +256,43 @@ mod tests {
             parse("", br#"{"schemaVersion":1,"fsLayers":[]}"#),
             Err(RegistryError::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn hostile_digests_and_platforms_are_refused_or_tamed() {
+        for bad in [
+            "sha256:ééééééééééééé",
+            "sha256:../../etc",
+            "",
+            "nocolon",
+            "sha256:",
+        ] {
+            let body = format!(
+                r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"digest":"sha256:aa","size":2}},"layers":[{{"digest":{bad:?},"size":1}}]}}"#
+            );
+            assert!(
+                matches!(parse("", body.as_bytes()), Err(RegistryError::Malformed(_))),
+                "{bad}"
+            );
+        }
+        // Names are made safely from any text.
+        let d = Descriptor {
+            media_type: String::new(),
+            digest: "sha256:ééééééééééééé".into(),
+            size: 1,
+            platform: None,
+            annotations: None,
+        };
+        assert_eq!(layer_file_name(0, 1, &d), "00-éééééééééééé.blob");
+        let p = |os: &str, arch: &str| {
+            Platform {
+                os: os.into(),
+                architecture: arch.into(),
+                variant: None,
+            }
+            .dir_name()
+        };
+        assert_eq!(p("a/b", "x\0y"), "a_b-x_y");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use regfs::error::{RegistryError, RegistryResult};
 fn key(blob: usize, idx: u64) -> ChunkKey {
     ChunkKey::Blob {
         digest: Digest::from(format!("sha256:{blob:064x}")),
+        size: 0,
         index: idx,
     }
 }

@@ -336,7 +336,8 @@ impl<R: Read> FromCheckpoint<R> {
     /// Where the compressed bytes must start for `cp`.
     pub fn source_offset(cp: Option<&Checkpoint>) -> u64 {
         match cp {
-            Some(c) if c.bits > 0 => c.input - 1,
+            // saturating: a checkpoint loaded from --cache-dir is not trusted to be sane.
+            Some(c) if c.bits > 0 => c.input.saturating_sub(1),
             Some(c) => c.input,
             None => 0,
         }

@@ -136,6 +136,17 @@ pub struct LayerIndex {
     pub toc_chunks: HashMap<usize, Vec<TocChunk>>,
     /// zstd layers: recorded frame starts (see `super::zstd`).
     pub zstd_frames: Vec<FrameStart>,
+    /// The layer digest this index was built from (the `--cache-dir` record checks it).
+    pub layer: String,
+    /// The config's diff_id the uncompressed stream was checked against while indexing; None
+    /// when nothing was checked (a plain tar read by seeking, a TOC layer, no diff_id).
+    pub diff_id: Option<String>,
+    /// gzip and zstd layers indexed by a full pass: sha256 of each uncompressed span (of
+    /// `--chunk-size` bytes), recorded during the pass that the diff_id check covered. A span
+    /// inflated again later (after eviction, from a checkpoint) must hash to its entry.
+    pub span_digests: Vec<[u8; 32]>,
+    /// The span size `span_digests` were recorded with.
+    pub span_size: u64,
 }
 
 /// What `--cache-dir` keeps of an index; the rest is derived again on load.
@@ -150,10 +161,15 @@ struct Stored {
     toc_chunks: HashMap<usize, Vec<TocChunk>>,
     #[serde(default)]
     zstd_frames: Vec<FrameStart>,
+    layer: String,
+    diff_id: Option<String>,
+    span_digests: Vec<[u8; 32]>,
+    span_size: u64,
 }
 
-/// Version 2 added `format`; an index stored by an older version is rebuilt.
-const STORED_VERSION: u32 = 2;
+/// Version 2 added `format`; version 3 the record binding the index to what was checked
+/// (`layer`, `diff_id`, `span_digests`). An index stored by an older version is rebuilt.
+const STORED_VERSION: u32 = 3;
 
 impl LayerIndex {
     /// Serialise for the on-disk cache.
@@ -166,6 +182,10 @@ impl LayerIndex {
             checkpoints: self.checkpoints.clone(),
             toc_chunks: self.toc_chunks.clone(),
             zstd_frames: self.zstd_frames.clone(),
+            layer: self.layer.clone(),
+            diff_id: self.diff_id.clone(),
+            span_digests: self.span_digests.clone(),
+            span_size: self.span_size,
         })
         .expect("index serialises")
     }
@@ -183,6 +203,10 @@ impl LayerIndex {
             checkpoints: s.checkpoints,
             toc_chunks: s.toc_chunks,
             zstd_frames: s.zstd_frames,
+            layer: s.layer,
+            diff_id: s.diff_id,
+            span_digests: s.span_digests,
+            span_size: s.span_size,
             ..Default::default()
         };
         idx.finish();

@@ -9,10 +9,11 @@
 //! - `toc`: eStargz and zstd:chunked, indexed from their table of contents alone.
 //! - `merge`: the merged root filesystem of an image.
 //! - `store`: the `--cache-dir` index store.
+//! - `span`: the uncompressed stream in spans, recorded and checked (`SpanTee`, `check_span`).
 //! - `reader`: [`Layers`], indexes built once and files read through the cache.
 //!
 //! Dependencies run one way: `entry` <- `index` <- {`tar`, `gzip`, `zstd`, `toc`, `merge`,
-//! `store`} <- `reader`. Format code returns `std::io::Error`; `reader` turns that into
+//! `store`, `span`} <- `reader`. Format code returns `std::io::Error`; `reader` turns that into
 //! `FsError` (errnos are chosen in `crate::error`).
 
 mod entry;
@@ -20,6 +21,7 @@ pub mod gzip;
 mod index;
 mod merge;
 mod reader;
+mod span;
 pub mod store;
 mod tar;
 pub mod toc;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::OnceCell;
 
+use super::span::{check_span, SpanTee};
 use super::{
     gzip, store, toc, zstd as zframes, Codec, Format, FrameStart, LayerIndex, Merged, TarEntry,
 };
@@ -25,6 +26,11 @@ use crate::sync::lock;
 
 /// Layer indexes (and merged trees) kept in memory at once.
 const MAX_LAYER_INDEXES: usize = 64;
+
+/// The largest image config read whole (for its diff_ids). Real configs are a few KiB (a long
+/// history makes them tens); 16 MiB is far above any real one and keeps a descriptor that claims
+/// 2^62 bytes from allocating anything: such a layer's tree is EIO.
+pub const MAX_CONFIG: u64 = 16 << 20;
 
 /// A layer, as the trees need it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -155,7 +161,17 @@ impl Layers {
     async fn load_or_build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
         if let Some(dir) = &self.cache_dir {
             if let Some(idx) = store::load(dir, &layer.digest).await {
-                return Ok(Arc::new(idx));
+                // A stored full-pass index is used only if it was checked against the diff_id
+                // the config names now (a stored index without one is rebuilt, and checked).
+                let stream = matches!(idx.format, Format::Gzip | Format::Zstd);
+                if !stream || idx.diff_id == self.diff_id(repo, layer).await? {
+                    return Ok(Arc::new(idx));
+                }
+                log::warn!(
+                    "ignoring the stored index of layer {}: it was not checked against the \
+                     config's diff_id",
+                    layer.digest
+                );
             }
         }
         let idx = self.build_index(repo, layer).await?;
@@ -185,6 +201,12 @@ impl Layers {
                 if off >= layer.size - toc::ESTARGZ_FOOTER {
                     return Err(FsError::io(format!(
                         "{what}: eStargz footer points past the TOC"
+                    )));
+                }
+                if layer.size - toc::ESTARGZ_FOOTER - off > toc::MAX_TOC {
+                    return Err(FsError::io(format!(
+                        "{what}: eStargz TOC region is larger than {} bytes",
+                        toc::MAX_TOC
                     )));
                 }
                 let region = self
@@ -220,6 +242,12 @@ impl Layers {
                 if len == 0 || off.checked_add(len).is_none_or(|e| e > layer.size) {
                     return Err(FsError::io(format!(
                         "{what}: zstd:chunked TOC position is outside the layer"
+                    )));
+                }
+                if len > toc::MAX_TOC {
+                    return Err(FsError::io(format!(
+                        "{what}: zstd:chunked TOC is larger than {} bytes",
+                        toc::MAX_TOC
                     )));
                 }
                 let frame = self.bytes(repo, layer, off, off + len).await?;
@@ -263,10 +291,14 @@ impl Layers {
         if let Some(idx) = self.toc_index(repo, layer, format).await? {
             return Ok(Arc::new(idx));
         }
-        let diff_id = self.diff_id(repo, layer).await;
+        let diff_id = match format {
+            Format::Gzip | Format::Zstd => self.diff_id(repo, layer).await?,
+            _ => None,
+        };
         let reader = self.blobs.cursor(layer.blob(repo));
         let tee = SpanTee::new(self.cache().clone(), layer.digest.clone(), self.span);
         let spacing = self.checkpoint_spacing;
+        let layer_digest = layer.digest.clone();
         let started = std::time::Instant::now();
         let index = tokio::task::spawn_blocking(move || -> std::io::Result<LayerIndex> {
             match format {
@@ -287,7 +319,9 @@ impl Layers {
                 // Tar, and anything else sniff never answers.
                 _ => {
                     let mut archive = ::tar::Archive::new(reader);
-                    LayerIndex::from_entries(archive.entries_with_seek()?)
+                    let mut idx = LayerIndex::from_entries(archive.entries_with_seek()?)?;
+                    idx.layer = layer_digest.to_string();
+                    Ok(idx)
                 }
             }
         })
@@ -304,22 +338,32 @@ impl Layers {
         Ok(Arc::new(index))
     }
 
-    /// The config's diff_id for a layer, when the config can be read and names one.
-    async fn diff_id(&self, repo: &str, layer: &LayerRef) -> Option<String> {
-        let (digest, size) = layer.config.clone()?;
+    /// The config's diff_id for a layer: None when there is no config or it names none. A
+    /// config that cannot be read, is larger than [`MAX_CONFIG`], or is not JSON is an error
+    /// (the layer's tree is EIO), never a silently skipped check.
+    async fn diff_id(&self, repo: &str, layer: &LayerRef) -> FsResult<Option<String>> {
+        let Some((digest, size)) = layer.config.clone() else {
+            return Ok(None);
+        };
         if size == 0 {
-            return None;
+            return Ok(None);
         }
         let config = BlobRef {
             repo: repo.to_string(),
             digest,
             size,
         };
-        let body = self.blobs.read(&config, 0, size, false).await.ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-        v["rootfs"]["diff_ids"][layer.pos]
+        let what = || format!("layer {repo}@{}: reading the image config", layer.digest);
+        let body = self
+            .blobs
+            .read_whole(&config, MAX_CONFIG)
+            .await
+            .map_err(|e| FsError::registry(e, what()))?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| FsError::io(format!("{}: not JSON: {e}", what())))?;
+        Ok(v["rootfs"]["diff_ids"][layer.pos]
             .as_str()
-            .map(str::to_string)
+            .map(str::to_string))
     }
 
     /// The merged tree of the image manifest `image`, made of `layers` (built once).
@@ -364,7 +408,15 @@ impl Layers {
                 .read_toc_chunks(repo, layer, entry, chunks, offset, end)
                 .await;
         }
-        let (start, stop) = (entry.offset + offset, entry.offset + end);
+        let (Some(start), Some(stop)) = (
+            entry.offset.checked_add(offset),
+            entry.offset.checked_add(end),
+        ) else {
+            return Err(FsError::io(format!(
+                "layer {repo}@{}: {} lies past any possible offset",
+                layer.digest, entry.path
+            )));
+        };
         match idx.format.stream() {
             Format::Gzip | Format::Zstd => {
                 self.read_uncompressed(repo, layer, idx.format.stream(), start, stop)
@@ -384,15 +436,23 @@ impl Layers {
         offset: u64,
         end: u64,
     ) -> FsResult<Bytes> {
-        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        let mut out = BytesMut::with_capacity((end.saturating_sub(offset) as usize).min(1 << 20));
         for (i, c) in chunks.iter().enumerate() {
             let c_end = if c.size > 0 {
-                c.file_offset + c.size
+                c.file_offset.saturating_add(c.size)
             } else {
                 chunks.get(i + 1).map_or(entry.size, |n| n.file_offset)
             };
             if c_end <= offset || c.file_offset >= end {
                 continue;
+            }
+            if c_end - c.file_offset > toc::MAX_TOC_CHUNK || c.end < c.start {
+                return Err(FsError::io(format!(
+                    "layer {}: {}: a TOC chunk of more than {} bytes, or ending before it starts",
+                    layer.digest,
+                    entry.path,
+                    toc::MAX_TOC_CHUNK
+                )));
             }
             let (codec, want) = (c.codec, c.digest.clone());
             let len = (c_end - c.file_offset) as usize;
@@ -405,7 +465,7 @@ impl Layers {
                 .cache()
                 .get_or_fetch(key, || async {
                     let raw = self.bytes(repo, layer, start, stop).await?;
-                    let mut data = toc::decompress_chunk(codec, &raw).map_err(|e| {
+                    let mut data = toc::decompress_chunk(codec, &raw, len).map_err(|e| {
                         FsError::io(format!("layer {}: chunk at {start}: {e}", layer.digest))
                     })?;
                     // An eStargz member may go on past the chunk (tar padding, the next
@@ -511,10 +571,13 @@ impl Layers {
                 let r = gzip::FromCheckpoint::new(reader, cp).map_err(io)?;
                 (Box::new(r), cp.map_or(0, |c| c.out))
             };
-            let skip = start - base;
+            let skip = start.saturating_sub(base);
             std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io)?;
-            let mut buf = Vec::with_capacity(span as usize);
+            let mut buf = Vec::new();
             (&mut r).take(span).read_to_end(&mut buf).map_err(io)?;
+            // The gzip CRC covers whole members, not a span from a checkpoint: the span is
+            // checked against the digest recorded in the verified indexing pass instead.
+            check_span(&index, want, &buf).map_err(io)?;
             Ok(Bytes::from(buf))
         })
         .await
@@ -524,6 +587,7 @@ impl Layers {
     /// Decompress a single-frame zstd layer from its start up to span `want`, caching every
     /// span passed.
     async fn unzstd_to(&self, repo: &str, layer: &LayerRef, want: u64) -> FsResult<Bytes> {
+        let idx = self.index(repo, layer).await?;
         let reader = self.blobs.cursor(layer.blob(repo));
         let (cache, digest, span) = (self.cache().clone(), layer.digest.clone(), self.span);
         let what = format!("decompressing layer {repo}@{}", layer.digest);
@@ -535,6 +599,7 @@ impl Layers {
                 let mut buf = Vec::new();
                 (&mut r).take(span).read_to_end(&mut buf).map_err(io)?;
                 let filled = buf.len();
+                check_span(&idx, index, &buf).map_err(io)?;
                 let data = Bytes::from(buf);
                 if index == want {
                     return Ok(data);
@@ -556,98 +621,6 @@ impl Layers {
         })
         .await
         .map_err(|e| FsError::io(format!("decompression task failed: {e}")))?
-    }
-}
-
-/// Passes an uncompressed stream through, storing it in the cache in chunk-sized spans, and
-/// hashing it (the layer's diff_id).
-struct SpanTee {
-    cache: Arc<ChunkCache>,
-    digest: Digest,
-    span: u64,
-    buf: BytesMut,
-    index: u64,
-    hasher: crate::digest::StreamingDigest,
-}
-
-/// A reader whose output a [`SpanTee`] records.
-struct Teed<'a, R> {
-    inner: R,
-    tee: &'a mut SpanTee,
-}
-
-impl SpanTee {
-    fn new(cache: Arc<ChunkCache>, digest: Digest, span: u64) -> Self {
-        SpanTee {
-            cache,
-            digest,
-            span,
-            buf: BytesMut::new(),
-            index: 0,
-            hasher: Default::default(),
-        }
-    }
-
-    /// Index the stream `inner`, read it to its end, and check it against `diff_id`.
-    /// Returns the index and the inner reader.
-    fn index<R: Read>(
-        mut self,
-        inner: R,
-        diff_id: Option<String>,
-    ) -> std::io::Result<(LayerIndex, R)> {
-        let mut teed = Teed {
-            inner,
-            tee: &mut self,
-        };
-        let idx = LayerIndex::build(&mut teed)?;
-        std::io::copy(&mut teed, &mut std::io::sink())?;
-        let inner = teed.inner;
-        let actual = std::mem::take(&mut self.hasher).finish();
-        match diff_id {
-            Some(want) if want != actual => Err(std::io::Error::other(format!(
-                "uncompressed content hashes to {actual}, not to the config's diff_id {want}"
-            ))),
-            _ => Ok((idx, inner)),
-        }
-    }
-
-    fn flush_span(&mut self) {
-        if !self.buf.is_empty() {
-            let data = std::mem::take(&mut self.buf).freeze();
-            self.cache.insert(
-                ChunkKey::Span {
-                    digest: self.digest.clone(),
-                    index: self.index,
-                },
-                data,
-            );
-            self.index += 1;
-        }
-    }
-
-    fn record(&mut self, data: &[u8]) {
-        self.hasher.update(data);
-        let mut rest = data;
-        while !rest.is_empty() {
-            let room = (self.span as usize) - self.buf.len();
-            let take = room.min(rest.len());
-            self.buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if self.buf.len() as u64 == self.span {
-                self.flush_span();
-            }
-        }
-    }
-}
-
-impl<R: Read> Read for Teed<'_, R> {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(out)?;
-        self.tee.record(&out[..n]);
-        if n == 0 {
-            self.tee.flush_span();
-        }
-        Ok(n)
     }
 }
 

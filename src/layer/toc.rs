@@ -235,16 +235,36 @@ pub fn index_from_toc(json: &[u8], codec: Codec, toc_end: u64) -> std::io::Resul
     Ok(idx)
 }
 
+/// The largest TOC read (compressed, and again decompressed). A TOC lists every file of a layer
+/// with its chunks: a few hundred bytes per file, so 64 MiB is a layer of some 100,000s of files,
+/// above real images; a larger TOC is EIO rather than an allocation the descriptor dictates.
+pub const MAX_TOC: u64 = 64 << 20;
+
+/// The largest decompressed TOC chunk. eStargz cuts files into 4 MiB chunks by default and
+/// zstd:chunked into much smaller ones; a chunk that claims more is EIO.
+pub const MAX_TOC_CHUNK: u64 = 64 << 20;
+
+/// Read `r` to its end, but at most `cap` bytes: more is an error (a bomb, or a lie).
+fn read_capped<R: Read>(r: R, cap: u64, what: &str) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    r.take(cap.saturating_add(1)).read_to_end(&mut out)?;
+    if out.len() as u64 > cap {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{what} is larger than {cap} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
 /// The TOC JSON from the TOC region of an eStargz layer (a gzip member holding a tar entry).
 pub fn estargz_toc_json(region: &[u8]) -> std::io::Result<Vec<u8>> {
     let gz = flate2::read::GzDecoder::new(region);
     let mut archive = tar::Archive::new(gz);
     for entry in archive.entries()? {
-        let mut entry = entry?;
+        let entry = entry?;
         if normalise(&entry.path_bytes()) == "stargz.index.json" {
-            let mut json = Vec::new();
-            entry.read_to_end(&mut json)?;
-            return Ok(json);
+            return read_capped(entry, MAX_TOC, "the eStargz TOC");
         }
     }
     Err(std::io::Error::new(
@@ -260,19 +280,28 @@ pub fn zstd_chunked_toc_json(frame: &[u8]) -> std::io::Result<Vec<u8>> {
     } else {
         frame
     };
-    zstd::decode_all(body)
+    read_capped(
+        zstd::stream::read::Decoder::new(body)?,
+        MAX_TOC,
+        "the zstd:chunked TOC",
+    )
 }
 
-/// Decompress one content chunk.
-pub fn decompress_chunk(codec: Codec, data: &[u8]) -> std::io::Result<Vec<u8>> {
+/// Decompress one content chunk that should hold `len` bytes. An eStargz member may go on past
+/// the chunk (tar padding, the next header): up to 64 KiB more are read (so the member's CRC is
+/// checked), and never more, whatever the compressed bytes inflate to.
+pub fn decompress_chunk(codec: Codec, data: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
+    let limit = (len as u64).saturating_add(64 << 10);
+    let mut out = Vec::new();
     match codec {
-        Codec::Gzip => {
-            let mut out = Vec::new();
-            flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out)?;
-            Ok(out)
-        }
-        Codec::Zstd => zstd::decode_all(data),
-    }
+        Codec::Gzip => flate2::read::MultiGzDecoder::new(data)
+            .take(limit)
+            .read_to_end(&mut out)?,
+        Codec::Zstd => zstd::stream::read::Decoder::new(data)?
+            .take(limit)
+            .read_to_end(&mut out)?,
+    };
+    Ok(out)
 }
 
 #[cfg(test)]

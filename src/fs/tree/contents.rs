@@ -23,8 +23,17 @@ fn meta(e: &TarEntry) -> EntryMeta {
     }
 }
 
-fn time(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
+/// A tar mtime as a time. Tar headers carry any 64-bit value: GNU tar writes a pre-1970 time
+/// in base-256 as a negative number, which the header parser hands over in two's complement.
+/// Read as signed seconds; a time the system cannot hold becomes the epoch. Never panics.
+pub(crate) fn time(secs: u64) -> SystemTime {
+    let signed = secs as i64;
+    let t = if signed >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(signed.unsigned_abs()))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_secs(signed.unsigned_abs()))
+    };
+    t.unwrap_or(UNIX_EPOCH)
 }
 
 /// Attributes of tree nodes (None for other nodes).
@@ -165,5 +174,27 @@ impl Fs {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_tar_mtime_is_a_time() {
+        assert_eq!(time(0), UNIX_EPOCH);
+        assert_eq!(
+            time(4_102_444_800),
+            UNIX_EPOCH + Duration::from_secs(4_102_444_800)
+        );
+        // GNU base-256 -1000 s (1969), as the header parser returns it.
+        assert_eq!(
+            time((-1000i64) as u64),
+            UNIX_EPOCH - Duration::from_secs(1000)
+        );
+        for s in [u64::MAX, i64::MAX as u64, i64::MIN as u64, 1 << 63 | 1] {
+            let _ = time(s); // no panic
+        }
     }
 }

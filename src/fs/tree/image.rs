@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::digest::{digest_hex, Digest};
+use crate::digest::Digest;
 use crate::error::FsResult;
 use crate::fs::node::{Content, FileNode, Node, TreeDir, View};
 use crate::fs::Fs;
@@ -129,8 +129,7 @@ fn platform_dirs(manifests: &[Descriptor]) -> Vec<(String, &Descriptor)> {
             .filter(|n| n != "-")
             .unwrap_or_else(|| "unknown-unknown".to_string());
         let name = if used.contains(&base) {
-            let hex = digest_hex(&d.digest);
-            format!("{base}-{}", &hex[..hex.len().min(12)])
+            format!("{base}-{}", crate::digest::short_hex(&d.digest))
         } else {
             base
         };
