@@ -9,7 +9,8 @@
 # Not part of scripts/test.sh: CI replays the regressions only. See docs/FUZZING.md.
 #
 # Environment: FUZZ_TARGETS="a b" to run only some targets; FUZZ_TARGET_DIR for the fuzz build
-# (default fuzz/target); FUZZ_RSS_MB (default 2048) is libFuzzer's memory limit.
+# (default fuzz/target); FUZZ_RSS_MB (default 2048) is libFuzzer's memory limit; FUZZ_KEEP_GOING=1
+# runs in libFuzzer's fork mode and goes on after a crash (each crash still leaves an artifact).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-60}
@@ -34,19 +35,26 @@ export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$root/fuzz/target}
 
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
+keep_going=()
+if [ -n "${FUZZ_KEEP_GOING:-}" ]; then
+    keep_going=(-fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1)
+fi
 total=0
 crashed=0
 printf '%-18s %8s %12s %8s\n' target seconds executions crashes
 for t in $targets; do
     mkdir -p "fuzz/artifacts/$t" "fuzz/corpus/$t"
-    before=$(find "fuzz/artifacts/$t" -type f | wc -l)
+    before=$(find "fuzz/artifacts/$t" -type f -name '[a-z]*-*' ! -name last-run.log ! -name 'slow-unit-*' | wc -l)
     status=0
     (cd fuzz && cargo +nightly fuzz run -a "$t" "corpus/$t" -- \
         -max_total_time="$seconds" -print_final_stats=1 \
-        -rss_limit_mb="${FUZZ_RSS_MB:-2048}" -timeout=10) >"$logs/$t.log" 2>&1 || status=$?
-    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$logs/$t.log" | grep -o '[0-9]*$' | tail -1)
+        -rss_limit_mb="${FUZZ_RSS_MB:-2048}" -timeout=10 "${keep_going[@]}") >"$logs/$t.log" 2>&1 ||
+        status=$?
+    # The final stats, else (a crash, fork mode) the last `#N` progress line.
+    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$logs/$t.log" | grep -o '[0-9]*$' | tail -1 || true)
+    [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$logs/$t.log" | tail -1 | tr -d '#' || true)
     execs=${execs:-0}
-    after=$(find "fuzz/artifacts/$t" -type f | wc -l)
+    after=$(find "fuzz/artifacts/$t" -type f -name '[a-z]*-*' ! -name last-run.log ! -name 'slow-unit-*' | wc -l)
     crashes=$((after - before))
     if [ "$status" -ne 0 ] && [ "$crashes" -eq 0 ]; then
         crashes=1 # a failure that left no artifact (build error, OOM of the driver)
