@@ -116,6 +116,16 @@ pub fn lookup_file(path: &Path, host: &str) -> Option<Credentials> {
     lookup_in(&file, host, &path.display().to_string())
 }
 
+/// Parse a config file's text and look `host` up in its `auths` only (helpers are never run).
+/// The fuzzing entry point (fuzz/harness.rs); not part of the API.
+#[doc(hidden)]
+pub fn lookup_text_no_helpers(text: &[u8], host: &str) -> Option<Credentials> {
+    let mut file: ConfigFile = serde_json::from_slice(text).ok()?;
+    file.cred_helpers.clear();
+    file.creds_store = None;
+    lookup_in(&file, host, "fuzz input")
+}
+
 fn lookup_in(file: &ConfigFile, host: &str, source: &str) -> Option<Credentials> {
     if let Some(helper) = file.cred_helpers.get(host) {
         return run_helper(helper, host);
