@@ -257,7 +257,9 @@ fn read_chunks(idx: &LayerIndex, data: &[u8]) {
                 continue;
             };
             if let Some(raw) = data.get(s..e) {
-                let _ = toc::decompress_chunk(c.codec, raw);
+                // The length a read would ask: the chunk's own size, bounded here.
+                let len = usize::try_from(c.size).unwrap_or(0).min(1 << 20);
+                let _ = toc::decompress_chunk(c.codec, raw, len);
             }
         }
     }

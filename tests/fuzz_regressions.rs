@@ -33,19 +33,16 @@ fn replay(name: &str, file: &str) {
 // the ignore. A crash that is fixed stays here, so it never comes back.
 
 #[test]
-#[ignore = "crash: TokenResponse::into_token adds expires_in to an Instant unchecked (overflow panic)"]
 fn token_expires_in_u64_max() {
     replay("www_authenticate", "expires_in_overflow");
 }
 
 #[test]
-#[ignore = "crash: a --cache-dir checkpoint with bits > 8 panics in Inflater::prime (shift overflow)"]
 fn cached_checkpoint_bits_over_8() {
     replay("index_bytes", "checkpoint_bits_over_8");
 }
 
 #[test]
-#[ignore = "crash: a --cache-dir checkpoint at input 0 with bits > 0 underflows in source_offset"]
 fn cached_checkpoint_input_0_with_bits() {
     replay("index_bytes", "checkpoint_input_0_with_bits");
 }
