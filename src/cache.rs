@@ -32,7 +32,11 @@ pub enum ChunkKey {
     Span { digest: Digest, index: u64 },
     /// The decompressed, verified chunk of an eStargz / zstd:chunked file that starts at
     /// compressed offset `start` of the layer.
-    TocChunk { digest: Digest, start: u64 },
+    TocChunk {
+        digest: Digest,
+        start: u64,
+        end: u64,
+    },
 }
 
 impl ChunkKey {
@@ -237,6 +241,7 @@ mod tests {
             ChunkKey::TocChunk {
                 digest: Digest::from("b"),
                 start: 0,
+                end: 1,
             },
             Bytes::from_static(b"t"),
         );

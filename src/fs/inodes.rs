@@ -222,9 +222,7 @@ impl Inodes {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, InodeTable> {
-        // A panic elsewhere never leaves the table half-updated (no method here panics), so a
-        // poisoned lock still guards consistent data.
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.table)
     }
 
     /// The node of `ino`, or ESTALE.

@@ -465,9 +465,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        let closer = tgid(req.pid());
+        // Only a writer's flush needs to know who closes (a /proc read): reads skip it.
+        let closer = fs.is_writer(core_fh(fh)).then(|| tgid(req.pid()));
         self.spawn(async move {
-            match fs.flush_by(core_fh(fh), Some(closer)).await {
+            match fs.flush_by(core_fh(fh), closer).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(reply_error("flush", ino, &e)),
             }

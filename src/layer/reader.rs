@@ -164,14 +164,24 @@ impl Layers {
                 // A stored full-pass index is used only if it was checked against the diff_id
                 // the config names now (a stored index without one is rebuilt, and checked).
                 let stream = matches!(idx.format, Format::Gzip | Format::Zstd);
-                if !stream || idx.diff_id == self.diff_id(repo, layer).await? {
+                if stream && idx.span_size != self.span {
+                    // Its span digests were recorded at another --chunk-size: rebuild.
+                    log::info!(
+                        "rebuilding the stored index of layer {}: it was made with {}-byte \
+                         spans, this mount uses {}",
+                        layer.digest,
+                        idx.span_size,
+                        self.span
+                    );
+                } else if !stream || idx.diff_id == self.diff_id(repo, layer).await? {
                     return Ok(Arc::new(idx));
+                } else {
+                    log::warn!(
+                        "ignoring the stored index of layer {}: it was not checked against the \
+                         config's diff_id",
+                        layer.digest
+                    );
                 }
-                log::warn!(
-                    "ignoring the stored index of layer {}: it was not checked against the \
-                     config's diff_id",
-                    layer.digest
-                );
             }
         }
         let idx = self.build_index(repo, layer).await?;
@@ -446,7 +456,12 @@ impl Layers {
             if c_end <= offset || c.file_offset >= end {
                 continue;
             }
-            if c_end - c.file_offset > toc::MAX_TOC_CHUNK || c.end < c.start {
+            // The compressed range is bounded too: it is fetched whole (compressed data is at
+            // most slightly larger than what it holds; 1 MiB of slack covers any codec's framing).
+            let compressed = c.end.checked_sub(c.start);
+            if c_end - c.file_offset > toc::MAX_TOC_CHUNK
+                || compressed.is_none_or(|n| n > toc::MAX_TOC_CHUNK + (1 << 20))
+            {
                 return Err(FsError::io(format!(
                     "layer {}: {}: a TOC chunk of more than {} bytes, or ending before it starts",
                     layer.digest,
@@ -460,6 +475,7 @@ impl Layers {
             let key = ChunkKey::TocChunk {
                 digest: layer.digest.clone(),
                 start,
+                end: stop,
             };
             let data = self
                 .cache()
@@ -808,5 +824,34 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&got[..], b"new");
+    }
+
+    /// A `--cache-dir` index made with one `--chunk-size` is rebuilt, not misread, by a mount
+    /// with another (its span digests were recorded per span of the old size).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stored_index_from_another_chunk_size_is_rebuilt() {
+        let tar = tar_of(&files());
+        let diff_id = crate::digest::sha256_digest(&tar);
+        let dir = tempfile::tempdir().unwrap();
+        let first = setup(64 << 20);
+        let l = layer(
+            &first,
+            &gzip(&tar),
+            crate::manifest::OCI_LAYER_GZIP,
+            &diff_id,
+        );
+        let stored = Layers::new(first.blobs.clone(), 64 * 1024, Some(dir.path().into()));
+        stored.index("r", &l).await.unwrap();
+        // Same registry and cache dir, twice the chunk (and span) size.
+        let cache = Arc::new(ChunkCache::new(64 << 20));
+        let blobs = Arc::new(Blobs::new(first.reg.clone(), cache, 2 * CHUNK, 0));
+        let again = Setup {
+            layers: Layers::new(blobs.clone(), 64 * 1024, Some(dir.path().into())),
+            reg: first.reg.clone(),
+            blobs,
+        };
+        for (path, data) in files() {
+            assert_eq!(read_file(&again, &l, path).await.unwrap(), data, "{path}");
+        }
     }
 }
