@@ -25,7 +25,7 @@
 //!      `known_repos`, `seen` (each its own lock).
 //!    - `fs::staging::Staging`: `staged`, `pending_tags`.
 //!    - `blob::Blobs::verified`.
-//!    - `layer::Layers`: `indexes`, `merged` (LRUs of once-cells; the cells are awaited
+//!    - `layer::Layers`: `indexes`, `merged`, `bound` (LRUs of once-cells; the cells are awaited
 //!      after the lock is released).
 //!    - `cache::ChunkCache`: `inflight`, `lru` (`inflight` is released before `lru` is taken).
 //!    - `fuse::adapter`: `dir_handles` (directory listings being paged).

@@ -138,8 +138,9 @@ pub struct LayerIndex {
     pub zstd_frames: Vec<FrameStart>,
     /// The layer digest this index was built from (the `--cache-dir` record checks it).
     pub layer: String,
-    /// The config's diff_id the uncompressed stream was checked against while indexing; None
-    /// when nothing was checked (a plain tar read by seeking, a TOC layer, no diff_id).
+    /// gzip and zstd layers: the sha256 of the whole uncompressed stream, computed by the
+    /// indexing pass (which also checked it against the config's diff_id when one was named).
+    /// None when the stream was not read whole (a plain tar read by seeking, a TOC layer).
     pub diff_id: Option<String>,
     /// gzip and zstd layers indexed by a full pass: sha256 of each uncompressed span (of
     /// `--chunk-size` bytes), recorded during the pass that the diff_id check covered. A span

@@ -24,6 +24,10 @@ use crate::error::{FsError, FsResult};
 use crate::manifest::Descriptor;
 use crate::sync::lock;
 
+/// (layer, config) pairs remembered as checked: a few bytes each; past this a pair is checked
+/// again (one config read, usually from the cache).
+const MAX_BOUND: usize = 4096;
+
 /// Layer indexes (and merged trees) kept in memory at once.
 const MAX_LAYER_INDEXES: usize = 64;
 
@@ -107,6 +111,8 @@ pub struct Layers {
     cache_dir: Option<PathBuf>,
     indexes: Cells<LayerIndex>,
     merged: Cells<MergedView>,
+    /// (layer, config, position) pairs whose diff_id was checked against the shared index.
+    bound: Mutex<lru::LruCache<(Digest, Digest, usize), ()>>,
 }
 
 fn io_err(e: std::io::Error, what: &str) -> FsError {
@@ -123,6 +129,9 @@ impl Layers {
             cache_dir,
             indexes: Mutex::new(lru::LruCache::new(n)),
             merged: Mutex::new(lru::LruCache::new(n)),
+            bound: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_BOUND).expect("non-zero"),
+            )),
         }
     }
 
@@ -147,14 +156,45 @@ impl Layers {
         Ok(Format::sniff(&head))
     }
 
-    /// The index of a layer, built once (concurrent callers share the pass).
+    /// The index of a layer, built once (concurrent callers share the pass), and checked
+    /// against the diff_id that this caller's image config names.
     pub async fn index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
         let cell = lock(&self.indexes)
             .get_or_insert(layer.digest.clone(), || Arc::new(OnceCell::new()))
             .clone();
-        cell.get_or_try_init(|| self.load_or_build_index(repo, layer))
+        let idx = cell
+            .get_or_try_init(|| self.load_or_build_index(repo, layer))
             .await
-            .cloned()
+            .cloned()?;
+        self.check_binding(repo, layer, &idx).await?;
+        Ok(idx)
+    }
+
+    /// An index is shared by every image with that layer digest, but each image's config names
+    /// its own diff_id: a gzip or zstd stream must hash to the diff_id of every image that
+    /// uses it, not only of the first. Checked once per (layer, config, position).
+    async fn check_binding(&self, repo: &str, layer: &LayerRef, idx: &LayerIndex) -> FsResult<()> {
+        let Some((config, _)) = &layer.config else {
+            return Ok(());
+        };
+        let Some(actual) = idx.diff_id.as_deref() else {
+            return Ok(()); // not read whole (tar by seeking, TOC): nothing to compare
+        };
+        let key = (layer.digest.clone(), config.clone(), layer.pos);
+        if lock(&self.bound).contains(&key) {
+            return Ok(());
+        }
+        if let Some(want) = self.diff_id(repo, layer).await? {
+            if want != actual {
+                return Err(FsError::bad_input(format!(
+                    "layer {repo}@{}: its uncompressed content hashes to {actual}, not to the \
+                     diff_id {want} that the image config {config} names",
+                    layer.digest
+                )));
+            }
+        }
+        lock(&self.bound).put(key, ());
+        Ok(())
     }
 
     /// From `--cache-dir` when it holds this layer's index, else built (and stored there).
@@ -173,7 +213,12 @@ impl Layers {
                         idx.span_size,
                         self.span
                     );
-                } else if !stream || idx.diff_id == self.diff_id(repo, layer).await? {
+                } else if !stream
+                    || self
+                        .diff_id(repo, layer)
+                        .await?
+                        .is_none_or(|want| idx.diff_id.as_deref() == Some(want.as_str()))
+                {
                     return Ok(Arc::new(idx));
                 } else {
                     log::warn!(
@@ -853,5 +898,32 @@ mod tests {
         for (path, data) in files() {
             assert_eq!(read_file(&again, &l, path).await.unwrap(), data, "{path}");
         }
+    }
+
+    /// Two images share a gzip layer; the second one's config names another diff_id. The index
+    /// is shared, but each image is checked against its own config: the second gets EIO, the
+    /// first keeps working.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_shared_layer_is_checked_against_each_images_diff_id() {
+        let tar = tar_of(&files());
+        let right = crate::digest::sha256_digest(&tar);
+        let wrong = crate::digest::sha256_digest(b"another stream");
+        let s = setup(64 << 20);
+        let gz = gzip(&tar);
+        let good = layer(&s, &gz, crate::manifest::OCI_LAYER_GZIP, &right);
+        let bad = layer(&s, &gz, crate::manifest::OCI_LAYER_GZIP, &wrong);
+        assert_eq!(good.digest, bad.digest);
+        assert!(s.layers.index("r", &good).await.is_ok());
+        let e = s.layers.index("r", &bad).await.err().unwrap();
+        assert_eq!(e.errno, libc::EIO);
+        assert!(e.message.contains(&wrong), "{}", e.message);
+        assert_eq!(
+            read_file(&s, &good, "etc/os-release").await.unwrap(),
+            b"NAME=test\n"
+        );
+        // Checked once per config: the good image asks for its config no more.
+        let gets = s.reg.stats().blob_gets.load(Relaxed);
+        s.layers.index("r", &good).await.unwrap();
+        assert_eq!(s.reg.stats().blob_gets.load(Relaxed), gets);
     }
 }

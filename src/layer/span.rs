@@ -115,7 +115,9 @@ impl SpanTee {
             }
             _ => {}
         }
-        idx.diff_id = diff_id;
+        // What the stream hashes to, whether or not the config named it: a later image that
+        // shares this layer is checked against it (`Layers::index`).
+        idx.diff_id = Some(actual);
         idx.span_digests = std::mem::take(&mut self.span_digests);
         idx.span_size = self.span;
         idx.layer = self.digest.to_string();
