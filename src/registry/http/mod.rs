@@ -467,19 +467,10 @@ impl Registry for HttpRegistry {
         let mut url = Url::parse(&session.location)
             .map_err(|e| RegistryError::Protocol(format!("upload location: {e}")))?;
         url.query_pairs_mut().append_pair("digest", digest);
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            reqwest::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        if !last.is_empty() {
+        let headers = wire::upload_headers((!last.is_empty()).then(|| {
             let start = session.offset;
-            let end = start + last.len() as u64 - 1;
-            headers.insert(
-                reqwest::header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("{start}-{end}")).expect("ascii"),
-            );
-        }
+            (start, start + last.len() as u64 - 1)
+        }));
         let len = last.len() as u64;
         let req = Req {
             method: Method::PUT,

@@ -109,16 +109,7 @@ impl HttpRegistry {
     ) -> RegistryResult<()> {
         let url = Url::parse(&session.location)
             .map_err(|e| RegistryError::Protocol(format!("upload location: {e}")))?;
-        let mut headers = HeaderMap::new();
-        // distribution 2.8 wants `START-END`, without `bytes=`.
-        headers.insert(
-            reqwest::header::CONTENT_RANGE,
-            HeaderValue::from_str(&format!("{start}-{end}")).expect("ascii"),
-        );
-        headers.insert(
-            reqwest::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
+        let headers = super::wire::upload_headers(Some((start, end)));
         let len = data.len() as u64;
         let req = Req {
             method: Method::PATCH,

@@ -40,6 +40,23 @@ pub(super) fn check_digest(digest: &str) -> RegistryResult<()> {
     }
 }
 
+/// Headers of an upload request (PATCH, or the closing PUT) carrying bytes `start..=end` of
+/// the blob: `Content-Range: START-END` without `bytes=`, as distribution 2.8 wants it.
+pub(super) fn upload_headers(range: Option<(u64, u64)>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        reqwest::header::CONTENT_TYPE,
+        reqwest::header::HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some((start, end)) = range {
+        headers.insert(
+            reqwest::header::CONTENT_RANGE,
+            reqwest::header::HeaderValue::from_str(&format!("{start}-{end}")).expect("ascii"),
+        );
+    }
+    headers
+}
+
 pub(super) fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
