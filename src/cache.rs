@@ -83,11 +83,11 @@ impl ChunkCache {
 
     /// The cached chunk, if any (marks it recently used).
     pub fn get(&self, key: &ChunkKey) -> Option<Bytes> {
-        self.lru.lock().unwrap().map.get(key).cloned()
+        crate::sync::lock(&self.lru).map.get(key).cloned()
     }
 
     pub fn insert(&self, key: ChunkKey, data: Bytes) {
-        let mut lru = self.lru.lock().unwrap();
+        let mut lru = crate::sync::lock(&self.lru);
         if data.len() as u64 > self.capacity {
             return; // would evict everything and still not fit
         }
@@ -119,10 +119,7 @@ impl ChunkCache {
         if let Some(b) = self.get(&key) {
             return Ok(b);
         }
-        let cell = self
-            .inflight
-            .lock()
-            .unwrap()
+        let cell = crate::sync::lock(&self.inflight)
             .entry(key.clone())
             .or_default()
             .clone();
@@ -148,7 +145,7 @@ impl ChunkCache {
         // Whoever finishes first retires the in-flight entry, success or failure: later readers
         // hit the LRU, or start a fresh fetch.
         {
-            let mut inflight = self.inflight.lock().unwrap();
+            let mut inflight = crate::sync::lock(&self.inflight);
             if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
                 inflight.remove(&key);
             }
@@ -174,7 +171,7 @@ impl ChunkCache {
 
     /// Drop every chunk made from `digest`, of every kind (after a digest mismatch, a delete).
     pub fn evict_digest(&self, digest: &str) {
-        let mut lru = self.lru.lock().unwrap();
+        let mut lru = crate::sync::lock(&self.lru);
         let keys: Vec<ChunkKey> = lru
             .map
             .iter()
@@ -190,12 +187,12 @@ impl ChunkCache {
 
     /// Bytes held.
     pub fn used_bytes(&self) -> u64 {
-        self.lru.lock().unwrap().bytes
+        crate::sync::lock(&self.lru).bytes
     }
 
     /// Chunks held.
     pub fn len(&self) -> usize {
-        self.lru.lock().unwrap().map.len()
+        crate::sync::lock(&self.lru).map.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -529,13 +529,13 @@ impl Filesystem for FuseAdapter {
                 match fs.readdir(core_ino(ino)).await {
                     Ok(list) => {
                         let list = Arc::new(list);
-                        handles.lock().unwrap().insert(fh, list.clone());
+                        crate::sync::lock(&handles).insert(fh, list.clone());
                         list
                     }
                     Err(e) => return reply.error(reply_error("readdir", ino, &e)),
                 }
             } else {
-                match handles.lock().unwrap().get(&fh) {
+                match crate::sync::lock(&handles).get(&fh) {
                     Some(l) => l.clone(),
                     None => return reply.error(Errno::from_i32(FsError::bad_handle().errno)),
                 }
@@ -557,7 +557,7 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.dir_handles.lock().unwrap().remove(&fh);
+        crate::sync::lock(&self.dir_handles).remove(&fh);
         reply.ok();
     }
 

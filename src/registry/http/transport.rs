@@ -264,12 +264,12 @@ pub(super) struct Req {
 
 impl HttpRegistry {
     fn auth_header(&self, scope: &str) -> Option<HeaderValue> {
-        let scheme = self.scheme.lock().unwrap().clone();
+        let scheme = crate::sync::lock(&self.scheme).clone();
         let value = match scheme {
             Scheme::None => return None,
             Scheme::Basic => self.credentials.as_ref()?.basic_header(),
             Scheme::Bearer { .. } => {
-                let tokens = self.tokens.lock().unwrap();
+                let tokens = crate::sync::lock(&self.tokens);
                 format!("Bearer {}", tokens.get(scope)?.value)
             }
         };
@@ -437,25 +437,25 @@ impl HttpRegistry {
                 return Ok(false);
             };
             let service = c.param("service").map(str::to_string);
-            *self.scheme.lock().unwrap() = Scheme::Bearer {
+            *crate::sync::lock(&self.scheme) = Scheme::Bearer {
                 realm: realm.to_string(),
                 service: service.clone(),
             };
             // Prefer the scope the registry asked for; fall back to ours.
             let want = c.param("scope").unwrap_or(scope).to_string();
-            self.tokens.lock().unwrap().remove(scope);
+            crate::sync::lock(&self.tokens).remove(scope);
             let token = self
                 .fetch_token(realm, service.as_deref(), &want, budget)
                 .await?;
-            self.tokens.lock().unwrap().put(scope, token);
+            crate::sync::lock(&self.tokens).put(scope, token);
             return Ok(true);
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
-            let was_basic = matches!(*self.scheme.lock().unwrap(), Scheme::Basic);
+            let was_basic = matches!(*crate::sync::lock(&self.scheme), Scheme::Basic);
             if self.credentials.is_none() || was_basic {
                 return Ok(false);
             }
-            *self.scheme.lock().unwrap() = Scheme::Basic;
+            *crate::sync::lock(&self.scheme) = Scheme::Basic;
             return Ok(true);
         }
         Ok(false)
