@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use lru::LruCache;
-use tokio::sync::OnceCell;
 
 use crate::digest::Digest;
 
@@ -53,6 +52,9 @@ impl ChunkKey {
 struct Lru {
     map: LruCache<ChunkKey, Bytes>,
     bytes: u64,
+    /// Bytes of fetches in flight that have reserved room (see [`Fetching::reserve`]): they
+    /// count against the cap like cached bytes, so cached plus arriving stays within it.
+    reserved: u64,
 }
 
 /// A bounded, content-keyed chunk cache.
@@ -64,10 +66,137 @@ pub struct ChunkCache {
 
 /// The error of a failed fetch, shared by every reader that waited on it (type-erased, because
 /// callers use their own error types; each reader gets a clone of its own).
-type SharedError = Arc<dyn std::any::Any + Send + Sync>;
+pub type SharedError = Arc<dyn std::any::Any + Send + Sync>;
 
-/// One fetch in flight: its result, once it has one.
-type Flight = OnceCell<Result<Bytes, SharedError>>;
+/// How a fetch in flight ended.
+#[derive(Clone)]
+enum Landing {
+    Done(Result<Bytes, SharedError>),
+    /// The fetcher went away without an answer (cancelled): waiters claim the key again.
+    Abandoned,
+}
+
+/// One fetch in flight. Readers of its key wait on it; its [`Fetching`] guard lands it.
+#[derive(Default)]
+pub struct Flight {
+    /// A leaf lock (see `fs::inodes`): taken alone, briefly, never across an `.await`.
+    landing: Mutex<Option<Landing>>,
+    landed: tokio::sync::Notify,
+}
+
+impl Flight {
+    /// The fetch's outcome once it lands; `None` if it was abandoned (claim the key again).
+    pub async fn wait(&self) -> Option<Result<Bytes, SharedError>> {
+        loop {
+            let notified = self.landed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match crate::sync::lock(&self.landing).clone() {
+                Some(Landing::Done(r)) => return Some(r),
+                Some(Landing::Abandoned) => return None,
+                None => {}
+            }
+            notified.await;
+        }
+    }
+
+    fn land(&self, l: Landing) {
+        let mut landing = crate::sync::lock(&self.landing);
+        if landing.is_none() {
+            *landing = Some(l);
+        }
+        drop(landing);
+        self.landed.notify_waiters();
+    }
+}
+
+/// The right, and the duty, to fetch one key: [`Fetching::fulfil`] or [`Fetching::fail`] it.
+/// Dropped unanswered (its task was cancelled), it is abandoned and its waiters claim again,
+/// so no waiter is ever left asleep.
+pub struct Fetching {
+    cache: Arc<ChunkCache>,
+    key: ChunkKey,
+    flight: Arc<Flight>,
+    answered: bool,
+    /// Room reserved in the cache for the bytes on their way.
+    reserved: u64,
+}
+
+impl Fetching {
+    pub fn key(&self) -> &ChunkKey {
+        &self.key
+    }
+
+    /// Count the `n` bytes this fetch will bring against the cache's cap from now on (older
+    /// chunks are evicted to make room), so memory holds while many fetches stream at once.
+    pub fn reserve(&mut self, n: u64) {
+        let n = n.min(self.cache.capacity);
+        self.cache.reserve(n);
+        self.reserved += n;
+    }
+
+    /// The flight this guard lands, for the fetcher to wait on like any reader.
+    pub fn flight(&self) -> Arc<Flight> {
+        self.flight.clone()
+    }
+
+    /// Cache `data` under the key and hand it to every waiter.
+    pub fn fulfil(mut self, data: Bytes) {
+        self.release();
+        self.cache.insert(self.key.clone(), data.clone());
+        self.answer(Landing::Done(Ok(data)));
+    }
+
+    /// Fail every waiter with `err`; nothing is cached, and the next reader fetches afresh.
+    pub fn fail(mut self, err: SharedError) {
+        self.answer(Landing::Done(Err(err)));
+    }
+
+    /// Fail several fetches with one error. All of them leave the in-flight map before any
+    /// waiter wakes: a reader woken by the first cannot join the next one's doomed flight.
+    pub fn fail_all(all: impl IntoIterator<Item = Fetching>, err: SharedError) {
+        let mut all: Vec<Fetching> = all.into_iter().collect();
+        for f in &mut all {
+            f.release();
+            f.cache.retire(&f.key, &f.flight);
+        }
+        for f in &mut all {
+            f.answered = true;
+            f.flight.land(Landing::Done(Err(err.clone())));
+        }
+    }
+
+    fn release(&mut self) {
+        self.cache.unreserve(std::mem::take(&mut self.reserved));
+    }
+
+    fn answer(&mut self, l: Landing) {
+        self.release();
+        self.answered = true;
+        self.cache.retire(&self.key, &self.flight);
+        self.flight.land(l);
+    }
+}
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        self.release();
+        if !self.answered {
+            self.cache.retire(&self.key, &self.flight);
+            self.flight.land(Landing::Abandoned);
+        }
+    }
+}
+
+/// What [`ChunkCache::claim`] found for a key.
+pub enum Claim {
+    /// Cached.
+    Ready(Bytes),
+    /// Somebody is fetching it: wait on that.
+    Wait(Arc<Flight>),
+    /// Nobody has it: the caller fetches it.
+    Fetch(Fetching),
+}
 
 impl ChunkCache {
     pub fn new(capacity_bytes: u64) -> Self {
@@ -76,14 +205,25 @@ impl ChunkCache {
             lru: Mutex::new(Lru {
                 map: LruCache::unbounded(),
                 bytes: 0,
+                reserved: 0,
             }),
             inflight: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Byte cap.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
     /// The cached chunk, if any (marks it recently used).
     pub fn get(&self, key: &ChunkKey) -> Option<Bytes> {
         crate::sync::lock(&self.lru).map.get(key).cloned()
+    }
+
+    /// Whether `key` is cached, without marking it used.
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        crate::sync::lock(&self.lru).map.contains(key)
     }
 
     pub fn insert(&self, key: ChunkKey, data: Bytes) {
@@ -95,11 +235,67 @@ impl ChunkCache {
         if let Some(old) = lru.map.put(key, data) {
             lru.bytes -= old.len() as u64;
         }
-        while lru.bytes > self.capacity {
+        Self::shrink(&mut lru, self.capacity);
+    }
+
+    /// Evict least recently used chunks until cached plus reserved bytes fit `capacity`.
+    fn shrink(lru: &mut Lru, capacity: u64) {
+        while lru.bytes + lru.reserved > capacity {
             match lru.map.pop_lru() {
                 Some((_, v)) => lru.bytes -= v.len() as u64,
                 None => break,
             }
+        }
+    }
+
+    fn reserve(&self, n: u64) {
+        let mut lru = crate::sync::lock(&self.lru);
+        lru.reserved += n;
+        Self::shrink(&mut lru, self.capacity);
+    }
+
+    fn unreserve(&self, n: u64) {
+        let mut lru = crate::sync::lock(&self.lru);
+        lru.reserved = lru.reserved.saturating_sub(n);
+    }
+
+    /// Cached, in flight, or the caller's to fetch. The in-flight entry is made under the
+    /// `inflight` lock, then the cache is checked again (a fetch that landed between the first
+    /// miss and the entry left the chunk in the LRU: no second request).
+    pub fn claim(self: &Arc<Self>, key: &ChunkKey) -> Claim {
+        if let Some(b) = self.get(key) {
+            return Claim::Ready(b);
+        }
+        let flight = {
+            let mut inflight = crate::sync::lock(&self.inflight);
+            if let Some(f) = inflight.get(key) {
+                return Claim::Wait(f.clone());
+            }
+            let f = Arc::new(Flight::default());
+            inflight.insert(key.clone(), f.clone());
+            f
+        };
+        let fetching = Fetching {
+            cache: self.clone(),
+            key: key.clone(),
+            flight,
+            answered: false,
+            reserved: 0,
+        };
+        match self.get(key) {
+            Some(b) => {
+                fetching.fulfil(b.clone());
+                Claim::Ready(b)
+            }
+            None => Claim::Fetch(fetching),
+        }
+    }
+
+    /// Drop the in-flight entry of `key` if it is still `flight`.
+    fn retire(&self, key: &ChunkKey, flight: &Arc<Flight>) {
+        let mut inflight = crate::sync::lock(&self.inflight);
+        if inflight.get(key).is_some_and(|c| Arc::ptr_eq(c, flight)) {
+            inflight.remove(key);
         }
     }
 
@@ -109,63 +305,48 @@ impl ChunkCache {
     /// failed fetch fails its waiters once, and they do not queue up to retry it one after
     /// another (the registry client already retried within its budget). A failure caches
     /// nothing, and the next new reader starts a fresh fetch. If the reader running the fetch is
-    /// cancelled, a waiter takes the fetch over, so no waiter is left asleep.
-    pub async fn get_or_fetch<F, Fut, E>(&self, key: ChunkKey, fetch: F) -> Result<Bytes, E>
+    /// cancelled, its waiters claim the key again, so no waiter is left asleep.
+    pub async fn get_or_fetch<F, Fut, E>(
+        self: &Arc<Self>,
+        key: ChunkKey,
+        fetch: F,
+    ) -> Result<Bytes, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Bytes, E>>,
         E: Clone + Send + Sync + 'static,
     {
-        if let Some(b) = self.get(&key) {
-            return Ok(b);
-        }
-        let cell = crate::sync::lock(&self.inflight)
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let mut fetch = Some(fetch);
-        let outcome = cell
-            .get_or_init(|| async {
-                // A fetch that finished between our miss and our cell (it retired its own cell
-                // after caching) left the chunk in the LRU: no second request.
-                if let Some(b) = self.get(&key) {
-                    return Ok(b);
+        loop {
+            match self.claim(&key) {
+                Claim::Ready(b) => return Ok(b),
+                Claim::Fetch(f) => {
+                    return match fetch().await {
+                        Ok(data) => {
+                            f.fulfil(data.clone());
+                            Ok(data)
+                        }
+                        Err(e) => {
+                            f.fail(Arc::new(e.clone()));
+                            Err(e)
+                        }
+                    };
                 }
-                let f = fetch.take().expect("the init closure runs once per reader");
-                match f().await {
-                    Ok(data) => {
-                        self.insert(key.clone(), data.clone());
-                        Ok(data)
-                    }
-                    Err(e) => Err(Arc::new(e) as SharedError),
-                }
-            })
-            .await
-            .clone();
-        // Whoever finishes first retires the in-flight entry, success or failure: later readers
-        // hit the LRU, or start a fresh fetch.
-        {
-            let mut inflight = crate::sync::lock(&self.inflight);
-            if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                inflight.remove(&key);
-            }
-        }
-        match outcome {
-            Ok(b) => Ok(b),
-            Err(shared) => match shared.downcast_ref::<E>() {
-                Some(e) => Err(e.clone()),
-                // Another kind of caller failed this key with another error type: this reader
-                // cannot be handed that error, so it fetches for itself (caching nothing new
-                // on failure, as ever).
-                None => match fetch.take() {
-                    Some(f) => {
-                        let data = f().await?;
-                        self.insert(key, data.clone());
-                        Ok(data)
-                    }
-                    None => unreachable!("a reader whose own fetch failed gets its own error type"),
+                Claim::Wait(flight) => match flight.wait().await {
+                    None => continue,
+                    Some(Ok(b)) => return Ok(b),
+                    Some(Err(shared)) => match shared.downcast_ref::<E>() {
+                        Some(e) => return Err(e.clone()),
+                        // Another kind of caller failed this key with another error type:
+                        // this reader cannot be handed that error, so it fetches for itself
+                        // (caching nothing new on failure, as ever).
+                        None => {
+                            let data = fetch().await?;
+                            self.insert(key, data.clone());
+                            return Ok(data);
+                        }
+                    },
                 },
-            },
+            }
         }
     }
 
@@ -215,7 +396,7 @@ mod tests {
 
     #[tokio::test]
     async fn caps_bytes_and_evicts_lru() {
-        let c = ChunkCache::new(10);
+        let c = Arc::new(ChunkCache::new(10));
         for i in 0..4 {
             c.get_or_fetch(key("a", i), || async {
                 Ok::<_, ()>(Bytes::from_static(b"1234"))
@@ -279,7 +460,7 @@ mod tests {
 
     #[tokio::test]
     async fn failures_are_not_cached() {
-        let c = ChunkCache::new(100);
+        let c = Arc::new(ChunkCache::new(100));
         let r = c
             .get_or_fetch(key("e", 0), || async {
                 Err(crate::error::RegistryError::Transport("boom".into()))

@@ -57,11 +57,12 @@ pub struct Cli {
         help_heading = "Cache"
     )]
     pub cache_size: String,
-    /// Size of one Range request / cache chunk (64KiB to 64MiB).
+    /// Cache unit (64KiB to 64MiB): a cold random read fetches one chunk; sequential readers
+    /// fetch many chunks per Range request.
     #[arg(
         long,
         value_name = "SIZE",
-        default_value = "4MiB",
+        default_value = "1MiB",
         help_heading = "Cache"
     )]
     pub chunk_size: String,
@@ -94,9 +95,16 @@ pub struct Cli {
         help_heading = "Push"
     )]
     pub upload_chunk_size: String,
-    /// Chunks to prefetch ahead of a sequential reader (0 disables readahead).
-    #[arg(long, value_name = "N", default_value = "2", help_heading = "Cache")]
-    pub readahead_chunks: u64,
+    /// Largest readahead window of one sequential reader: it starts at one chunk and doubles
+    /// while the reader goes forward, up to this (0 disables readahead). Random readers never
+    /// trigger it.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "32MiB",
+        help_heading = "Cache"
+    )]
+    pub readahead: String,
 
     /// Extra CA certificate (PEM) to trust for the registry.
     #[arg(long, value_name = "FILE", help_heading = "Connection")]

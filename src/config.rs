@@ -10,12 +10,18 @@ use reqwest::Url;
 
 use crate::cli::Cli;
 
-/// Chunk cache size. 256 MiB holds 64 default chunks: enough for several sequential readers plus
-/// their readahead, small enough for a laptop.
+/// Chunk cache size. 256 MiB holds the full readahead windows of several sequential readers
+/// (32 MiB each) plus the blocks random readers touch, small enough for a laptop.
 pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
-/// Range request size. 4 MiB keeps a cold 4 KiB read cheap (one request of 4 MiB, a few ms on a
-/// LAN) while a sequential `cat` needs only 256 requests per GiB.
-pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+/// The cache unit (a "chunk" or block). 1 MiB: a cold random 4 KiB read fetches one 1 MiB
+/// request (a few ms on a LAN, one RTT plus ~13 ms at 80 MiB/s across a WAN), and the cache
+/// holds 1024 entries per GiB. Request size is separate: sequential readers ask for many chunks
+/// at once (up to [`MAX_REQUEST`]).
+pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
+/// The largest single Range request of a sequential reader. 8 MiB: at 50 ms RTT a connection
+/// with a 4 MiB window moves ~80 MiB/s, so one request is ~150 ms of work and a 32 MiB window
+/// keeps four connections busy; a request lost to a reset costs little to redo.
+pub const MAX_REQUEST: u64 = 8 << 20;
 /// How long tag and catalog listings (and a tag's current target) are trusted. Short, because tags
 /// move; content addressed by digest is cached regardless of this.
 pub const DEFAULT_METADATA_TTL: Duration = Duration::from_secs(30);
@@ -28,9 +34,10 @@ pub const DEFAULT_UPLOAD_CHUNK_SIZE: u64 = 8 << 20;
 /// Uncompressed bytes between gzip checkpoints. 4 MiB: a read deep in a gzip layer inflates at
 /// most 4 MiB it does not need, and the index costs 32 KiB per 4 MiB (under 1% of the layer).
 pub const DEFAULT_CHECKPOINT_SPACING: u64 = 4 << 20;
-/// Chunks fetched ahead of a sequential reader. Two keeps the network busy while the reader
-/// consumes one chunk; a random reader never triggers it.
-pub const DEFAULT_READAHEAD_CHUNKS: u64 = 2;
+/// The largest readahead window of one sequential reader. 32 MiB is the bandwidth-delay product
+/// of ~640 MiB/s at 50 ms RTT (so a far registry streams at link speed over several parallel
+/// requests) and an eighth of the default cache, where prefetched chunks are counted.
+pub const DEFAULT_READAHEAD: u64 = 32 << 20;
 /// `--retry-budget`: defined with its reason next to the client that spends it (the registry
 /// module may not depend on this one).
 pub use crate::registry::http::DEFAULT_RETRY_BUDGET;
@@ -114,7 +121,8 @@ pub struct CacheConfig {
     /// Size of one Range request and one cache entry.
     pub chunk_size: u64,
     /// Chunks fetched ahead of a sequential reader.
-    pub readahead_chunks: u64,
+    /// Largest readahead window of one reader, in bytes (0: none).
+    pub readahead: u64,
     /// Uncompressed bytes between gzip checkpoints.
     pub checkpoint_spacing: u64,
     /// Where layer indexes persist across mounts.
@@ -268,6 +276,8 @@ impl TryFrom<Cli> for Config {
         if cache_size < chunk_size {
             return Err("--cache-size must hold at least one chunk".into());
         }
+        let readahead = parse_flag("--readahead", &cli.readahead, parse_size)?;
+        let readahead = size_in("--readahead", readahead, 0..=1 << 30, "0 and 1GiB")?;
         let upload_chunk_size =
             parse_flag("--upload-chunk-size", &cli.upload_chunk_size, parse_size)?;
         let upload_chunk_size = size_in(
@@ -310,7 +320,7 @@ impl TryFrom<Cli> for Config {
             cache: CacheConfig {
                 cache_size,
                 chunk_size,
-                readahead_chunks: cli.readahead_chunks,
+                readahead,
                 checkpoint_spacing,
                 cache_dir: cli.cache_dir,
                 metadata_ttl,
@@ -445,7 +455,7 @@ mod tests {
         assert_eq!(c.cache.cache_size, DEFAULT_CACHE_SIZE);
         assert_eq!(c.cache.chunk_size, DEFAULT_CHUNK_SIZE);
         assert_eq!(c.cache.metadata_ttl, DEFAULT_METADATA_TTL);
-        assert_eq!(c.cache.readahead_chunks, DEFAULT_READAHEAD_CHUNKS);
+        assert_eq!(c.cache.readahead, DEFAULT_READAHEAD);
         assert_eq!(c.cache.checkpoint_spacing, DEFAULT_CHECKPOINT_SPACING);
         assert_eq!(c.cache.cache_dir, None);
         assert_eq!(c.push.upload_chunk_size, DEFAULT_UPLOAD_CHUNK_SIZE);
@@ -480,7 +490,7 @@ mod tests {
             "64KiB",
             "--metadata-ttl",
             "0",
-            "--readahead-chunks",
+            "--readahead",
             "0",
             "--checkpoint-spacing",
             "1GiB",
@@ -517,14 +527,14 @@ mod tests {
         assert_eq!(c.cache.cache_size, 1 << 30);
         assert_eq!(c.cache.chunk_size, 64 << 10);
         assert_eq!(c.cache.metadata_ttl, Duration::ZERO);
-        assert_eq!(c.cache.readahead_chunks, 0);
+        assert_eq!(c.cache.readahead, 0);
         assert_eq!(c.cache.checkpoint_spacing, 1 << 30);
         assert_eq!(c.cache.cache_dir, Some(PathBuf::from("/tmp/c")));
         assert_eq!(c.push.upload_chunk_size, 64 << 10);
 
         let o = crate::fs::FsOptions::from_config(&c);
         assert_eq!(
-            (o.cache_size, o.chunk_size, o.readahead_chunks),
+            (o.cache_size, o.chunk_size, o.readahead),
             (1 << 30, 64 << 10, 0)
         );
         assert_eq!(o.metadata_ttl, Duration::ZERO);

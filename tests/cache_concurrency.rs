@@ -57,7 +57,7 @@ struct Probe {
 }
 
 struct Bench {
-    cache: ChunkCache,
+    cache: Arc<ChunkCache>,
     probes: HashMap<(usize, u64), Probe>,
     failing: HashMap<(usize, u64), Failing>,
     /// How long a fetch sleeps, by attempt: a few milliseconds so that fetches overlap.
@@ -67,7 +67,7 @@ struct Bench {
 impl Bench {
     fn new(capacity: u64, chunks: &[(usize, u64, Failing)], sleep_ms: u64) -> Arc<Self> {
         Arc::new(Bench {
-            cache: ChunkCache::new(capacity),
+            cache: Arc::new(ChunkCache::new(capacity)),
             probes: chunks
                 .iter()
                 .map(|&(b, i, _)| ((b, i), Probe::default()))

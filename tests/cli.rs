@@ -25,7 +25,7 @@ fn help_explains_every_flag() {
         "allow_other",
         "--platform",
         "--request-timeout",
-        "--readahead-chunks",
+        "--readahead",
         "--upload-chunk-size",
         "--log-file",
         "RUST_LOG",

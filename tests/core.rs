@@ -85,6 +85,8 @@ fn setup_faulty(
             chunk_size: chunk,
             cache_size: 64 * chunk,
             metadata_ttl: ttl,
+            // Faults are counted per request: no readahead requests beside the reader's own.
+            readahead: 0,
             ..FsOptions::default()
         },
     );
@@ -261,13 +263,19 @@ async fn listing_fetches_no_blobs_and_reads_are_chunked() {
     assert_eq!(&b[..], &img.layer[300 * 1024..300 * 1024 + 4096]);
     assert_eq!(gets(&reg), 1, "4 KiB = one Range request for one chunk");
     assert_eq!(reg.stats().snapshot().blob_bytes, 64 * KIB);
+    fs.release(h.fh).await;
+    // Another handle (no readahead history) reading the same chunk: no request.
+    let h = fs.open(ino, false).await.unwrap();
     let b = fs.read(h.fh, 300 * KIB + 4096, 4096).await.unwrap();
     assert_eq!(&b[..], &img.layer[300 * 1024 + 4096..300 * 1024 + 8192]);
     assert_eq!(gets(&reg), 1, "a cached chunk makes no request");
+    fs.release(h.fh).await;
     // A read spanning two chunks fetches only the missing one.
+    let h = fs.open(ino, false).await.unwrap();
     let b = fs.read(h.fh, 320 * KIB - 10, 20).await.unwrap();
     assert_eq!(&b[..], &img.layer[320 * 1024 - 10..320 * 1024 + 10]);
     assert_eq!(gets(&reg), 2);
+    assert_eq!(reg.stats().snapshot().blob_bytes, 2 * 64 * KIB);
     fs.release(h.fh).await;
 }
 
@@ -306,9 +314,11 @@ async fn sequential_reads_prefetch_ahead() {
         .await
         .unwrap();
     assert_eq!(data, img.layer);
-    // 16 chunks, each fetched exactly once even with readahead racing the reader.
+    // 16 chunks, each fetched exactly once even with readahead racing the reader, in fewer
+    // requests than chunks (the window grows; requests carry several chunks).
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    assert_eq!(gets(&reg), 16);
+    assert_eq!(reg.stats().snapshot().blob_bytes, 1024 * KIB);
+    assert!(gets(&reg) < 16, "{} requests", gets(&reg));
 }
 
 #[tokio::test]

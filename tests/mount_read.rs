@@ -266,9 +266,11 @@ fn sizes_and_reads_are_lazy() {
         "a cached chunk must not be fetched again"
     );
 
-    // A full read verifies against the digest and fetches each chunk once.
+    // A full read verifies against the digest and fetches each chunk once, several chunks per
+    // request.
     assert_eq!(sha256_file(&by_digest), pushed.layers[0].0);
-    assert_eq!(m.stat("blob_gets"), 8);
+    assert_eq!(m.stat("blob_bytes"), big.len() as u64);
+    assert!(m.stat("blob_gets") < 8, "{} requests", m.stat("blob_gets"));
 }
 
 #[test]

@@ -8,33 +8,22 @@ use std::sync::{Arc, Mutex};
 use super::node::Node;
 use super::types::Fh;
 use super::write::Writer;
-use crate::blob::Verifier;
+use crate::blob::{HashFeed, Readahead};
 use crate::error::{FsError, FsResult};
 use crate::sync::lock;
 
 /// A handle open for reading.
 pub(crate) struct ReadHandle {
     pub node: Arc<Node>,
-    /// Whole-blob verification, for blobs larger than a chunk.
-    pub verifier: Option<Verifier>,
-    /// End of the previous read: a read starting here is sequential.
-    pub last_end: u64,
+    /// Whole-blob verification, for blobs larger than a block (hashed by its own task).
+    pub verifier: Option<HashFeed>,
+    /// This reader's readahead window.
+    pub ra: Readahead,
 }
 
 impl ReadHandle {
-    pub fn new(node: Arc<Node>, verifier: Option<Verifier>) -> Self {
-        ReadHandle {
-            node,
-            verifier,
-            last_end: 0,
-        }
-    }
-
-    /// Note a read of `size` bytes at `offset`; true if it continues the previous one.
-    pub fn advance(&mut self, offset: u64, size: u32) -> bool {
-        let sequential = self.last_end == offset && offset > 0;
-        self.last_end = offset.saturating_add(u64::from(size));
-        sequential
+    pub fn new(node: Arc<Node>, verifier: Option<HashFeed>, ra: Readahead) -> Self {
+        ReadHandle { node, verifier, ra }
     }
 }
 
@@ -101,6 +90,7 @@ mod tests {
         let r = t.insert(Handle::Read(Arc::new(Mutex::new(ReadHandle::new(
             Arc::new(Node::Root),
             None,
+            crate::blob::Readahead::new(1, 0),
         )))));
         assert!(t.reader(r).is_ok());
         assert!(t.writer(r).is_none());
@@ -109,18 +99,9 @@ mod tests {
         let r2 = t.insert(Handle::Read(Arc::new(Mutex::new(ReadHandle::new(
             Arc::new(Node::Root),
             None,
+            crate::blob::Readahead::new(1, 0),
         )))));
         assert_ne!(r, r2);
         assert_eq!(t.len(), 1);
-    }
-
-    #[test]
-    fn sequential_detection() {
-        let mut h = ReadHandle::new(Arc::new(Node::Root), None);
-        assert!(!h.advance(0, 10), "the first read is not a continuation");
-        assert!(h.advance(10, 10));
-        assert!(!h.advance(50, 10));
-        assert!(h.advance(60, 1));
-        assert!(!h.advance(u64::MAX, 10), "no overflow");
     }
 }

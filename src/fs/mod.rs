@@ -52,7 +52,8 @@ pub struct FsOptions {
     pub chunk_size: u64,
     pub cache_size: u64,
     pub metadata_ttl: Duration,
-    pub readahead_chunks: u64,
+    /// Largest readahead window of one reader, in bytes (0: none).
+    pub readahead: u64,
     /// (os, architecture, variant) chosen at the tag level of an index.
     pub platform: (String, String, Option<String>),
     /// PATCH size of uploads.
@@ -69,7 +70,7 @@ impl Default for FsOptions {
             chunk_size: crate::config::DEFAULT_CHUNK_SIZE,
             cache_size: crate::config::DEFAULT_CACHE_SIZE,
             metadata_ttl: crate::config::DEFAULT_METADATA_TTL,
-            readahead_chunks: crate::config::DEFAULT_READAHEAD_CHUNKS,
+            readahead: crate::config::DEFAULT_READAHEAD,
             platform: ("linux".into(), "amd64".into(), None),
             upload_chunk_size: crate::config::DEFAULT_UPLOAD_CHUNK_SIZE,
             checkpoint_spacing: crate::config::DEFAULT_CHECKPOINT_SPACING,
@@ -85,7 +86,7 @@ impl FsOptions {
             chunk_size: c.cache.chunk_size,
             cache_size: c.cache.cache_size,
             metadata_ttl: c.cache.metadata_ttl,
-            readahead_chunks: c.cache.readahead_chunks,
+            readahead: c.cache.readahead,
             platform: c.platform.clone(),
             upload_chunk_size: c.push.upload_chunk_size,
             checkpoint_spacing: c.cache.checkpoint_spacing,
@@ -118,8 +119,14 @@ impl Fs {
         let blobs = Arc::new(Blobs::new(
             reg.clone(),
             cache,
-            opts.chunk_size,
-            opts.readahead_chunks,
+            crate::blob::EngineConfig {
+                block_size: opts.chunk_size,
+                max_request: crate::config::MAX_REQUEST.max(opts.chunk_size),
+                max_window: opts.readahead,
+                // Prefetched chunks land in the cache, so what is in flight ahead of readers
+                // is held to a quarter of it: readahead never evicts what readers still use.
+                prefetch_budget: (opts.cache_size / 4).max(opts.chunk_size),
+            },
         ));
         Fs {
             meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone()),

@@ -49,7 +49,9 @@ impl Fs {
         let fh = self
             .handles
             .insert(Handle::Read(Arc::new(Mutex::new(ReadHandle::new(
-                node, verifier,
+                node,
+                verifier,
+                self.blobs.readahead(),
             )))));
         Ok(Opened { fh, keep_cache })
     }
@@ -76,11 +78,7 @@ impl Fs {
 
     pub async fn read(&self, fh: Fh, offset: u64, size: u32) -> FsResult<Bytes> {
         let handle = self.handles.reader(fh)?;
-        let (node, sequential) = {
-            let mut h = lock(&handle);
-            let seq = h.advance(offset, size);
-            (h.node.clone(), seq)
-        };
+        let node = lock(&handle).node.clone();
         let f = match &*node {
             Node::TreeEntry(t) => {
                 if !matches!(t.entry.kind, EntryKind::File | EntryKind::Hardlink) {
@@ -116,10 +114,14 @@ impl Fs {
                     digest: digest.clone(),
                     size: f.size,
                 };
-                let failed = lock(&handle)
-                    .verifier
-                    .as_ref()
-                    .and_then(|v| v.failed().map(str::to_string));
+                let (failed, ahead) = {
+                    let mut h = lock(&handle);
+                    let failed = h
+                        .verifier
+                        .as_ref()
+                        .and_then(|v| v.failed().map(str::to_string));
+                    (failed, h.ra.on_read(offset, end, f.size))
+                };
                 if let Some(actual) = failed {
                     return Err(FsError::io(format!(
                         "{}@{digest}: content hashes to {actual}",
@@ -129,17 +131,20 @@ impl Fs {
                 let ctx = || format!("reading {}@{digest}", f.repo);
                 let data = self
                     .blobs
-                    .read(&blob, offset, end, sequential)
+                    .read(&blob, offset, end, ahead)
                     .await
                     .map_err(|e| FsError::registry(e, ctx()))?;
                 if self.blobs.single_chunk_verified(&blob) {
                     return Ok(data);
                 }
-                let outcome = lock(&handle)
+                // Hashing happens on the handle's own task; only the read that completes the
+                // blob waits for the verdict.
+                let send = lock(&handle)
                     .verifier
                     .as_mut()
-                    .map(|v| v.feed(offset, &data));
-                if let Some(outcome) = outcome {
+                    .and_then(|v| v.prepare(offset, &data));
+                if let Some(send) = send {
+                    let outcome = send.run().await;
                     self.blobs
                         .settle(&blob, outcome)
                         .map_err(|e| FsError::registry(e, ctx()))?;

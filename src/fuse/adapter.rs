@@ -228,7 +228,33 @@ fn xattr_list(names: &[String]) -> Vec<u8> {
     buf
 }
 
+/// The kernel's readahead per file, in bytes, asked for at init (the mount's bdi readahead is
+/// raised to match in `session`). 1 MiB is the most one FUSE request carries (256 pages, the
+/// kernel's default `max_pages` limit), so a sequential reader's requests are 1 MiB each.
+const KERNEL_READAHEAD: u32 = 1 << 20;
+
+/// Background requests (readahead, async reads) the kernel keeps in flight. Its default of 12
+/// holds a sequential reader to ~12 MiB of parallel 1 MiB reads; 64 lets several readers stream
+/// at once while regfs fetches ahead of them. Each request costs the daemon only a task.
+const MAX_BACKGROUND: u16 = 64;
+
+/// Where the kernel starts treating the queue as congested: three quarters of
+/// [`MAX_BACKGROUND`], the kernel's own ratio.
+const CONGESTION_THRESHOLD: u16 = MAX_BACKGROUND / 4 * 3;
+
 impl Filesystem for FuseAdapter {
+    /// Set the kernel parameters on purpose (each constant says why). The largest read follows
+    /// from them: fuser asks for `max_pages` = max(max_write, max_readahead) / page size, which
+    /// the kernel caps at 256 pages (1 MiB).
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_readahead(KERNEL_READAHEAD) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(CONGESTION_THRESHOLD);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = os_name(name) else {
             return reply.error(Errno::from_i32(FsError::non_utf8_name(false).errno));

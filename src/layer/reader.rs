@@ -141,7 +141,7 @@ impl Layers {
 
     async fn bytes(&self, repo: &str, layer: &LayerRef, start: u64, end: u64) -> FsResult<Bytes> {
         self.blobs
-            .read(&layer.blob(repo), start, end, false)
+            .read(&layer.blob(repo), start, end, None)
             .await
             .map_err(|e| FsError::registry(e, format!("reading layer {repo}@{}", layer.digest)))
     }
@@ -743,7 +743,11 @@ mod tests {
     fn setup(cache_bytes: u64) -> Setup {
         let reg = Arc::new(FakeRegistry::new());
         let cache = Arc::new(ChunkCache::new(cache_bytes));
-        let blobs = Arc::new(Blobs::new(reg.clone(), cache, CHUNK, 0));
+        let blobs = Arc::new(Blobs::new(
+            reg.clone(),
+            cache,
+            crate::blob::EngineConfig::plain(CHUNK),
+        ));
         Setup {
             layers: Layers::new(blobs.clone(), 64 * 1024, None),
             reg,
@@ -889,7 +893,11 @@ mod tests {
         stored.index("r", &l).await.unwrap();
         // Same registry and cache dir, twice the chunk (and span) size.
         let cache = Arc::new(ChunkCache::new(64 << 20));
-        let blobs = Arc::new(Blobs::new(first.reg.clone(), cache, 2 * CHUNK, 0));
+        let blobs = Arc::new(Blobs::new(
+            first.reg.clone(),
+            cache,
+            crate::blob::EngineConfig::plain(2 * CHUNK),
+        ));
         let again = Setup {
             layers: Layers::new(blobs.clone(), 64 * 1024, Some(dir.path().into())),
             reg: first.reg.clone(),

@@ -20,7 +20,7 @@ pub use stats::{RequestStats, StatsSnapshot};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::RegistryResult;
+use crate::error::{RegistryError, RegistryResult};
 
 /// A manifest as served: its exact bytes, digest and media type.
 #[derive(Debug, Clone)]
@@ -61,6 +61,27 @@ pub trait Registry: Send + Sync + 'static {
         start: u64,
         end: u64,
     ) -> RegistryResult<Bytes>;
+    /// Bytes `start..=end` of a blob, handed to `sink` in order as they arrive (so a reader can
+    /// use the first bytes before the last ones came). Ok once exactly that many bytes were
+    /// delivered. The default fetches the whole range with [`Registry::blob_range`] first.
+    async fn blob_range_into(
+        &self,
+        repo: &str,
+        digest: &str,
+        start: u64,
+        end: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> RegistryResult<()> {
+        let data = self.blob_range(repo, digest, start, end).await?;
+        if Some(data.len() as u64) != end.checked_sub(start).map(|n| n + 1) {
+            return Err(RegistryError::Protocol(format!(
+                "{repo}@{digest}: asked for bytes {start}-{end}, got {} bytes",
+                data.len()
+            )));
+        }
+        sink(data);
+        Ok(())
+    }
     /// PUT a manifest under `reference` (tag or digest). Returns its digest.
     async fn put_manifest(
         &self,

@@ -307,32 +307,48 @@ impl Registry for HttpRegistry {
         start: u64,
         end: u64,
     ) -> RegistryResult<Bytes> {
+        // Sizes can come from a descriptor: the buffer grows with what arrives (capped up
+        // front at 64 MiB), not from the asked size alone.
+        let want = end.saturating_sub(start).saturating_add(1);
+        let mut buf = BytesMut::with_capacity(want.min(64 << 20) as usize);
+        self.blob_range_into(repo, digest, start, end, &mut |piece: Bytes| {
+            buf.extend_from_slice(&piece)
+        })
+        .await?;
+        Ok(buf.freeze())
+    }
+
+    async fn blob_range_into(
+        &self,
+        repo: &str,
+        digest: &str,
+        start: u64,
+        end: u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
+    ) -> RegistryResult<()> {
         check_repo(repo)?;
         check_digest(digest)?;
         if end < start {
             return Err(RegistryError::Invalid(format!("range {start}-{end}")));
         }
         RequestStats::inc(&self.stats.blob_gets);
-        let want = usize::try_from(end - start + 1)
-            .map_err(|_| RegistryError::Invalid(format!("range {start}-{end}")))?;
+        let want = end - start + 1;
         let what = format!("GET {repo}@{digest} bytes {start}-{end}");
         let mut budget = Budget::new(self.retry_budget);
-        // What arrived stays; a cut body is resumed from the byte where it stopped. The buffer
-        // grows with what arrives (capped at 64 MiB up front), not from the asked size alone.
-        let mut buf = BytesMut::with_capacity(want.min(64 << 20));
+        // What arrived was delivered; a cut body is resumed from the byte where it stopped.
+        let mut got = 0u64;
         loop {
-            let from = start + buf.len() as u64;
-            match self
-                .blob_range_once(repo, digest, from, end, &mut buf, &mut budget)
-                .await
-            {
-                Ok(()) if buf.len() == want => break,
+            let from = start + got;
+            let r = self
+                .blob_range_once(repo, digest, from, end, &mut got, sink, &mut budget)
+                .await;
+            match r {
+                Ok(()) if got == want => break,
                 Ok(()) => {
-                    let why = format!("body cut after {} of {want} bytes", buf.len());
+                    let why = format!("body cut after {got} of {want} bytes");
                     if !budget.pause(None, &why, &what).await {
                         return Err(RegistryError::Protocol(format!(
-                            "{what}: truncated body ({} of {want} bytes)",
-                            buf.len()
+                            "{what}: truncated body ({got} of {want} bytes)"
                         )));
                     }
                 }
@@ -345,10 +361,7 @@ impl Registry for HttpRegistry {
             }
             RequestStats::inc(&self.stats.resumes);
         }
-        self.stats
-            .blob_bytes
-            .fetch_add(want as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(buf.freeze())
+        Ok(())
     }
 
     async fn put_manifest(

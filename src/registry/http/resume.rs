@@ -3,7 +3,7 @@
 //! one PATCH, and the upload status (`GET` on the upload URL, `Range: 0-N`) that a failed PATCH
 //! resumes from.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
@@ -24,15 +24,18 @@ fn range_end(range: &str) -> Option<u64> {
 }
 
 impl HttpRegistry {
-    /// One GET of bytes `from..=end` of a blob, appended to `buf` as they arrive. Ok when the
-    /// body ended (maybe short: the caller resumes); a transport error mid-body keeps what came.
+    /// One GET of bytes `from..=end` of a blob, handed to `sink` piece by piece as they arrive
+    /// (`got` counts them). Ok when the body ended (maybe short: the caller resumes); a
+    /// transport error mid-body keeps what came.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn blob_range_once(
         &self,
         repo: &str,
         digest: &str,
         from: u64,
         end: u64,
-        buf: &mut BytesMut,
+        got: &mut u64,
+        sink: &mut (dyn FnMut(Bytes) + Send),
         budget: &mut Budget,
     ) -> RegistryResult<()> {
         let mut headers = HeaderMap::new();
@@ -48,8 +51,8 @@ impl HttpRegistry {
             scope: repo_scope(repo, false),
             what: format!("GET {repo}@{digest} bytes {from}-{end}"),
         };
-        let want = (end - from + 1) as usize;
-        let target = buf.len() + want;
+        let want = end - from + 1;
+        let target = *got + want;
         let resp = self.send_in(&req, budget).await?;
         let status = resp.status();
         let skip = match status {
@@ -81,7 +84,7 @@ impl HttpRegistry {
         };
         let mut skipped = 0u64;
         let mut stream = resp.bytes_stream();
-        while buf.len() < target {
+        while *got < target {
             let Some(piece) = stream.next().await else {
                 break;
             };
@@ -91,8 +94,13 @@ impl HttpRegistry {
                 skipped += n as u64;
                 piece = piece.slice(n..);
             }
-            let take = (target - buf.len()).min(piece.len());
-            buf.extend_from_slice(&piece[..take]);
+            let take = (target - *got).min(piece.len() as u64) as usize;
+            if take > 0 {
+                *got += take as u64;
+                // Counted as they arrive: a reader may have its block before the body ends.
+                RequestStats::add(&self.stats.blob_bytes, take as u64);
+                sink(piece.slice(..take));
+            }
         }
         // Dropping the stream here closes a 200 full-body answer early.
         Ok(())

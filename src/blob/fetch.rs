@@ -1,0 +1,261 @@
+//! Fetching blocks: the runs of blocks nobody has become Range requests of at most
+//! `max_request` bytes, each spawned on the runtime (a reader that goes away does not cancel a
+//! fetch others wait on) and streamed: every block is cached and handed to its waiters the
+//! moment its last byte arrives. Prefetch runs only start within the shared prefetch budget.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::{BlobRef, Blobs};
+use crate::cache::{Claim, Fetching, SharedError};
+use crate::error::RegistryError;
+use crate::registry::Registry;
+
+/// The registry error a shared fetch failed with.
+pub(crate) fn registry_error(e: &SharedError) -> RegistryError {
+    match e.downcast_ref::<RegistryError>() {
+        Some(e) => e.clone(),
+        None => RegistryError::Transport("a shared fetch failed".into()),
+    }
+}
+
+impl Blobs {
+    /// Make sure blocks `first..last` of a blob are cached or in flight. A prefetch claims
+    /// blocks only while the prefetch budget has room, and stops at the first that does not fit.
+    /// A read gets back what it must wait on for each block (cached bytes or a flight), so it
+    /// gets the outcome of the very fetch it started.
+    pub(super) fn start(&self, blob: &BlobRef, first: u64, last: u64, prefetch: bool) -> Vec<Slot> {
+        let mut slots = Vec::new();
+        let bs = self.cfg.block_size;
+        let last = last.min(blob.size.div_ceil(bs));
+        let per_request = (self.cfg.max_request / bs).max(1) as usize;
+        let mut run: Vec<Fetching> = Vec::new();
+        for index in first..last {
+            let key = Self::key(blob, index);
+            if prefetch && self.cache.contains(&key) {
+                continue; // a prefetch does not even touch what is cached
+            }
+            let claimed = if prefetch && !self.take_budget(block_len(blob.size, bs, index)) {
+                None
+            } else {
+                match self.cache.claim(&key) {
+                    Claim::Fetch(mut f) => {
+                        f.reserve(block_len(blob.size, bs, index));
+                        if !prefetch {
+                            slots.push(Slot::Wait(f.flight()));
+                        }
+                        Some(f)
+                    }
+                    other => {
+                        if prefetch {
+                            self.give_budget(block_len(blob.size, bs, index));
+                        } else {
+                            slots.push(match other {
+                                Claim::Ready(b) => Slot::Ready(b),
+                                Claim::Wait(f) => Slot::Wait(f),
+                                Claim::Fetch(_) => unreachable!("matched above"),
+                            });
+                        }
+                        None
+                    }
+                }
+            };
+            let out_of_budget = prefetch && claimed.is_none() && !self.has_budget(blob, index);
+            match claimed {
+                Some(f) => {
+                    // Runs are contiguous: a gap ends the current one.
+                    let contiguous = run.last().is_none_or(|l| block_index(l) + 1 == index);
+                    if !contiguous || run.len() == per_request {
+                        self.spawn_run(blob, std::mem::take(&mut run), prefetch);
+                    }
+                    run.push(f);
+                }
+                None => {
+                    if !run.is_empty() {
+                        self.spawn_run(blob, std::mem::take(&mut run), prefetch);
+                    }
+                    if out_of_budget {
+                        break;
+                    }
+                }
+            }
+        }
+        if !run.is_empty() {
+            self.spawn_run(blob, run, prefetch);
+        }
+        slots
+    }
+
+    fn has_budget(&self, blob: &BlobRef, index: u64) -> bool {
+        let need = block_len(blob.size, self.cfg.block_size, index);
+        self.prefetching.load(Ordering::Relaxed) + need <= self.cfg.prefetch_budget
+    }
+
+    fn take_budget(&self, n: u64) -> bool {
+        let prev = self.prefetching.fetch_add(n, Ordering::SeqCst);
+        if prev + n > self.cfg.prefetch_budget {
+            self.prefetching.fetch_sub(n, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    fn give_budget(&self, n: u64) {
+        self.prefetching.fetch_sub(n, Ordering::SeqCst);
+    }
+
+    /// Fetch a contiguous run of claimed blocks with one streamed Range request, on the runtime.
+    pub(super) fn spawn_run(&self, blob: &BlobRef, run: Vec<Fetching>, prefetch: bool) {
+        let Some(first) = run.first().map(block_index) else {
+            return;
+        };
+        let bs = self.cfg.block_size;
+        let held = if prefetch {
+            run.iter()
+                .map(|f| block_len(blob.size, bs, block_index(f)))
+                .sum()
+        } else {
+            0
+        };
+        let release = BudgetRelease {
+            counter: self.prefetching.clone(),
+            held,
+        };
+        let reg = self.reg.clone();
+        let blob = blob.clone();
+        tokio::spawn(async move {
+            let _release = release;
+            fetch_run(reg, blob, bs, first, run).await;
+        });
+    }
+}
+
+/// What a read waits on for one block.
+pub(super) enum Slot {
+    Ready(Bytes),
+    Wait(Arc<crate::cache::Flight>),
+}
+
+/// Gives a prefetch's budget back when its request ends, however it ends.
+struct BudgetRelease {
+    counter: Arc<AtomicU64>,
+    held: u64,
+}
+
+impl Drop for BudgetRelease {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.held, Ordering::SeqCst);
+    }
+}
+
+fn block_index(f: &Fetching) -> u64 {
+    match f.key() {
+        crate::cache::ChunkKey::Blob { index, .. } => *index,
+        _ => u64::MAX,
+    }
+}
+
+/// Bytes of block `index` of a blob of `size` bytes.
+pub(super) fn block_len(size: u64, bs: u64, index: u64) -> u64 {
+    size.saturating_sub(index.saturating_mul(bs)).min(bs)
+}
+
+/// One Range request for blocks `first..first + run.len()`, landed block by block.
+async fn fetch_run(reg: Arc<dyn Registry>, blob: BlobRef, bs: u64, first: u64, run: Vec<Fetching>) {
+    let start = first * bs;
+    let end = (first + run.len() as u64)
+        .saturating_mul(bs)
+        .min(blob.size)
+        .saturating_sub(1);
+    if start >= blob.size {
+        let e = RegistryError::Protocol(format!(
+            "{}@{}: block {first} is past the end ({} bytes)",
+            blob.repo, blob.digest, blob.size
+        ));
+        fail_all(run.into(), &e);
+        return;
+    }
+    let mut asm = Assembler {
+        blob: &blob,
+        bs,
+        next: first,
+        waiting: run.into(),
+        cur: BytesMut::new(),
+        failed: None,
+    };
+    let r = reg
+        .blob_range_into(&blob.repo, &blob.digest, start, end, &mut |piece| {
+            asm.push(piece)
+        })
+        .await;
+    let failed = asm.failed.take();
+    let waiting = std::mem::take(&mut asm.waiting);
+    let err = match (r, failed) {
+        (_, Some(e)) | (Err(e), None) => e,
+        (Ok(()), None) if waiting.is_empty() => return,
+        (Ok(()), None) => RegistryError::Protocol(format!(
+            "{}@{}: asked for bytes {start}-{end}, the answer ended early",
+            blob.repo, blob.digest
+        )),
+    };
+    fail_all(waiting, &err);
+}
+
+fn fail_all(waiting: VecDeque<Fetching>, e: &RegistryError) {
+    Fetching::fail_all(waiting, Arc::new(e.clone()));
+}
+
+/// Cuts a streamed body into blocks and lands each one as soon as it is whole.
+struct Assembler<'a> {
+    blob: &'a BlobRef,
+    bs: u64,
+    /// The block being filled.
+    next: u64,
+    waiting: VecDeque<Fetching>,
+    cur: BytesMut,
+    /// A block failed its check: the rest of the body is ignored.
+    failed: Option<RegistryError>,
+}
+
+impl Assembler<'_> {
+    fn push(&mut self, mut piece: Bytes) {
+        while !piece.is_empty() && self.failed.is_none() && !self.waiting.is_empty() {
+            let want = block_len(self.blob.size, self.bs, self.next) as usize;
+            let need = want - self.cur.len();
+            let take = need.min(piece.len());
+            if self.cur.is_empty() && take == want {
+                // The whole block in one piece: no copy.
+                self.land(piece.slice(..take));
+            } else {
+                if self.cur.capacity() == 0 {
+                    self.cur.reserve(want);
+                }
+                self.cur.extend_from_slice(&piece[..take]);
+                if self.cur.len() == want {
+                    let block = std::mem::take(&mut self.cur).freeze();
+                    self.land(block);
+                }
+            }
+            piece = piece.slice(take..);
+        }
+    }
+
+    fn land(&mut self, block: Bytes) {
+        let Some(f) = self.waiting.pop_front() else {
+            return;
+        };
+        self.next += 1;
+        // A blob that is one block is checked against its digest before anyone sees it.
+        if block.len() as u64 == self.blob.size && self.blob.digest.is_sha256() {
+            if let Err(e) = crate::digest::verify(&self.blob.digest, &block) {
+                f.fail(Arc::new(e.clone()));
+                self.failed = Some(e);
+                return;
+            }
+        }
+        f.fulfil(block);
+    }
+}
