@@ -4,11 +4,10 @@
 use std::sync::Arc;
 
 use regfs::digest::{digest_hex, sha256_digest};
-use regfs::error::{RegistryError, RegistryResult};
 use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
 use regfs::registry::fake::FakeRegistry;
 use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
-use regfs::registry::{ManifestBlob, ManifestHead, Registry, UploadSession};
+use regfs::registry::Registry;
 
 const CHUNK: u64 = 64 * 1024;
 
@@ -467,120 +466,30 @@ async fn tag_delete_never_takes_another_tag_along() {
     );
 }
 
-/// The fake, except that a HEAD of the manifests named in `fail` answers 500.
-struct HeadFails {
-    inner: Arc<FakeRegistry>,
-    fail: std::sync::Mutex<Vec<String>>,
-}
-
-#[async_trait::async_trait]
-impl Registry for HeadFails {
-    async fn catalog(&self) -> RegistryResult<Vec<String>> {
-        self.inner.catalog().await
-    }
-    async fn tags(&self, repo: &str) -> RegistryResult<Vec<String>> {
-        self.inner.tags(repo).await
-    }
-    async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {
-        self.inner.manifest(repo, reference).await
-    }
-    async fn manifest_head(&self, repo: &str, reference: &str) -> RegistryResult<ManifestHead> {
-        if self.fail.lock().unwrap().iter().any(|r| r == reference) {
-            return Err(RegistryError::Server {
-                status: 500,
-                message: "injected".into(),
-            });
-        }
-        self.inner.manifest_head(repo, reference).await
-    }
-    async fn blob_size(&self, repo: &str, digest: &str) -> RegistryResult<u64> {
-        self.inner.blob_size(repo, digest).await
-    }
-    async fn blob_range(
-        &self,
-        repo: &str,
-        digest: &str,
-        start: u64,
-        end: u64,
-    ) -> RegistryResult<bytes::Bytes> {
-        self.inner.blob_range(repo, digest, start, end).await
-    }
-    async fn put_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        body: bytes::Bytes,
-    ) -> RegistryResult<String> {
-        self.inner
-            .put_manifest(repo, reference, media_type, body)
-            .await
-    }
-    async fn upload_start(&self, repo: &str) -> RegistryResult<UploadSession> {
-        self.inner.upload_start(repo).await
-    }
-    async fn upload_patch(
-        &self,
-        repo: &str,
-        session: &mut UploadSession,
-        data: bytes::Bytes,
-    ) -> RegistryResult<()> {
-        self.inner.upload_patch(repo, session, data).await
-    }
-    async fn upload_finish(
-        &self,
-        repo: &str,
-        session: UploadSession,
-        digest: &str,
-        last: bytes::Bytes,
-    ) -> RegistryResult<()> {
-        self.inner.upload_finish(repo, session, digest, last).await
-    }
-    async fn upload_cancel(&self, repo: &str, session: UploadSession) {
-        self.inner.upload_cancel(repo, session).await
-    }
-    async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> RegistryResult<bool> {
-        self.inner.mount_blob(repo, digest, from).await
-    }
-    async fn delete_manifest(&self, repo: &str, digest: &str) -> RegistryResult<()> {
-        self.inner.delete_manifest(repo, digest).await
-    }
-    async fn delete_blob(&self, repo: &str, digest: &str) -> RegistryResult<()> {
-        self.inner.delete_blob(repo, digest).await
-    }
-    fn stats(&self) -> &regfs::registry::RequestStats {
-        self.inner.stats()
-    }
-}
-
 #[tokio::test]
 async fn tag_delete_refuses_when_any_head_fails_and_sends_no_delete() {
-    let reg = Arc::new(FakeRegistry::new());
-    let heads = Arc::new(HeadFails {
-        inner: reg.clone(),
-        fail: std::sync::Mutex::new(Vec::new()),
-    });
-    let fs = Fs::new(heads.clone() as Arc<dyn Registry>, FsOptions::default());
+    let (reg, faults, fs) = setup_faulty();
     let cfg = reg.add_blob("r", b"{}".to_vec());
     reg.add_manifest("r", Some("a"), image_manifest(&cfg, 2, &[]));
     reg.add_manifest("r", Some("b"), image_manifest(&cfg, 2, &[(&cfg, 2)]));
     let tags = walk(&fs, "r/tags").await.unwrap();
     for failing in ["b", "a"] {
         // Another tag's HEAD fails (then the tag's own): cannot prove "alone", so no delete.
-        *heads.fail.lock().unwrap() = vec![failing.to_string()];
+        faults.inject_for(Op::ManifestHead, failing, Fault::Error(FaultError::Server));
         assert_eq!(fs.rmdir(tags, "a").await.unwrap_err().errno, libc::EIO);
+        assert_eq!(
+            faults.pending(),
+            0,
+            "the HEAD of {failing} was sent and failed"
+        );
         assert_eq!(reg.stats().snapshot().deletes, 0);
         assert_eq!(reg.tag_names("r"), ["a", "b"]);
     }
     // A failing tag list refuses too.
-    let (reg2, faults, fs2) = setup_faulty();
-    reg2.add_manifest("r", Some("a"), image_manifest(&cfg, 2, &[]));
-    let tags2 = walk(&fs2, "r/tags").await.unwrap();
     faults.inject(Op::Tags, Fault::Error(FaultError::Server));
-    assert_eq!(fs2.rmdir(tags2, "a").await.unwrap_err().errno, libc::EIO);
-    assert_eq!(reg2.stats().snapshot().deletes, 0);
+    assert_eq!(fs.rmdir(tags, "a").await.unwrap_err().errno, libc::EIO);
+    assert_eq!(reg.stats().snapshot().deletes, 0);
     // All HEADs answer: a lone tag goes.
-    heads.fail.lock().unwrap().clear();
     fs.rmdir(tags, "a").await.unwrap();
     assert_eq!(reg.tag_names("r"), ["b"]);
 }
