@@ -6,8 +6,8 @@
 //! A request answered with an injected error is counted in the inner registry's [`RequestStats`]
 //! as if it had been sent (it never reaches the inner registry). Body faults (truncated, whole
 //! body, corrupt) apply to blob range reads: the inner registry serves the read, and the answer is
-//! spoiled on the way back. [`Fault::LostAnswer`] lets the inner registry act and loses its
-//! answer; [`Fault::Hold`] keeps a request waiting at a [`Gate`] until the test opens it.
+//! spoiled on the way back. [`Fault::Hold`] keeps a request waiting at a [`Gate`] until the test
+//! opens it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicU64;
@@ -33,10 +33,6 @@ pub enum Fault {
     WholeBody,
     /// Flip the bytes served (a digest mismatch). Blob range reads only.
     Corrupt,
-    /// The request reaches the inner registry and takes effect, but its answer is lost (a
-    /// connection cut after the registry acted): the caller gets a transport error. Uploads
-    /// (PATCH, closing PUT) and manifest PUTs only.
-    LostAnswer,
     /// The request waits at the gate until [`Gate::open`], then goes on unharmed.
     Hold(Gate),
 }
@@ -200,8 +196,8 @@ impl FaultyRegistry {
     }
 }
 
-/// Answer `call` as `fault` says: an error (counted in `counter` as a request sent), a lost
-/// answer, a hold, or untouched. Body faults (meant for blob reads) are ignored here.
+/// Answer `call` as `fault` says: an error (counted in `counter` as a request sent), a hold, or
+/// untouched. Body faults (meant for blob reads) are ignored here.
 async fn apply<T, F>(
     op: Op,
     fault: Option<Fault>,
@@ -217,12 +213,6 @@ where
                 RequestStats::inc(c);
             }
             Err(injected(op, &f))
-        }
-        Some(Fault::LostAnswer) => {
-            call.await?;
-            Err(RegistryError::Transport(format!(
-                "injected fault on {op:?}: connection cut after the registry acted"
-            )))
         }
         Some(Fault::Hold(gate)) => {
             gate.pass().await;
