@@ -6,7 +6,7 @@ use std::sync::Arc;
 use regfs::digest::{digest_hex, sha256_digest};
 use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
 use regfs::registry::fake::FakeRegistry;
-use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
+use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Gate, Op};
 use regfs::registry::Registry;
 
 const CHUNK: u64 = 64 * 1024;
@@ -142,6 +142,121 @@ async fn fsync_sends_chunks_and_reports_failures() {
     assert_eq!(fs.flush(h.fh).await.unwrap_err().errno, libc::EIO);
     fs.release(h.fh).await;
     assert_eq!(reg.open_uploads(), 0);
+}
+
+/// Let spawned tasks run up to their next wait (a `#[tokio::test]` runtime has one thread).
+async fn let_run() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// `open` for reading, in a task of its own.
+fn open_read(fs: &Arc<Fs>, ino: Ino) -> tokio::task::JoinHandle<Result<u64, i32>> {
+    let fs = fs.clone();
+    tokio::spawn(async move {
+        fs.open(ino, false)
+            .await
+            .map(|o| o.fh.0)
+            .map_err(|e| e.errno)
+    })
+}
+
+#[tokio::test]
+async fn a_reader_waits_for_the_commit_under_way() {
+    let (reg, faults, fs) = setup_faulty();
+    let fs = Arc::new(fs);
+    fs.mkdir(ROOT_INO, "app").await.unwrap();
+    let parent = walk(&fs, "app/uploads").await.unwrap();
+    let d = data(3 * CHUNK as usize + 7);
+    let digest = sha256_digest(&d);
+    // `cat a > uploads/x; sha256sum uploads/x` from two processes: the writer's close is still
+    // committing (held at the closing PUT) when the reader opens.
+    let gate = Gate::new();
+    faults.inject_for(Op::UploadFinish, &digest, Fault::Hold(gate.clone()));
+    let (_, h) = fs.create(parent, "x").await.unwrap();
+    fs.write(h.fh, 0, &d).await.unwrap();
+    let closing = tokio::spawn({
+        let fs = fs.clone();
+        async move { fs.flush(h.fh).await }
+    });
+    gate.arrived().await;
+    let x = walk(&fs, "app/uploads/x").await.unwrap();
+    let reader = open_read(&fs, x);
+    let_run().await;
+    assert!(!reader.is_finished(), "the open waits for the commit");
+    assert!(!reg.has_blob("app", &digest));
+    gate.open();
+    closing.await.unwrap().unwrap();
+    let fh = regfs::fs::Fh(reader.await.unwrap().unwrap());
+    let got = fs.read(fh, 0, d.len() as u32).await.unwrap();
+    assert_eq!(sha256_digest(&got), digest, "the committed blob");
+    fs.release(fh).await;
+    fs.release(h.fh).await;
+
+    // A commit that fails while the reader waits: EIO, and nothing is listed.
+    let small = data(100);
+    let gate = Gate::new();
+    let small_digest = sha256_digest(&small);
+    faults.inject_for(Op::BlobHead, &small_digest, Fault::Hold(gate.clone()));
+    faults.inject_for(
+        Op::UploadFinish,
+        &small_digest,
+        Fault::Error(FaultError::Server),
+    );
+    let (_, h) = fs.create(parent, "y").await.unwrap();
+    fs.write(h.fh, 0, &small).await.unwrap();
+    let closing = tokio::spawn({
+        let fs = fs.clone();
+        async move { fs.flush(h.fh).await.map_err(|e| e.errno) }
+    });
+    gate.arrived().await;
+    let reader = open_read(&fs, walk(&fs, "app/uploads/y").await.unwrap());
+    let_run().await;
+    assert!(!reader.is_finished());
+    gate.open();
+    assert_eq!(closing.await.unwrap().unwrap_err(), libc::EIO);
+    assert_eq!(reader.await.unwrap().unwrap_err(), libc::EIO);
+    fs.release(h.fh).await;
+    assert_eq!(names(&fs, "app/uploads").await, ["x"]);
+}
+
+#[tokio::test]
+async fn a_reader_waits_for_a_commit_at_release_but_not_for_a_writer() {
+    let (_reg, faults, fs) = setup_faulty();
+    let fs = Arc::new(fs);
+    fs.mkdir(ROOT_INO, "app").await.unwrap();
+    let parent = walk(&fs, "app/uploads").await.unwrap();
+    // `: > uploads/e; sha256sum uploads/e`: the shell's close is deferred (nothing written), the
+    // commit comes at RELEASE, which the reader's open may overtake.
+    let empty = sha256_digest(b"");
+    let gate = Gate::new();
+    faults.inject_for(Op::BlobHead, &empty, Fault::Hold(gate.clone()));
+    let (_, h) = fs.create(parent, "e").await.unwrap();
+    fs.set_opener(h.fh, 7).await;
+    fs.flush_by(h.fh, Some(7)).await.unwrap();
+    let reader = open_read(&fs, walk(&fs, "app/uploads/e").await.unwrap());
+    let_run().await;
+    assert!(!reader.is_finished(), "the open waits for the release");
+    let releasing = tokio::spawn({
+        let fs = fs.clone();
+        async move { fs.release(h.fh).await }
+    });
+    gate.arrived().await;
+    let_run().await;
+    assert!(!reader.is_finished(), "and for the commit it starts");
+    gate.open();
+    releasing.await.unwrap();
+    let fh = regfs::fs::Fh(reader.await.unwrap().unwrap());
+    assert!(fs.read(fh, 0, 10).await.unwrap().is_empty());
+    fs.release(fh).await;
+
+    // Still being written (no flush since the last write): EBUSY at once.
+    let (_, h) = fs.create(parent, "w").await.unwrap();
+    fs.write(h.fh, 0, b"partial").await.unwrap();
+    let w = walk(&fs, "app/uploads/w").await.unwrap();
+    assert_eq!(fs.open(w, false).await.unwrap_err().errno, libc::EBUSY);
+    fs.release(h.fh).await;
 }
 
 /// Names listed in a directory.
