@@ -358,3 +358,48 @@ impl Registry for FaultyRegistry {
         self.inner.stats()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::fake::FakeRegistry;
+
+    #[tokio::test]
+    async fn faults_kept_for_a_reference_or_for_heads_pass_others_by() {
+        let fake = Arc::new(FakeRegistry::new());
+        let cfg = fake.add_blob("r", b"{}".to_vec());
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cfg}","size":2}},"layers":[]}}"#
+        );
+        fake.add_manifest("r", Some("a"), m.clone());
+        fake.add_manifest("r", Some("b"), m);
+        let f = FaultyRegistry::new(fake.clone());
+        f.inject_for(Op::ManifestHead, "b", Fault::Error(FaultError::Server));
+        // Another reference, and a GET of the same one, pass it by.
+        f.manifest_head("r", "a").await.unwrap();
+        f.manifest("r", "b").await.unwrap();
+        assert_eq!(f.pending(), 1);
+        let e = f.manifest_head("r", "b").await.unwrap_err();
+        assert!(
+            matches!(e, RegistryError::Server { status: 500, .. }),
+            "{e}"
+        );
+        assert_eq!(f.pending(), 0);
+        f.manifest_head("r", "b").await.unwrap();
+        // A fault for any manifest request meets a HEAD too.
+        f.inject(Op::Manifest, Fault::Error(FaultError::NotFound));
+        assert!(f.manifest_head("r", "a").await.is_err());
+        // A held request goes on once the gate opens.
+        let gate = Gate::new();
+        f.inject_for(Op::BlobHead, &cfg, Fault::Hold(gate.clone()));
+        let f = Arc::new(f);
+        let head = tokio::spawn({
+            let (f, cfg) = (f.clone(), cfg.clone());
+            async move { f.blob_size("r", &cfg).await }
+        });
+        gate.arrived().await;
+        assert!(!head.is_finished());
+        gate.open();
+        assert_eq!(head.await.unwrap().unwrap(), 2);
+    }
+}
