@@ -120,6 +120,16 @@ async fn a_failed_commit_cancels_too() {
         .unwrap_err();
     assert_eq!(e, libc::EIO, "a failed push is EIO whatever the cause");
     assert_eq!(reg.open_uploads(), 0);
+    // A multi-chunk upload whose closing PUT fails (the client's retry budget spent): the
+    // PATCHes went, yet nothing is listed and the registry has no blob.
+    faults.inject(Op::UploadFinish, Fault::Error(FaultError::Server));
+    let d = data(3 * CHUNK as usize + 5);
+    let e = copy_in(&fs, "app/uploads", "g.bin", &d).await.unwrap_err();
+    assert_eq!(e, libc::EIO);
+    assert_eq!(reg.stats().snapshot().upload_patches, 3);
+    assert!(names(&fs, "app/uploads").await.is_empty(), "nothing listed");
+    assert!(!reg.has_blob("app", &sha256_digest(&d)));
+    assert_eq!(reg.open_uploads(), 0, "the session was cancelled");
 }
 
 #[tokio::test]
