@@ -4,11 +4,10 @@
 use std::sync::Arc;
 
 use regfs::digest::{digest_hex, sha256_digest};
-use regfs::error::{RegistryError, RegistryResult};
 use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
 use regfs::registry::fake::FakeRegistry;
-use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
-use regfs::registry::{ManifestBlob, ManifestHead, Registry, UploadSession};
+use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Gate, Op};
+use regfs::registry::Registry;
 
 const CHUNK: u64 = 64 * 1024;
 
@@ -121,6 +120,16 @@ async fn a_failed_commit_cancels_too() {
         .unwrap_err();
     assert_eq!(e, libc::EIO, "a failed push is EIO whatever the cause");
     assert_eq!(reg.open_uploads(), 0);
+    // A multi-chunk upload whose closing PUT fails (the client's retry budget spent): the
+    // PATCHes went, yet nothing is listed and the registry has no blob.
+    faults.inject(Op::UploadFinish, Fault::Error(FaultError::Server));
+    let d = data(3 * CHUNK as usize + 5);
+    let e = copy_in(&fs, "app/uploads", "g.bin", &d).await.unwrap_err();
+    assert_eq!(e, libc::EIO);
+    assert_eq!(reg.stats().snapshot().upload_patches, 3);
+    assert!(names(&fs, "app/uploads").await.is_empty(), "nothing listed");
+    assert!(!reg.has_blob("app", &sha256_digest(&d)));
+    assert_eq!(reg.open_uploads(), 0, "the session was cancelled");
 }
 
 #[tokio::test]
@@ -143,6 +152,121 @@ async fn fsync_sends_chunks_and_reports_failures() {
     assert_eq!(fs.flush(h.fh).await.unwrap_err().errno, libc::EIO);
     fs.release(h.fh).await;
     assert_eq!(reg.open_uploads(), 0);
+}
+
+/// Let spawned tasks run up to their next wait (a `#[tokio::test]` runtime has one thread).
+async fn let_run() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// `open` for reading, in a task of its own.
+fn open_read(fs: &Arc<Fs>, ino: Ino) -> tokio::task::JoinHandle<Result<u64, i32>> {
+    let fs = fs.clone();
+    tokio::spawn(async move {
+        fs.open(ino, false)
+            .await
+            .map(|o| o.fh.0)
+            .map_err(|e| e.errno)
+    })
+}
+
+#[tokio::test]
+async fn a_reader_waits_for_the_commit_under_way() {
+    let (reg, faults, fs) = setup_faulty();
+    let fs = Arc::new(fs);
+    fs.mkdir(ROOT_INO, "app").await.unwrap();
+    let parent = walk(&fs, "app/uploads").await.unwrap();
+    let d = data(3 * CHUNK as usize + 7);
+    let digest = sha256_digest(&d);
+    // `cat a > uploads/x; sha256sum uploads/x` from two processes: the writer's close is still
+    // committing (held at the closing PUT) when the reader opens.
+    let gate = Gate::new();
+    faults.inject_for(Op::UploadFinish, &digest, Fault::Hold(gate.clone()));
+    let (_, h) = fs.create(parent, "x").await.unwrap();
+    fs.write(h.fh, 0, &d).await.unwrap();
+    let closing = tokio::spawn({
+        let fs = fs.clone();
+        async move { fs.flush(h.fh).await }
+    });
+    gate.arrived().await;
+    let x = walk(&fs, "app/uploads/x").await.unwrap();
+    let reader = open_read(&fs, x);
+    let_run().await;
+    assert!(!reader.is_finished(), "the open waits for the commit");
+    assert!(!reg.has_blob("app", &digest));
+    gate.open();
+    closing.await.unwrap().unwrap();
+    let fh = regfs::fs::Fh(reader.await.unwrap().unwrap());
+    let got = fs.read(fh, 0, d.len() as u32).await.unwrap();
+    assert_eq!(sha256_digest(&got), digest, "the committed blob");
+    fs.release(fh).await;
+    fs.release(h.fh).await;
+
+    // A commit that fails while the reader waits: EIO, and nothing is listed.
+    let small = data(100);
+    let gate = Gate::new();
+    let small_digest = sha256_digest(&small);
+    faults.inject_for(Op::BlobHead, &small_digest, Fault::Hold(gate.clone()));
+    faults.inject_for(
+        Op::UploadFinish,
+        &small_digest,
+        Fault::Error(FaultError::Server),
+    );
+    let (_, h) = fs.create(parent, "y").await.unwrap();
+    fs.write(h.fh, 0, &small).await.unwrap();
+    let closing = tokio::spawn({
+        let fs = fs.clone();
+        async move { fs.flush(h.fh).await.map_err(|e| e.errno) }
+    });
+    gate.arrived().await;
+    let reader = open_read(&fs, walk(&fs, "app/uploads/y").await.unwrap());
+    let_run().await;
+    assert!(!reader.is_finished());
+    gate.open();
+    assert_eq!(closing.await.unwrap().unwrap_err(), libc::EIO);
+    assert_eq!(reader.await.unwrap().unwrap_err(), libc::EIO);
+    fs.release(h.fh).await;
+    assert_eq!(names(&fs, "app/uploads").await, ["x"]);
+}
+
+#[tokio::test]
+async fn a_reader_waits_for_a_commit_at_release_but_not_for_a_writer() {
+    let (_reg, faults, fs) = setup_faulty();
+    let fs = Arc::new(fs);
+    fs.mkdir(ROOT_INO, "app").await.unwrap();
+    let parent = walk(&fs, "app/uploads").await.unwrap();
+    // `: > uploads/e; sha256sum uploads/e`: the shell's close is deferred (nothing written), the
+    // commit comes at RELEASE, which the reader's open may overtake.
+    let empty = sha256_digest(b"");
+    let gate = Gate::new();
+    faults.inject_for(Op::BlobHead, &empty, Fault::Hold(gate.clone()));
+    let (_, h) = fs.create(parent, "e").await.unwrap();
+    fs.set_opener(h.fh, 7).await;
+    fs.flush_by(h.fh, Some(7)).await.unwrap();
+    let reader = open_read(&fs, walk(&fs, "app/uploads/e").await.unwrap());
+    let_run().await;
+    assert!(!reader.is_finished(), "the open waits for the release");
+    let releasing = tokio::spawn({
+        let fs = fs.clone();
+        async move { fs.release(h.fh).await }
+    });
+    gate.arrived().await;
+    let_run().await;
+    assert!(!reader.is_finished(), "and for the commit it starts");
+    gate.open();
+    releasing.await.unwrap();
+    let fh = regfs::fs::Fh(reader.await.unwrap().unwrap());
+    assert!(fs.read(fh, 0, 10).await.unwrap().is_empty());
+    fs.release(fh).await;
+
+    // Still being written (no flush since the last write): EBUSY at once.
+    let (_, h) = fs.create(parent, "w").await.unwrap();
+    fs.write(h.fh, 0, b"partial").await.unwrap();
+    let w = walk(&fs, "app/uploads/w").await.unwrap();
+    assert_eq!(fs.open(w, false).await.unwrap_err().errno, libc::EBUSY);
+    fs.release(h.fh).await;
 }
 
 /// Names listed in a directory.
@@ -467,120 +591,30 @@ async fn tag_delete_never_takes_another_tag_along() {
     );
 }
 
-/// The fake, except that a HEAD of the manifests named in `fail` answers 500.
-struct HeadFails {
-    inner: Arc<FakeRegistry>,
-    fail: std::sync::Mutex<Vec<String>>,
-}
-
-#[async_trait::async_trait]
-impl Registry for HeadFails {
-    async fn catalog(&self) -> RegistryResult<Vec<String>> {
-        self.inner.catalog().await
-    }
-    async fn tags(&self, repo: &str) -> RegistryResult<Vec<String>> {
-        self.inner.tags(repo).await
-    }
-    async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {
-        self.inner.manifest(repo, reference).await
-    }
-    async fn manifest_head(&self, repo: &str, reference: &str) -> RegistryResult<ManifestHead> {
-        if self.fail.lock().unwrap().iter().any(|r| r == reference) {
-            return Err(RegistryError::Server {
-                status: 500,
-                message: "injected".into(),
-            });
-        }
-        self.inner.manifest_head(repo, reference).await
-    }
-    async fn blob_size(&self, repo: &str, digest: &str) -> RegistryResult<u64> {
-        self.inner.blob_size(repo, digest).await
-    }
-    async fn blob_range(
-        &self,
-        repo: &str,
-        digest: &str,
-        start: u64,
-        end: u64,
-    ) -> RegistryResult<bytes::Bytes> {
-        self.inner.blob_range(repo, digest, start, end).await
-    }
-    async fn put_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        body: bytes::Bytes,
-    ) -> RegistryResult<String> {
-        self.inner
-            .put_manifest(repo, reference, media_type, body)
-            .await
-    }
-    async fn upload_start(&self, repo: &str) -> RegistryResult<UploadSession> {
-        self.inner.upload_start(repo).await
-    }
-    async fn upload_patch(
-        &self,
-        repo: &str,
-        session: &mut UploadSession,
-        data: bytes::Bytes,
-    ) -> RegistryResult<()> {
-        self.inner.upload_patch(repo, session, data).await
-    }
-    async fn upload_finish(
-        &self,
-        repo: &str,
-        session: UploadSession,
-        digest: &str,
-        last: bytes::Bytes,
-    ) -> RegistryResult<()> {
-        self.inner.upload_finish(repo, session, digest, last).await
-    }
-    async fn upload_cancel(&self, repo: &str, session: UploadSession) {
-        self.inner.upload_cancel(repo, session).await
-    }
-    async fn mount_blob(&self, repo: &str, digest: &str, from: &str) -> RegistryResult<bool> {
-        self.inner.mount_blob(repo, digest, from).await
-    }
-    async fn delete_manifest(&self, repo: &str, digest: &str) -> RegistryResult<()> {
-        self.inner.delete_manifest(repo, digest).await
-    }
-    async fn delete_blob(&self, repo: &str, digest: &str) -> RegistryResult<()> {
-        self.inner.delete_blob(repo, digest).await
-    }
-    fn stats(&self) -> &regfs::registry::RequestStats {
-        self.inner.stats()
-    }
-}
-
 #[tokio::test]
 async fn tag_delete_refuses_when_any_head_fails_and_sends_no_delete() {
-    let reg = Arc::new(FakeRegistry::new());
-    let heads = Arc::new(HeadFails {
-        inner: reg.clone(),
-        fail: std::sync::Mutex::new(Vec::new()),
-    });
-    let fs = Fs::new(heads.clone() as Arc<dyn Registry>, FsOptions::default());
+    let (reg, faults, fs) = setup_faulty();
     let cfg = reg.add_blob("r", b"{}".to_vec());
     reg.add_manifest("r", Some("a"), image_manifest(&cfg, 2, &[]));
     reg.add_manifest("r", Some("b"), image_manifest(&cfg, 2, &[(&cfg, 2)]));
     let tags = walk(&fs, "r/tags").await.unwrap();
     for failing in ["b", "a"] {
         // Another tag's HEAD fails (then the tag's own): cannot prove "alone", so no delete.
-        *heads.fail.lock().unwrap() = vec![failing.to_string()];
+        faults.inject_for(Op::ManifestHead, failing, Fault::Error(FaultError::Server));
         assert_eq!(fs.rmdir(tags, "a").await.unwrap_err().errno, libc::EIO);
+        assert_eq!(
+            faults.pending(),
+            0,
+            "the HEAD of {failing} was sent and failed"
+        );
         assert_eq!(reg.stats().snapshot().deletes, 0);
         assert_eq!(reg.tag_names("r"), ["a", "b"]);
     }
     // A failing tag list refuses too.
-    let (reg2, faults, fs2) = setup_faulty();
-    reg2.add_manifest("r", Some("a"), image_manifest(&cfg, 2, &[]));
-    let tags2 = walk(&fs2, "r/tags").await.unwrap();
     faults.inject(Op::Tags, Fault::Error(FaultError::Server));
-    assert_eq!(fs2.rmdir(tags2, "a").await.unwrap_err().errno, libc::EIO);
-    assert_eq!(reg2.stats().snapshot().deletes, 0);
+    assert_eq!(fs.rmdir(tags, "a").await.unwrap_err().errno, libc::EIO);
+    assert_eq!(reg.stats().snapshot().deletes, 0);
     // All HEADs answer: a lone tag goes.
-    heads.fail.lock().unwrap().clear();
     fs.rmdir(tags, "a").await.unwrap();
     assert_eq!(reg.tag_names("r"), ["b"]);
 }

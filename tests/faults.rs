@@ -235,3 +235,64 @@ fn links_locations_and_redirects_to_another_host_get_no_credentials() {
         .unwrap();
     assert_eq!(sha256_digest(&direct), digest);
 }
+
+#[test]
+fn a_failed_closing_put_is_retried_found_complete_or_refused() {
+    let reg = TestRegistry::start();
+    // The closing PUT of each repository's upload (the PATCHes before it pass): `retry`'s first
+    // PUT is answered 503 by the proxy; `lost`'s first reaches the registry and its answer is
+    // dropped; every PUT of `spent` is answered 503.
+    let put = |path, act, times| Scripted::new("PUT", path, act, times);
+    let script = vec![
+        put("/v2/retry/blobs/uploads/", Act::Status(503), 1),
+        put("/v2/lost/blobs/uploads/", Act::DropAnswer, 1),
+        put("/v2/spent/blobs/uploads/", Act::Status(503), usize::MAX),
+    ];
+    let proxy = FaultProxy::start(
+        "127.0.0.1",
+        reg.port,
+        ProxyRules {
+            script: script.clone(),
+            ..Default::default()
+        },
+    );
+    let m = TestMount::new(
+        &proxy.addr(),
+        &["--upload-chunk-size", "1MiB", "--retry-budget", "2s"],
+    );
+    let data = pseudo_random((3 << 20) + 1000, 21);
+    let digest = sha256_digest(&data);
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), &data).unwrap();
+    // cp reports what close() says (a Rust File's drop would not).
+    let cp = |dst: &str| {
+        std::process::Command::new("cp")
+            .arg(src.path())
+            .arg(m.p(dst))
+            .output()
+            .unwrap()
+    };
+    let in_registry = |repo: &str| reg.curl("HEAD", &format!("/v2/{repo}/blobs/{digest}")).0 == 200;
+    for (i, repo) in ["retry", "lost"].into_iter().enumerate() {
+        std::fs::create_dir(m.p(repo)).unwrap();
+        let before = m.stat("upload_resumes");
+        let out = cp(&format!("{repo}/uploads/x"));
+        assert!(out.status.success(), "{repo}: {out:?}\n{}", m.log_text());
+        assert_eq!(script[i].hits(), 1, "{repo}: the fault was met");
+        assert!(in_registry(repo), "{repo}: the registry has the blob");
+        assert_eq!(m.stat("upload_resumes") - before, 1, "{repo}");
+        let x = m.p(&format!("{repo}/uploads/x"));
+        assert_eq!(xattr(&x, "user.oci.digest").unwrap(), digest.as_bytes());
+        assert_eq!(sha256_file(&x), digest, "{repo}: reads back");
+    }
+    // Every closing PUT fails: the close gets EIO once the budget is spent, nothing is listed.
+    std::fs::create_dir(m.p("spent")).unwrap();
+    let out = cp("spent/uploads/x");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Input/output error"), "{stderr}");
+    assert!(script[2].hits() >= 2, "retried: {} PUTs", script[2].hits());
+    assert!(ls(&m.p("spent/uploads")).is_empty());
+    assert!(!in_registry("spent"));
+    assert!(m.log_text().contains("budget spent"), "{}", m.log_text());
+}

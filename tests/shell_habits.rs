@@ -300,3 +300,45 @@ fn allow_other_lets_other_users_read_but_not_write() {
     std::fs::write(up.join("mine"), b"mine").unwrap();
     pushed(&reg, &m, "myapp", "mine", b"mine");
 }
+
+#[test]
+fn reading_right_after_writing_sees_the_committed_blob() {
+    // The commit of `: > x` comes at RELEASE, which close() does not wait for, so the next
+    // command's open can come first; an open of a file whose commit is under way waits for it.
+    let reg = TestRegistry::start();
+    let m = TestMount::new(&reg.addr(), &["--upload-chunk-size", "1MiB"]);
+    std::fs::create_dir(m.p("myapp")).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let a = pseudo_random(1_200_000, 4);
+    std::fs::write(w.join("a"), &a).unwrap();
+    let up = m.p("myapp/uploads");
+    let script = format!(
+        "set -e; for i in $(seq 1 6); do \
+           : > '{u}/e'$i; sha256sum < '{u}/e'$i; \
+           touch '{u}/t'$i; cat '{u}/t'$i | sha256sum; \
+           cat a > '{u}/x'$i; sha256sum < '{u}/x'$i; \
+           {{ cat a; cat a; }} > '{u}/g'$i; sha256sum < '{u}/g'$i; \
+         done",
+        u = up.display()
+    );
+    let hex = |d: &[u8]| digest_hex(&sha256_digest(d)).to_string();
+    let expected: String = [
+        hex(b""),
+        hex(b""),
+        hex(&a),
+        hex(&[a.clone(), a.clone()].concat()),
+    ]
+    .iter()
+    .map(|h| format!("{h}  -\n"))
+    .collect::<String>()
+    .repeat(6);
+    for sh in ["bash", "sh"] {
+        let out = run(sh, &["-c", &script], w, &[]);
+        ok(sh, &out, &m);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "{sh}");
+        for name in ls(&up) {
+            std::fs::remove_file(up.join(name)).unwrap();
+        }
+    }
+}

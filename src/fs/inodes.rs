@@ -23,7 +23,8 @@
 //!      released.
 //!    - `fs::meta::Meta`: the catalog, tag-list and tag-target TTL maps, the manifest LRU,
 //!      `known_repos`, `seen` (each its own lock).
-//!    - `fs::staging::Staging`: `staged`, `pending_tags`.
+//!    - `fs::staging::Staging`: `staged`, `pending_tags`, and the `changed` watch that wakes
+//!      readers waiting for a commit (sent after `staged` is released; waited on with no lock).
 //!    - `blob::Blobs::verified`.
 //!    - `layer::Layers`: `indexes`, `merged`, `bound` (LRUs of once-cells; the cells are awaited
 //!      after the lock is released).
@@ -31,7 +32,8 @@
 //!    - `fuse::adapter`: `dir_handles` (directory listings being paged).
 //!    - `registry::http`: `scheme` (the auth scheme learned from the challenge) and `tokens`
 //!      (Bearer tokens per scope); the request counters are atomics.
-//!    - In tests only: the fake's `repos` and `uploads`, the faulty wrapper's `faults`.
+//!    - In tests only: the fake's `repos` and `uploads`, the faulty wrapper's `faults` (a held
+//!      request waits at its gate with no lock held).
 //!
 //! Not locks, but waited on the same way: the adapter's read `Semaphore` (a permit is held for
 //! the whole read, no std lock with it), and a `tokio::sync::OnceCell` being initialised (a chunk

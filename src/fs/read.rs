@@ -23,7 +23,7 @@ impl Fs {
         }
         let node = match &*node {
             Node::IndexJson { .. } => Arc::new(self.materialize((*node).clone()).await?),
-            Node::Staged(k) => Arc::new(Node::File(self.staged_file(k)?)),
+            Node::Staged(k) => Arc::new(Node::File(self.committed_file(k).await?)),
             _ => node,
         };
         let (verifier, keep_cache) = match &*node {

@@ -14,13 +14,15 @@
 //! nothing.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use super::handles::Handle;
 use super::meta::Event;
+use super::node::FileNode;
 use super::node::{Area, Node, StagedKey};
-use super::staging::UnlinkRefused;
+use super::staging::{Settled, UnlinkRefused, WriteState};
 use super::types::{Attr, EntryOut, Fh, Ino, Kind, Opened};
 use super::{Fs, RESERVED};
 use crate::digest::{is_sha256_hex, Digest};
@@ -66,6 +68,20 @@ impl Writer {
         })
     }
 }
+
+/// How long a reader waits for a commit under way (`open` of a file whose writer is closing). A
+/// commit is bounded by the registry client: the PATCH in flight and the closing PUT each retry
+/// within `--retry-budget` (default 30 s) and each try within `--request-timeout` (default 60 s),
+/// so with the defaults one commit ends well within 5 minutes. Past it the open is EBUSY (the
+/// commit goes on).
+pub const COMMIT_WAIT: Duration = Duration::from_secs(300);
+
+/// How long a reader waits for the `release` of a file that every writer has flushed but nobody
+/// is committing yet. The kernel queues RELEASE before close() returns, but another process's
+/// OPEN can overtake it (several FUSE threads; background requests queue behind readahead); it
+/// arrives within milliseconds. 5 s covers a loaded machine; a writer that keeps its descriptor
+/// open longer gets the reader EBUSY after that.
+pub const RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// `rmdir tags/<tag>` could not prove the tag is alone: refuse with EIO, never delete.
 fn refuse_delete(repo: &str, tag: &str, why: &str) -> FsError {
@@ -305,6 +321,35 @@ impl Fs {
         })
     }
 
+    /// A written file opened for reading: once its commit is done. A reader that comes while the
+    /// commit is under way (or while the last writer is closing) waits for it, at most
+    /// [`COMMIT_WAIT`] (and [`RELEASE_WAIT`] for a release to begin); a failed commit is EIO; a file
+    /// still being written is EBUSY at once.
+    pub(super) async fn committed_file(&self, k: &StagedKey) -> FsResult<FileNode> {
+        match self.staging.settle(k, COMMIT_WAIT, RELEASE_WAIT).await {
+            Settled::Committed => self.staged_file(k),
+            Settled::Gone { waited: true } => Err(FsError::io(format!(
+                "{}: its push failed while this open waited for it; nothing was committed",
+                k.name
+            ))),
+            Settled::Gone { waited: false } => Err(FsError::not_found(format!(
+                "{} is not listed any more",
+                k.name
+            ))),
+            Settled::Busy(state) => Err(FsError::busy(
+                log::Level::Debug,
+                match state {
+                    WriteState::Committing => format!(
+                        "{}: its commit is still under way after {} s",
+                        k.name,
+                        COMMIT_WAIT.as_secs()
+                    ),
+                    _ => format!("{} is still being written", k.name),
+                },
+            )),
+        }
+    }
+
     /// Is `fh` a writing handle?
     pub fn is_writer(&self, fh: Fh) -> bool {
         self.handles.writer(fh).is_some()
@@ -414,6 +459,8 @@ impl Fs {
                 return r.clone().map(|_| ());
             }
             if !from_opener(w.opener, closer) || w.written() == 0 {
+                // Nothing more may come: a reader that opens it now waits for the commit.
+                self.staging.set_state(&w.key, WriteState::Flushed);
                 log::debug!(
                     "flush of {} by {closer:?} (opened by {:?}, {} bytes): commit deferred",
                     w.key.name,
@@ -429,18 +476,22 @@ impl Fs {
     /// `release`: commit whatever was not committed (an empty file, or one whose opener never
     /// flushed after writing). Nobody hears the result but the log.
     pub(super) async fn release_writer(&self, fh: Fh, w: &tokio::sync::Mutex<Writer>) {
-        if let Some(e) = w.lock().await.poison_error() {
+        let mut w = w.lock().await;
+        if let Some(e) = w.poison_error() {
             log::debug!("release fh={}: {}", fh.0, e.message);
             return;
         }
-        if let Err(e) = self.commit(w).await {
+        if let Err(e) = self.commit_locked(&mut w).await {
             log::log!(e.level, "release fh={}: {}", fh.0, e.message);
         }
     }
 
     /// Commit once; later calls return the first outcome.
     pub(super) async fn commit(&self, w: &tokio::sync::Mutex<Writer>) -> FsResult<()> {
-        let mut w = w.lock().await;
+        self.commit_locked(&mut *w.lock().await).await
+    }
+
+    async fn commit_locked(&self, w: &mut Writer) -> FsResult<()> {
         if let Some(e) = w.poison_error() {
             return Err(e);
         }
@@ -448,6 +499,8 @@ impl Fs {
             return r.clone().map(|_| ());
         }
         let key = w.key.clone();
+        // A reader that opens the file from now on waits for the outcome.
+        self.staging.set_state(&key, WriteState::Committing);
         let result = match &mut w.kind {
             WriteKind::Blob(up) => {
                 let size = up.written();

@@ -51,7 +51,8 @@ request_stats! {
     retries,
     /// Blob reads whose body was cut, resumed with a Range from the byte where it stopped.
     resumes,
-    /// Uploads whose failed PATCH was resumed from the registry's upload status.
+    /// Uploads whose failed PATCH or closing PUT was resumed from the registry's upload status
+    /// (or whose closing PUT, its answer lost, was found complete by a HEAD of the blob).
     upload_resumes,
     /// Requests to another origin than the registry's (a `Link`, `Location` or redirect), sent
     /// without credentials.

@@ -12,6 +12,9 @@ pub use proxy::*;
 mod stub;
 #[allow(unused_imports)]
 pub use stub::*;
+mod script;
+#[allow(unused_imports)]
+pub use script::*;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

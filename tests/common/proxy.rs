@@ -31,6 +31,8 @@ pub struct ProxyRules {
     pub link_tags: bool,
     /// An `Authorization` value added to forwarded requests that carry none.
     pub add_auth: Option<String>,
+    /// Scripted faults for chosen requests (`super::script`), tried before the rules above.
+    pub script: Vec<Arc<super::Scripted>>,
 }
 
 /// One request as the proxy saw it (header names lowercased).
@@ -158,6 +160,11 @@ fn serve(
         );
         let _ = out.shutdown(Shutdown::Both);
     };
+    let act = super::script::pick(&rules.script, &method, &path);
+    if let Some(super::Act::Status(status)) = act {
+        answer(&mut out, status, "");
+        return Ok(());
+    }
     if let Some((k, statuses)) = &rules.fail_every {
         if n.is_multiple_of(*k) {
             let j = counts.failed.fetch_add(1, Ordering::SeqCst);
@@ -196,6 +203,10 @@ fn serve(
     uw.write_all(&body)?;
     let mut ur = BufReader::new(up);
     let rhead = read_head(&mut ur)?;
+    if act == Some(super::Act::DropAnswer) {
+        let _ = out.shutdown(Shutdown::Both);
+        return Ok(());
+    }
     let mut resp = String::new();
     for (i, l) in rhead.iter().enumerate() {
         let lower = l.to_ascii_lowercase();

@@ -282,22 +282,8 @@ impl Registry for HttpRegistry {
     async fn blob_size(&self, repo: &str, digest: &str) -> RegistryResult<u64> {
         check_repo(repo)?;
         check_digest(digest)?;
-        RequestStats::inc(&self.stats.blob_heads);
-        let req = Req {
-            method: Method::HEAD,
-            url: self.url(&format!("/v2/{repo}/blobs/{digest}")),
-            headers: HeaderMap::new(),
-            body: None,
-            scope: repo_scope(repo, false),
-            what: format!("HEAD {repo}@{digest}"),
-        };
-        let resp = self.send(&req).await?;
-        if !resp.status().is_success() {
-            return Err(error_from(resp.status(), b"", &req.what));
-        }
-        header_str(resp.headers(), "content-length")
-            .and_then(|l| l.parse().ok())
-            .ok_or_else(|| RegistryError::Protocol(format!("{}: no Content-Length", req.what)))
+        self.blob_head(repo, digest, &mut Budget::new(self.retry_budget))
+            .await
     }
 
     async fn blob_range(
@@ -477,38 +463,7 @@ impl Registry for HttpRegistry {
         digest: &str,
         last: Bytes,
     ) -> RegistryResult<()> {
-        let mut url = Url::parse(&session.location)
-            .map_err(|e| RegistryError::Protocol(format!("upload location: {e}")))?;
-        url.query_pairs_mut().append_pair("digest", digest);
-        let headers = wire::upload_headers((!last.is_empty()).then(|| {
-            let start = session.offset;
-            (start, start + last.len() as u64 - 1)
-        }));
-        let len = last.len() as u64;
-        let req = Req {
-            method: Method::PUT,
-            url,
-            headers,
-            body: Some(last),
-            scope: repo_scope(repo, true),
-            what: format!("PUT {repo}@{digest}"),
-        };
-        let resp = self.send(&req).await?;
-        if resp.status() != StatusCode::CREATED {
-            let s = resp.status();
-            let body = error_body(resp).await;
-            return Err(error_from(s, &body, &req.what));
-        }
-        if let Some(d) = header_str(resp.headers(), "docker-content-digest") {
-            if d != digest {
-                return Err(RegistryError::DigestMismatch {
-                    expected: digest.to_string(),
-                    actual: d.to_string(),
-                });
-            }
-        }
-        RequestStats::add(&self.stats.upload_bytes, len);
-        Ok(())
+        self.finish_resumable(repo, session, digest, last).await
     }
 
     async fn upload_cancel(&self, repo: &str, session: UploadSession) {

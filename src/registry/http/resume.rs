@@ -1,7 +1,8 @@
 //! The pieces of the HTTP client that pick up after a failure: one Range GET of a blob that appends
 //! to what already arrived (so `blob_range` can resume a cut body from the byte where it stopped),
-//! one PATCH, and the upload status (`GET` on the upload URL, `Range: 0-N`) that a failed PATCH
-//! resumes from.
+//! one PATCH, the upload status (`GET` on the upload URL, `Range: 0-N`) that a failed PATCH or
+//! closing PUT resumes from, and the closing PUT retried from that status (or found complete by a
+//! HEAD of the blob when its answer was lost).
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -21,6 +22,34 @@ fn range_end(range: &str) -> Option<u64> {
         .trim_start_matches("bytes=")
         .split_once('-')
         .and_then(|(_, e)| e.trim().parse::<u64>().ok())
+}
+
+/// A request of an upload at the session's latest Location: a PATCH, or the closing PUT (with
+/// `?digest=`), carrying `body` as the blob's bytes from the session's offset on (no
+/// `Content-Range` when there are none).
+fn upload_req(
+    repo: &str,
+    session: &UploadSession,
+    method: Method,
+    digest: Option<&str>,
+    body: Bytes,
+    what: String,
+) -> RegistryResult<Req> {
+    let mut url = Url::parse(&session.location)
+        .map_err(|e| RegistryError::Protocol(format!("upload location: {e}")))?;
+    if let Some(d) = digest {
+        url.query_pairs_mut().append_pair("digest", d);
+    }
+    let start = session.offset;
+    let range = (!body.is_empty()).then(|| (start, start + body.len() as u64 - 1));
+    Ok(Req {
+        method,
+        url,
+        headers: super::wire::upload_headers(range),
+        body: Some(body),
+        scope: repo_scope(repo, true),
+        what,
+    })
 }
 
 impl HttpRegistry {
@@ -115,18 +144,10 @@ impl HttpRegistry {
         end: u64,
         data: Bytes,
     ) -> RegistryResult<()> {
-        let url = Url::parse(&session.location)
-            .map_err(|e| RegistryError::Protocol(format!("upload location: {e}")))?;
-        let headers = super::wire::upload_headers(Some((start, end)));
+        debug_assert_eq!(start, session.offset);
         let len = data.len() as u64;
-        let req = Req {
-            method: Method::PATCH,
-            url,
-            headers,
-            body: Some(data),
-            scope: repo_scope(repo, true),
-            what: format!("PATCH {repo} upload bytes {start}-{end}"),
-        };
+        let what = format!("PATCH {repo} upload bytes {start}-{end}");
+        let req = upload_req(repo, session, Method::PATCH, None, data, what)?;
         let resp = self.send(&req).await?;
         let status = resp.status();
         // 202 per the spec; ECR answers 201.
@@ -191,5 +212,128 @@ impl HttpRegistry {
             session.location = loc.to_string();
         }
         Ok(have)
+    }
+
+    /// `HEAD` of a blob within `budget`: its size (`Content-Length`).
+    pub(super) async fn blob_head(
+        &self,
+        repo: &str,
+        digest: &str,
+        budget: &mut Budget,
+    ) -> RegistryResult<u64> {
+        RequestStats::inc(&self.stats.blob_heads);
+        let req = Req {
+            method: Method::HEAD,
+            url: self.url(&format!("/v2/{repo}/blobs/{digest}")),
+            headers: HeaderMap::new(),
+            body: None,
+            scope: repo_scope(repo, false),
+            what: format!("HEAD {repo}@{digest}"),
+        };
+        let resp = self.send_in(&req, budget).await?;
+        if !resp.status().is_success() {
+            return Err(error_from(resp.status(), b"", &req.what));
+        }
+        header_str(resp.headers(), "content-length")
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| RegistryError::Protocol(format!("{}: no Content-Length", req.what)))
+    }
+
+    /// One closing PUT `?digest=` at the session's Location, with `last` as the bytes from the
+    /// session's offset on (no `Content-Range` when there are none).
+    async fn put_once(
+        &self,
+        repo: &str,
+        session: &UploadSession,
+        digest: &str,
+        last: Bytes,
+        budget: &mut Budget,
+    ) -> RegistryResult<()> {
+        let len = last.len() as u64;
+        let what = format!("PUT {repo}@{digest}");
+        let req = upload_req(repo, session, Method::PUT, Some(digest), last, what)?;
+        let resp = self.send_in(&req, budget).await?;
+        if resp.status() != StatusCode::CREATED {
+            let s = resp.status();
+            let body = error_body(resp).await;
+            return Err(error_from(s, &body, &req.what));
+        }
+        if let Some(d) = header_str(resp.headers(), "docker-content-digest") {
+            if d != digest {
+                return Err(RegistryError::DigestMismatch {
+                    expected: digest.to_string(),
+                    actual: d.to_string(),
+                });
+            }
+        }
+        RequestStats::add(&self.stats.upload_bytes, len);
+        Ok(())
+    }
+
+    /// The closing PUT, with `last` as the final bytes. A PUT cut, or answered 5xx or 429, is
+    /// tried again within the retry budget after asking the registry where the upload stands:
+    /// its upload status gives the bytes it holds (the PUT goes again with the rest), and an
+    /// upload it no longer knows was either committed by the PUT whose answer was lost (a HEAD
+    /// of the blob finds it, with the size written: done) or lost (an error).
+    pub(super) async fn finish_resumable(
+        &self,
+        repo: &str,
+        mut session: UploadSession,
+        digest: &str,
+        last: Bytes,
+    ) -> RegistryResult<()> {
+        let first = session.offset;
+        let total = first.saturating_add(last.len() as u64);
+        let what = format!("PUT {repo}@{digest}");
+        let mut budget = Budget::new(self.retry_budget);
+        loop {
+            let suffix = last.slice((session.offset - first) as usize..);
+            let outcome = self
+                .put_once(repo, &session, digest, suffix, &mut budget)
+                .await;
+            let err = match outcome {
+                Ok(()) => return Ok(()),
+                Err(
+                    e @ (RegistryError::Transport(_)
+                    | RegistryError::Server { .. }
+                    | RegistryError::TooManyRequests(_)),
+                ) => e,
+                Err(e) => return Err(e),
+            };
+            if !budget.pause(None, &err.to_string(), &what).await {
+                return Err(err);
+            }
+            match self.upload_status(repo, &mut session, &mut budget).await {
+                Ok(have) if (first..=total).contains(&have) => session.offset = have,
+                Ok(have) => {
+                    return Err(RegistryError::Protocol(format!(
+                        "{what}: after a failed PUT the registry has {have} bytes, outside \
+                         {first}..={total}"
+                    )))
+                }
+                Err(RegistryError::NotFound(_)) => {
+                    // The session is closed: by our PUT (its answer lost), or for good.
+                    return match self.blob_head(repo, digest, &mut budget).await {
+                        Ok(size) if size == total => {
+                            RequestStats::inc(&self.stats.upload_resumes);
+                            log::info!(
+                                "{what}: its answer was lost, but the registry has the blob"
+                            );
+                            Ok(())
+                        }
+                        Ok(size) => Err(RegistryError::Protocol(format!(
+                            "{what}: the registry has the blob with {size} bytes, not {total}"
+                        ))),
+                        Err(RegistryError::NotFound(_)) => Err(RegistryError::Protocol(format!(
+                            "{what}: the registry dropped the upload after a failed PUT ({err}); \
+                             it cannot be resumed"
+                        ))),
+                        Err(e) => Err(e),
+                    };
+                }
+                Err(e) => return Err(e),
+            }
+            RequestStats::inc(&self.stats.upload_resumes);
+        }
     }
 }
