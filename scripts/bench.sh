@@ -368,9 +368,11 @@ echo "Workloads took ${total_s} s ($load). regfs flags: ${flags[*]:-defaults}."
 echo "speed vs ref = ref s / regfs s (> 1: regfs is faster)."
 
 if [ $record = 1 ]; then
+    # Before the file is opened for appending (that would count as a local change).
+    head="### $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')"
     {
         echo
-        echo "### $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')"
+        echo "$head"
         echo
         echo "Machine: $(nproc) cores ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)."
         echo "Command: \`$cmdline\`; wan = ${rtt_ms} ms RTT, ${window} window; regfs flags: ${flags[*]:-defaults}; workloads took ${total_s} s ($load)."
