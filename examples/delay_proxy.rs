@@ -2,7 +2,7 @@
 //! in flight per connection and direction (a TCP window). See `tests/common/delay_proxy.rs`.
 //!
 //! `cargo run --release --example delay_proxy -- --upstream 127.0.0.1:5000 [--rtt-ms 50]
-//! [--window 4MiB] [--listen 127.0.0.1:0]` prints `listening on 127.0.0.1:PORT`, then serves
+//! [--window 4MiB] [--handshake] [--listen 127.0.0.1:0]` prints `listening on 127.0.0.1:PORT`, then serves
 //! until killed.
 
 #[path = "../tests/common/delay_proxy.rs"]
@@ -32,6 +32,10 @@ struct Args {
     /// (1 byte to 1 GiB). 4 MiB is Linux's default maximum TCP receive window.
     #[arg(long, default_value = "4MiB", value_parser = parse_window)]
     window: usize,
+    /// Charge each new connection one RTT before its first byte moves (a TCP handshake; off by
+    /// default, as in the figures the issue started from).
+    #[arg(long)]
+    handshake: bool,
 }
 
 /// A window size in regfs's size syntax (4MiB, 256K, 65536), 1 byte to 1 GiB.
@@ -65,6 +69,7 @@ async fn main() {
     let opts = DelayOptions {
         rtt: Duration::from_millis(args.rtt_ms.min(60_000)),
         window: args.window,
+        handshake: args.handshake,
     };
     serve(listener, upstream, opts, Arc::new(DelayStats::default())).await;
 }

@@ -5,7 +5,7 @@
 # (examples/seed_bench.rs), prints a table and, with --record, appends it to docs/BENCHMARKS.md.
 #
 # Usage: scripts/bench.sh [--quick] [--record] [--net lo|wan|both] [--rtt-ms N] [--window SIZE]
-#                         [WORKLOAD...] [-- REGFS_FLAGS...]
+#                         [--handshake] [WORKLOAD...] [-- REGFS_FLAGS...]
 # Workloads (default: all): seq random gzip-first progressive indexed tags estargz zstd-chunked
 #                           push cached
 #   seq          cold sequential read of one blob (1 GiB loopback, 256 MiB at RTT) vs curl, and the
@@ -20,6 +20,8 @@
 #   zstd-chunked the same for zstd:chunked
 #   push         cp of a file into uploads/ vs curl -T (monolithic POST + PUT)
 #   cached       re-read of a fully cached blob in a new mount (needs --cache-dir-size, issue 10)
+# --handshake: the proxy charges each new connection one RTT (off by default, as in the figures
+# issue 9 started from).
 # --quick: smaller sizes (256 MiB loopback, 64 MiB at RTT, smaller layers) for a fast check.
 # Each row: time, throughput, bytes fetched (or sent), requests (from user.regfs.stats), the
 # daemon's CPU (utime+stime from /proc/PID/stat) and peak RSS (VmHWM).
@@ -28,7 +30,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 all="seq random gzip-first progressive indexed tags estargz zstd-chunked push cached"
-quick=0 record=0 nets="lo wan" rtt_ms=50 window=4MiB workloads=() flags=()
+quick=0 record=0 nets="lo wan" rtt_ms=50 window=4MiB handshake=() workloads=() flags=()
 cmdline="scripts/bench.sh $*"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -37,6 +39,7 @@ while [ $# -gt 0 ]; do
     --net) shift; case "$1" in both) nets="lo wan" ;; lo | wan) nets=$1 ;; *) echo "--net lo|wan|both" >&2; exit 2 ;; esac ;;
     --rtt-ms) shift; rtt_ms=$1 ;;
     --window) shift; window=$1 ;;
+    --handshake) handshake=(--handshake) ;;
     --) shift; flags=("$@"); break ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *)
@@ -64,7 +67,7 @@ cargo build --release --quiet --example delay_proxy --example seed_bench
 cargo build --release --quiet --bin regfs
 
 work_setup
-start_delay_proxy "$REGISTRY_ADDR" "$rtt_ms" "$window" "$work/proxy.log"
+start_delay_proxy "$REGISTRY_ADDR" "$rtt_ms" "$window" "$work/proxy.log" "${handshake[@]}"
 
 # --- seeding --------------------------------------------------------------------------------
 
@@ -363,7 +366,7 @@ table >"$out"
 echo
 cat "$out"
 echo
-echo "wan = ${rtt_ms} ms RTT, ${window} window per connection and direction (examples/delay_proxy.rs)."
+echo "wan = ${rtt_ms} ms RTT, ${window} window per connection and direction${handshake:+, a new connection costs one RTT} (examples/delay_proxy.rs)."
 echo "Workloads took ${total_s} s ($load). regfs flags: ${flags[*]:-defaults}."
 echo "speed vs ref = ref s / regfs s (> 1: regfs is faster)."
 
@@ -375,7 +378,7 @@ if [ $record = 1 ]; then
         echo "$head"
         echo
         echo "Machine: $(nproc) cores ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r)."
-        echo "Command: \`$cmdline\`; wan = ${rtt_ms} ms RTT, ${window} window; regfs flags: ${flags[*]:-defaults}; workloads took ${total_s} s ($load)."
+        echo "Command: \`$cmdline\`; wan = ${rtt_ms} ms RTT, ${window} window${handshake:+, handshake}; regfs flags: ${flags[*]:-defaults}; workloads took ${total_s} s ($load)."
         echo
         cat "$out"
     } >>docs/BENCHMARKS.md

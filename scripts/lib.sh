@@ -156,11 +156,11 @@ regfs_unmount() {
     REGFS_PID=
 }
 
-# start_delay_proxy UPSTREAM RTT_MS WINDOW LOG: target/release/examples/delay_proxy in front of
-# UPSTREAM (a WAN on loopback). Sets PROXY_PID and PROXY_ADDR.
+# start_delay_proxy UPSTREAM RTT_MS WINDOW LOG [FLAGS...]: target/release/examples/delay_proxy
+# in front of UPSTREAM (a WAN on loopback). Sets PROXY_PID and PROXY_ADDR.
 start_delay_proxy() {
     local i
-    target/release/examples/delay_proxy --upstream "$1" --rtt-ms "$2" --window "$3" >"$4" 2>&1 &
+    target/release/examples/delay_proxy --upstream "$1" --rtt-ms "$2" --window "$3" "${@:5}" >"$4" 2>&1 &
     PROXY_PID=$!
     for i in $(seq 1 200); do
         PROXY_ADDR=$(sed -n 's/^listening on //p' "$4" | head -1)

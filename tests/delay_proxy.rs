@@ -18,6 +18,7 @@ fn small_link() -> DelayOptions {
     DelayOptions {
         rtt: Duration::from_millis(4),
         window: 128 * 1024,
+        handshake: false,
     }
 }
 
@@ -113,6 +114,7 @@ fn a_mount_through_the_proxy_reads_the_right_bytes() {
         DelayOptions {
             rtt: Duration::from_millis(10),
             window: 1 << 20,
+            handshake: true,
         },
     );
     let m = TestMount::new(&proxy.addr(), &[]);

@@ -7,7 +7,8 @@
 //! 64 KiB at a time once the window has room for it and stamps it with "release at read time +
 //! RTT/2"; a writer writes it at that instant; the bytes leave the window RTT/2 later still (when
 //! the sender would see the ACK), so a byte holds the window for one RTT. End of stream becomes a
-//! half-close RTT/2 later; a read or write error resets both sockets.
+//! half-close RTT/2 later; a read or write error resets both sockets. Connecting costs nothing
+//! unless [`DelayOptions::handshake`] is set: then a new connection waits one RTT first.
 //!
 //! Used by `examples/delay_proxy.rs` (the benchmark's proxy) and by the tests, through
 //! [`DelayProxy::start`].
@@ -36,6 +37,9 @@ pub struct DelayOptions {
     pub rtt: Duration,
     /// Bytes one direction of one connection may hold in its delay line (the TCP window).
     pub window: usize,
+    /// Charge a new connection one RTT before its first byte moves, as a TCP handshake would
+    /// (the real handshake with the proxy is local and free).
+    pub handshake: bool,
 }
 
 impl Default for DelayOptions {
@@ -46,6 +50,7 @@ impl Default for DelayOptions {
         DelayOptions {
             rtt: Duration::from_millis(50),
             window: 4 << 20,
+            handshake: false,
         }
     }
 }
@@ -82,6 +87,11 @@ pub async fn serve(
         let stats = stats.clone();
         tokio::spawn(async move {
             stats.connections.fetch_add(1, Ordering::Relaxed);
+            if opts.handshake {
+                // The client's first bytes wait in its socket meanwhile, so they arrive 1.5 RTT
+                // after its connect, as over a real link.
+                tokio::time::sleep(opts.rtt).await;
+            }
             let Ok(up) = TcpStream::connect(upstream).await else {
                 // As a refused connection would: the client sees a reset.
                 reset_on_close(&client);
