@@ -5,7 +5,7 @@
 # (examples/seed_bench.rs), prints a table and, with --record, appends it to docs/BENCHMARKS.md.
 #
 # Usage: scripts/bench.sh [--quick] [--record] [--net lo|wan|both] [--rtt-ms N] [--window SIZE]
-#                         [--handshake] [WORKLOAD...] [-- REGFS_FLAGS...]
+#                         [--handshake] [--profile] [WORKLOAD...] [-- REGFS_FLAGS...]
 # Workloads (default: all): seq random gzip-first progressive indexed tags estargz zstd-chunked
 #                           push cached
 #   seq          cold sequential read of one blob (1 GiB loopback, 256 MiB at RTT) vs curl, and the
@@ -22,6 +22,8 @@
 #   cached       re-read of a fully cached blob in a new mount (needs --cache-dir-size, issue 10)
 # --handshake: the proxy charges each new connection one RTT (off by default, as in the figures
 # issue 9 started from).
+# --profile: perf record (999 Hz, flat) of the daemon during the loopback `seq` read; the
+# report (by library, and the top symbols) is printed and recorded with the table.
 # --quick: smaller sizes (256 MiB loopback, 64 MiB at RTT, smaller layers) for a fast check.
 # Each row: time, throughput, bytes fetched (or sent), requests (from user.regfs.stats), the
 # daemon's CPU (utime+stime from /proc/PID/stat) and peak RSS (VmHWM).
@@ -30,7 +32,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 all="seq random gzip-first progressive indexed tags estargz zstd-chunked push cached"
-quick=0 record=0 nets="lo wan" rtt_ms=50 window=4MiB handshake=() workloads=() flags=()
+quick=0 record=0 nets="lo wan" rtt_ms=50 window=4MiB handshake=() profile=0 workloads=() flags=()
 cmdline="scripts/bench.sh $*"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -40,6 +42,7 @@ while [ $# -gt 0 ]; do
     --rtt-ms) shift; rtt_ms=$1 ;;
     --window) shift; window=$1 ;;
     --handshake) handshake=(--handshake) ;;
+    --profile) profile=1 ;;
     --) shift; flags=("$@"); break ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *)
@@ -187,7 +190,18 @@ w_seq() {
     mount_cold "$net"
     local file
     file=$(echo "$mnt/bench/$name/tags/v1/layers/00-"*.*)
+    local perf_pid=
+    if [ $profile = 1 ] && [ "$net" = lo ]; then
+        perf record -q -F 999 -p "$REGFS_PID" -o "$work/perf.data" 2>"$work/perf.log" &
+        perf_pid=$!
+        sleep 0.5 # perf attaches
+    fi
     m_start; cat "$file" >/dev/null; m_end
+    if [ -n "$perf_pid" ]; then
+        kill -INT "$perf_pid"
+        wait "$perf_pid" || true
+        profile_report >"$work/profile.txt"
+    fi
     regfs_unmount "$mnt"
     timed curl -fsS -o /dev/null "$(blob_url "$net" "$name" "$digest")"
     row seq "$net" $((mib << 20)) "curl, one stream" "$RT" "$target" "$(met "$(awk -v r="$RT" -v t="$T" 'BEGIN { print r / t }')" '>=' "$min")"
@@ -199,6 +213,17 @@ w_seq() {
             awk -v m="$mib" '{ printf "%.2f", ($1 + $2) * 1024 / m }')
         rows+=("cpu per GiB${FS}lo${FS}-${FS}-${FS}-${FS}-${FS}$per_gib${FS}-${FS}sha256 alone (openssl dgst), CPU s per GiB${FS}$ref${FS}-${FS}-${FS}<= 1.0 s${FS}$(met "$per_gib" '<=' 1.0)")
     fi
+}
+
+# profile_report: the daemon's samples by library, then its top symbols.
+profile_report() {
+    echo "Profile of the daemon during the cold sequential read at loopback (perf, 999 Hz, flat):"
+    echo
+    echo '```'
+    perf report -i "$work/perf.data" --stdio --sort dso --percent-limit 1 2>/dev/null | grep -v '^#' | grep -v '^$' || true
+    echo
+    perf report -i "$work/perf.data" --stdio --sort sym --percent-limit 1.5 2>/dev/null | grep -v '^#' | grep -v '^$' | head -25 || true
+    echo '```'
 }
 
 w_random() {
@@ -369,6 +394,7 @@ echo
 echo "wan = ${rtt_ms} ms RTT, ${window} window per connection and direction${handshake:+, a new connection costs one RTT} (examples/delay_proxy.rs)."
 echo "Workloads took ${total_s} s ($load). regfs flags: ${flags[*]:-defaults}."
 echo "speed vs ref = ref s / regfs s (> 1: regfs is faster)."
+[ -f "$work/profile.txt" ] && { echo; cat "$work/profile.txt"; }
 
 if [ $record = 1 ]; then
     # Before the file is opened for appending (that would count as a local change).
@@ -381,6 +407,7 @@ if [ $record = 1 ]; then
         echo "Command: \`$cmdline\`; wan = ${rtt_ms} ms RTT, ${window} window${handshake:+, handshake}; regfs flags: ${flags[*]:-defaults}; workloads took ${total_s} s ($load)."
         echo
         cat "$out"
+        [ -f "$work/profile.txt" ] && { echo; cat "$work/profile.txt"; }
     } >>docs/BENCHMARKS.md
     echo "recorded in docs/BENCHMARKS.md"
 fi
