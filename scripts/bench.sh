@@ -56,7 +56,7 @@ wants() { case " ${workloads[*]} " in *" $1 "*) return 0 ;; *) return 1 ;; esac;
 if [ $quick = 1 ]; then
     seq_mib=256 wan_mib=64 push_mib=64 toc_mib=16 rootfs_mib=60
 else
-    seq_mib=1024 wan_mib=256 push_mib=256 toc_mib=64 rootfs_mib=175
+    seq_mib=1024 wan_mib=256 push_mib=256 toc_mib=64 rootfs_mib=156
 fi
 # Requests: every counter of user.regfs.stats that is one HTTP request.
 req_keys="catalog_pages tag_pages manifest_gets manifest_heads blob_heads blob_gets token_fetches pushes upload_starts upload_patches upload_cancels blob_mounts deletes retries"

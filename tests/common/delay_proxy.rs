@@ -77,11 +77,14 @@ pub async fn serve(
     stats: Arc<DelayStats>,
 ) {
     let opts = DelayOptions {
-        window: opts.window.max(1),
+        // Whole permits of a semaphore, and a read must fit.
+        window: opts.window.clamp(1, 1 << 30),
         ..opts
     };
     loop {
         let Ok((client, _)) = listener.accept().await else {
+            // Out of descriptors, say: do not spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let stats = stats.clone();
