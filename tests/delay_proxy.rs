@@ -1,6 +1,7 @@
 //! The benchmark's WAN on loopback (`tests/common/delay_proxy.rs`): bytes pass intact both ways,
 //! a half-close and a reset reach the other side, the window caps the bytes in the delay line
-//! (counted, never timed), and a regfs mount of a real registry through it reads the right bytes.
+//! and connections open at once are counted (counted, never timed), and a regfs mount of a real
+//! registry through it reads the right bytes.
 
 mod common;
 
@@ -62,6 +63,7 @@ fn bytes_pass_intact_both_ways_and_half_close_propagates() {
     assert!(back[digest.len()..] == down[..], "the download differs");
     let st = &proxy.stats;
     assert_eq!(st.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(st.max_open.load(Ordering::SeqCst), 1);
     assert_eq!(st.bytes_up.load(Ordering::SeqCst), up.len() as u64);
     assert_eq!(
         st.bytes_down.load(Ordering::SeqCst),
@@ -94,6 +96,43 @@ fn a_reset_upstream_resets_the_client() {
     let err = c.read_to_end(&mut back).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
     assert_eq!(proxy.stats.resets.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn connections_open_at_once_are_counted() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).unwrap();
+            s.write_all(b"y").unwrap();
+            conns.push(s); // held open until the test ends
+        }
+        conns
+    });
+    let proxy = DelayProxy::start(addr, small_link());
+    let mut clients: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(proxy.addr()).unwrap())
+        .collect();
+    // Every client writes before any reads: the server may accept them in any order.
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        c.write_all(b"x").unwrap();
+    }
+    for c in &mut clients {
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"y");
+    }
+    let st = &proxy.stats;
+    assert_eq!(st.connections.load(Ordering::SeqCst), 3);
+    assert_eq!(st.max_open.load(Ordering::SeqCst), 3);
+    drop(clients);
+    drop(server.join().unwrap());
 }
 
 #[test]

@@ -58,7 +58,11 @@ impl Default for DelayOptions {
 /// What the proxy carried, for tests and the benchmark's log.
 #[derive(Debug, Default)]
 pub struct DelayStats {
+    /// Connections accepted.
     pub connections: AtomicU64,
+    /// Connections open now, and the most ever open at once (a client's parallelism).
+    pub open: AtomicU64,
+    pub max_open: AtomicU64,
     /// Client to upstream.
     pub bytes_up: AtomicU64,
     /// Upstream to client.
@@ -90,33 +94,41 @@ pub async fn serve(
         let stats = stats.clone();
         tokio::spawn(async move {
             stats.connections.fetch_add(1, Ordering::Relaxed);
-            if opts.handshake {
-                // The client's first bytes wait in its socket meanwhile, so they arrive 1.5 RTT
-                // after its connect, as over a real link.
-                tokio::time::sleep(opts.rtt).await;
-            }
-            let Ok(up) = TcpStream::connect(upstream).await else {
-                // As a refused connection would: the client sees a reset.
-                reset_on_close(&client);
-                return;
-            };
-            let _ = client.set_nodelay(true);
-            let _ = up.set_nodelay(true);
-            let (mut cr, mut cw) = client.into_split();
-            let (mut ur, mut uw) = up.into_split();
-            let done = tokio::try_join!(
-                pump(&mut cr, &mut uw, opts, &stats, &stats.bytes_up),
-                pump(&mut ur, &mut cw, opts, &stats, &stats.bytes_down),
-            );
-            if done.is_err() {
-                stats.resets.fetch_add(1, Ordering::Relaxed);
-                // Whole sockets, so that dropping them does not send a FIN (a dropped write
-                // half would) before the RST.
-                for s in [cr.reunite(cw), ur.reunite(uw)].into_iter().flatten() {
-                    reset_on_close(&s);
-                }
-            }
+            let now_open = stats.open.fetch_add(1, Ordering::Relaxed) + 1;
+            stats.max_open.fetch_max(now_open, Ordering::Relaxed);
+            forward(client, upstream, opts, &stats).await;
+            stats.open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// One connection: through the delay line both ways until both ends are closed, or an error.
+async fn forward(client: TcpStream, upstream: SocketAddr, opts: DelayOptions, stats: &DelayStats) {
+    if opts.handshake {
+        // The client's first bytes wait in its socket meanwhile, so they arrive 1.5 RTT
+        // after its connect, as over a real link.
+        tokio::time::sleep(opts.rtt).await;
+    }
+    let Ok(up) = TcpStream::connect(upstream).await else {
+        // As a refused connection would: the client sees a reset.
+        reset_on_close(&client);
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = up.set_nodelay(true);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = up.into_split();
+    let done = tokio::try_join!(
+        pump(&mut cr, &mut uw, opts, stats, &stats.bytes_up),
+        pump(&mut ur, &mut cw, opts, stats, &stats.bytes_down),
+    );
+    if done.is_err() {
+        stats.resets.fetch_add(1, Ordering::Relaxed);
+        // Whole sockets, so that dropping them does not send a FIN (a dropped write
+        // half would) before the RST.
+        for s in [cr.reunite(cw), ur.reunite(uw)].into_iter().flatten() {
+            reset_on_close(&s);
+        }
     }
 }
 
