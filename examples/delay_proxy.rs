@@ -29,7 +29,7 @@ struct Args {
     #[arg(long, default_value_t = 50)]
     rtt_ms: u64,
     /// Bytes one direction of one connection may have in flight, e.g. 4MiB, 256KiB, 65536
-    /// (1 byte to 1 GiB). 4 MiB is Linux's default maximum TCP receive window.
+    /// (1 byte to 1 GiB). 4 MiB is Linux's default maximum TCP send buffer (tcp_wmem).
     #[arg(long, default_value = "4MiB", value_parser = parse_window)]
     window: usize,
     /// Charge each new connection one RTT before its first byte moves (a TCP handshake; off by

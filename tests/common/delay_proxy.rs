@@ -44,8 +44,8 @@ pub struct DelayOptions {
 
 impl Default for DelayOptions {
     /// 50 ms is a typical RTT to a public registry (Docker Hub, GHCR, ECR are 20-100 ms away);
-    /// 4 MiB is Linux's default maximum receive window (tcp_rmem), so one stream tops out at
-    /// 80 MiB/s, as a single download from far away does.
+    /// 4 MiB is Linux's default maximum send buffer (tcp_wmem), which bounds a sender's bytes
+    /// in flight, so one stream tops out at 80 MiB/s, as a single download from far away does.
     fn default() -> Self {
         DelayOptions {
             rtt: Duration::from_millis(50),
