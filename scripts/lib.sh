@@ -95,6 +95,79 @@ work_setup() {
 work_cleanup() {
     cd /
     fusermount3 -u "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || true
+    [ -n "${REGFS_PID:-}" ] && kill "$REGFS_PID" 2>/dev/null || true
+    [ -n "${PROXY_PID:-}" ] && kill "$PROXY_PID" 2>/dev/null || true
     [ -n "${REGISTRY_PID:-}" ] && kill "$REGISTRY_PID" 2>/dev/null || true
     if ! mountpoint -q "$mnt"; then rm -rf "$work"; fi
+}
+
+# now: the time in seconds, with nanoseconds.
+now() { date +%s.%N; }
+
+# cpu_seconds PID: user + system CPU time of a process so far, in seconds (/proc/PID/stat
+# fields 14 and 15; the command name in field 2 may hold spaces, so count after its ')').
+cpu_seconds() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    # shellcheck disable=SC2086
+    set -- ${stat##*) }
+    awk -v u="${12}" -v s="${13}" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (u + s) / hz }'
+}
+
+# regfs_stats MNT: the user.regfs.stats JSON of a mount ({} when unreadable).
+regfs_stats() { getfattr --only-values -n user.regfs.stats "$1" 2>/dev/null || echo '{}'; }
+
+# json_sum JSON KEY...: the sum of these numeric fields of a flat JSON object (0 if absent).
+json_sum() {
+    local json=$1
+    shift
+    echo "$json" | tr -d '{}" ' | tr ',' '\n' |
+        awk -F: -v keys="$*" 'BEGIN { n = split(keys, k, " "); for (i = 1; i <= n; i++) want[k[i]] = 1 }
+            ($1 in want) { s += $2 } END { printf "%d", s }'
+}
+
+# regfs_mount ADDR MNT LOG [FLAGS...]: target/release/regfs in the foreground, as a background
+# job of this shell (so its PID is exact); waits, bounded, until MNT is mounted. Sets REGFS_PID.
+regfs_mount() {
+    local addr=$1 mp=$2 log=$3 i
+    shift 3
+    target/release/regfs -f "$addr" "$mp" "$@" 2>"$log" &
+    REGFS_PID=$!
+    for i in $(seq 1 400); do
+        mountpoint -q "$mp" && return 0
+        kill -0 "$REGFS_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "regfs did not mount $mp:" >&2
+    cat "$log" >&2
+    return 1
+}
+
+# regfs_unmount MNT: unmount and wait, bounded, for REGFS_PID to exit.
+regfs_unmount() {
+    local i
+    fusermount3 -u "$1" 2>/dev/null || fusermount3 -uz "$1" 2>/dev/null || true
+    for i in $(seq 1 200); do
+        kill -0 "$REGFS_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill "$REGFS_PID" 2>/dev/null || true
+    wait "$REGFS_PID" 2>/dev/null || true
+    REGFS_PID=
+}
+
+# start_delay_proxy UPSTREAM RTT_MS WINDOW LOG [FLAGS...]: target/release/examples/delay_proxy
+# in front of UPSTREAM (a WAN on loopback). Sets PROXY_PID and PROXY_ADDR.
+start_delay_proxy() {
+    local i
+    target/release/examples/delay_proxy --upstream "$1" --rtt-ms "$2" --window "$3" "${@:5}" >"$4" 2>&1 &
+    PROXY_PID=$!
+    for i in $(seq 1 200); do
+        PROXY_ADDR=$(sed -n 's/^listening on //p' "$4" | head -1)
+        [ -n "$PROXY_ADDR" ] && return 0
+        sleep 0.05
+    done
+    echo "the delay proxy did not start:" >&2
+    cat "$4" >&2
+    return 1
 }

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+mod delay_proxy;
+#[allow(unused_imports)]
+pub use delay_proxy::*;
 mod images;
 pub use images::*;
 mod proxy;
