@@ -302,6 +302,7 @@ impl Fs {
         Ok(Opened {
             fh,
             keep_cache: false,
+            direct_io: false,
         })
     }
 
