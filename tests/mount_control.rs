@@ -39,7 +39,9 @@ fn control_files_show_the_counters_of_a_known_sequence_of_reads() {
     assert!(meta.is_dir());
     assert_eq!(meta.permissions().mode() & 0o777, 0o555);
     assert_eq!(
-        ls(&[], &m.p(".regfs")).split_whitespace().collect::<Vec<_>>(),
+        ls(&[], &m.p(".regfs"))
+            .split_whitespace()
+            .collect::<Vec<_>>(),
         ["config", "stats", "version"]
     );
     // ls -l sizes are the sizes read (config and version do not change).
@@ -86,7 +88,10 @@ fn control_files_show_the_counters_of_a_known_sequence_of_reads() {
     assert_eq!(delta(&s0, &s1, &["cache", "memory", "misses"]), chunks);
     assert_eq!(n(&s1["retries"]), 0);
     assert_eq!(cached(), size);
-    assert!(s1["rate_limit"].is_null(), "distribution sends no rate-limit headers");
+    assert!(
+        s1["rate_limit"].is_null(),
+        "distribution sends no rate-limit headers"
+    );
     assert!(s1["cache"]["disk"].is_null());
     // Reading the stats file is not counted as served.
     let s2 = stats(&m);
