@@ -159,3 +159,42 @@ async fn stats_count_a_known_sequence_of_reads() {
     assert_eq!(x["blob_gets"], 3);
     assert_eq!(x["cache_bytes"], 3 * CHUNK);
 }
+
+#[tokio::test]
+async fn a_committed_upload_reports_what_the_cache_holds_of_it() {
+    let (reg, fs) = setup();
+    reg.add_blob("app", b"seed".to_vec());
+    let uploads = walk(&fs, "app/uploads").await;
+    let (e, h) = fs.create(uploads, "f").await.unwrap();
+    let data = vec![7u8; 1000];
+    fs.write(h.fh, 0, &data).await.unwrap();
+    fs.flush(h.fh).await.unwrap();
+    fs.release(h.fh).await;
+    let ino = e.attr.ino;
+    let names = fs.listxattr(ino).await.unwrap();
+    assert!(
+        names.contains(&"user.regfs.cached".to_string()),
+        "{names:?}"
+    );
+    let cached = || async {
+        String::from_utf8(
+            fs.getxattr(ino, "user.regfs.cached")
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap()
+    };
+    assert_eq!(cached().await, "0");
+    assert_eq!(read_all(&fs, ino).await.0, data);
+    assert_eq!(cached().await, "1000");
+    // Not a blob: no such attribute.
+    let version = walk(&fs, ".regfs/version").await;
+    assert_eq!(
+        fs.getxattr(version, "user.regfs.cached")
+            .await
+            .unwrap_err()
+            .errno,
+        libc::ENODATA
+    );
+}

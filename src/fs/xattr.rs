@@ -30,9 +30,12 @@ impl Fs {
                 .filter(|(k, _)| k.starts_with("user."))
                 .map(|(k, _)| k.clone())
                 .collect(),
-            Node::Staged(k) => match self.staged_digest(k) {
-                Some(_) => vec!["user.oci.digest".into()],
-                None => vec![],
+            Node::Staged(k) => match self.staged_file(k) {
+                Ok(f) if self.cached_bytes(&f).is_some() => {
+                    vec!["user.oci.digest".into(), "user.regfs.cached".into()]
+                }
+                Ok(_) => vec!["user.oci.digest".into()],
+                Err(_) => vec![],
             },
             Node::File(f) if f.digest().is_some() => {
                 let mut v = vec!["user.oci.digest".to_string()];
@@ -76,6 +79,12 @@ impl Fs {
             }
             (Node::File(f), "user.oci.mediatype") if f.digest().is_some() => {
                 f.media_type.clone().ok_or_else(FsError::no_attr)?
+            }
+            (Node::Staged(k), "user.regfs.cached") => {
+                let f = self.staged_file(k).map_err(|_| FsError::no_attr())?;
+                self.cached_bytes(&f)
+                    .ok_or_else(FsError::no_attr)?
+                    .to_string()
             }
             (Node::File(f), "user.regfs.cached") => self
                 .cached_bytes(f)

@@ -95,6 +95,12 @@ fn mirror_broken(e: &RegistryError) -> bool {
 
 impl MirrorRegistry {
     pub fn new(upstream: Arc<dyn Registry>, mirrors: Vec<Mirror>, mirror_tags: bool) -> Self {
+        let names: Vec<&str> = mirrors.iter().map(|m| m.name.as_str()).collect();
+        log::info!(
+            "mirrors, tried in order for content by digest{}: {}",
+            if mirror_tags { " and for tags" } else { "" },
+            names.join(", ")
+        );
         MirrorRegistry {
             upstream,
             mirrors,
