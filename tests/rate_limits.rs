@@ -164,3 +164,24 @@ async fn an_http_date_retry_after_is_honoured_within_the_budget() {
     assert_eq!(c.tags("a/b").await.unwrap(), ["v1"]);
     assert_eq!(log.lock().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_post_waits_out_one_429_only_when_told_how_long() {
+    for (retry_after, want_requests, ok) in [(None, 1, false), (Some("1"), 2, true)] {
+        let n = Arc::new(AtomicUsize::new(0));
+        let (port, log) = stub(Arc::new(move |_r: &Req| {
+            if n.fetch_add(1, Ordering::SeqCst) == 0 {
+                let r = resp(429, "slow down");
+                return match retry_after {
+                    Some(s) => r.h("Retry-After", s),
+                    None => r,
+                };
+            }
+            resp(202, "").h("Location", "/v2/a/b/blobs/uploads/u1")
+        }));
+        let c = stub_client(port, None, Duration::from_secs(10));
+        assert_eq!(c.upload_start("a/b").await.is_ok(), ok, "{retry_after:?}");
+        assert_eq!(log.lock().unwrap().len(), want_requests, "{retry_after:?}");
+        assert_eq!(c.stats().snapshot().rate_limited, 1);
+    }
+}
