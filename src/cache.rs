@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -62,6 +63,10 @@ pub struct ChunkCache {
     capacity: u64,
     lru: Mutex<Lru>,
     inflight: Mutex<HashMap<ChunkKey, Arc<Flight>>>,
+    // ctl: hit and miss counters for `.regfs/stats` (a hit: `get` found the chunk; a miss: a
+    // fetch ran).
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 /// The error of a failed fetch, shared by every reader that waited on it (type-erased, because
@@ -208,6 +213,8 @@ impl ChunkCache {
                 reserved: 0,
             }),
             inflight: Mutex::new(HashMap::new()),
+            hits: AtomicU64::new(0),   // ctl
+            misses: AtomicU64::new(0), // ctl
         }
     }
 
@@ -218,7 +225,11 @@ impl ChunkCache {
 
     /// The cached chunk, if any (marks it recently used).
     pub fn get(&self, key: &ChunkKey) -> Option<Bytes> {
-        crate::sync::lock(&self.lru).map.get(key).cloned()
+        let b = crate::sync::lock(&self.lru).map.get(key).cloned();
+        if b.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed); // ctl
+        }
+        b
     }
 
     /// Whether `key` is cached, without marking it used.
@@ -287,7 +298,10 @@ impl ChunkCache {
                 fetching.fulfil(b.clone());
                 Claim::Ready(b)
             }
-            None => Claim::Fetch(fetching),
+            None => {
+                self.misses.fetch_add(1, Ordering::Relaxed); // ctl
+                Claim::Fetch(fetching)
+            }
         }
     }
 
@@ -369,6 +383,28 @@ impl ChunkCache {
     /// Bytes held.
     pub fn used_bytes(&self) -> u64 {
         crate::sync::lock(&self.lru).bytes
+    }
+
+    // ctl: read-only queries for `.regfs/stats` and `user.regfs.cached`.
+    /// (hits, misses) so far: lookups that found their chunk, and fetches that ran.
+    pub fn hits_misses(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Bytes held of the blob `digest` read for a descriptor of `size` bytes (its blob chunks;
+    /// not spans or TOC chunks made from it). Does not mark anything used.
+    pub fn blob_bytes(&self, digest: &str, size: u64) -> u64 {
+        crate::sync::lock(&self.lru)
+            .map
+            .iter()
+            .filter(|(k, _)| {
+                matches!(k, ChunkKey::Blob { digest: d, size: s, .. } if d.as_str() == digest && *s == size)
+            })
+            .map(|(_, v)| v.len() as u64)
+            .sum()
     }
 
     /// Chunks held.

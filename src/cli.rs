@@ -132,6 +132,16 @@ pub struct Cli {
         help_heading = "Connection"
     )]
     pub retry_budget: String,
+    /// A pull-through cache registry (http(s)://host[:port], or host[:port] as for REGISTRY) to
+    /// read blobs and manifests by digest from, before the registry; repeat for several, tried
+    /// in order. A failing mirror is passed over for the next, then the registry itself. Each
+    /// mirror gets only its own credentials (looked up by its host).
+    #[arg(long, value_name = "URL", help_heading = "Connection")]
+    pub mirror: Vec<String>,
+    /// Resolve tags (tag lists, manifests by tag) at the mirrors too. Default: tags always
+    /// resolve at the registry, so a mirror's stale copy of a moved tag is never seen.
+    #[arg(long, help_heading = "Connection")]
+    pub mirror_tags: bool,
 }
 
 /// This machine's platform in OCI terms: the default for `--platform`, because the image that

@@ -75,6 +75,11 @@ pub struct ConnectionConfig {
     pub request_timeout: Duration,
     /// How long one operation may keep retrying (`--retry-budget`).
     pub retry_budget: Duration,
+    /// Pull-through mirrors, tried in order before the registry: (base URL, `host[:port]` for
+    /// their own credential lookup).
+    pub mirrors: Vec<(Url, String)>,
+    /// Tags resolve at the mirrors too (`--mirror-tags`).
+    pub mirror_tags: bool,
 }
 
 impl ConnectionConfig {
@@ -303,6 +308,11 @@ impl TryFrom<Cli> for Config {
         let retry_budget = parse_flag("--retry-budget", &cli.retry_budget, parse_duration)?;
         let platform = parse_platform(&cli.platform)?;
         let mount = mount_config(&cli, &host)?;
+        let mirrors = cli
+            .mirror
+            .iter()
+            .map(|m| registry_url(m).map_err(|e| format!("--mirror: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             connection: ConnectionConfig {
                 base_url,
@@ -315,6 +325,8 @@ impl TryFrom<Cli> for Config {
                 insecure: cli.insecure,
                 request_timeout,
                 retry_budget,
+                mirrors,
+                mirror_tags: cli.mirror_tags,
             },
             mount,
             cache: CacheConfig {
@@ -327,6 +339,55 @@ impl TryFrom<Cli> for Config {
             },
             push: PushConfig { upload_chunk_size },
             platform,
+        })
+    }
+}
+
+/// A duration as a flag would take it: `30s`, `250ms`.
+fn show_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+impl Config {
+    /// The effective configuration as JSON, for `.regfs/config`. No secrets: credentials show
+    /// only where they come from (a user name, or the config files), never a password or token.
+    pub fn public_json(&self) -> serde_json::Value {
+        let c = &self.connection;
+        let (os, arch, variant) = &self.platform;
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        serde_json::json!({
+            "registry": c.base_url.as_str(),
+            "credentials": match &c.credentials {
+                CredentialsSource::Username(u) => format!("--username {u}"),
+                CredentialsSource::ConfigFiles => "config files".to_string(),
+            },
+            "mirrors": c.mirrors.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>(),
+            "mirror_tags": c.mirror_tags,
+            "ca_cert": path(&c.ca_cert),
+            "insecure": c.insecure,
+            "request_timeout": show_duration(c.request_timeout),
+            "retry_budget": show_duration(c.retry_budget),
+            "mountpoint": self.mount.mountpoint.display().to_string(),
+            "fsname": self.mount.fsname,
+            "allow_other": self.mount.allow_other,
+            "allow_root": self.mount.allow_root,
+            "default_permissions": self.mount.default_permissions,
+            "auto_unmount": self.mount.auto_unmount,
+            "cache_size": self.cache.cache_size,
+            "chunk_size": self.cache.chunk_size,
+            "readahead": self.cache.readahead,
+            "checkpoint_spacing": self.cache.checkpoint_spacing,
+            "cache_dir": path(&self.cache.cache_dir),
+            "metadata_ttl": show_duration(self.cache.metadata_ttl),
+            "upload_chunk_size": self.push.upload_chunk_size,
+            "platform": match variant {
+                Some(v) => format!("{os}/{arch}/{v}"),
+                None => format!("{os}/{arch}"),
+            },
         })
     }
 }
@@ -544,6 +605,49 @@ mod tests {
         );
         assert_eq!(o.cache_dir, Some(PathBuf::from("/tmp/c")));
         assert_eq!(o.platform, c.platform);
+    }
+
+    #[test]
+    fn mirrors_parse_in_order_and_the_shown_config_has_no_secret() {
+        let c = parse(&[
+            "localhost:5000",
+            "/mnt",
+            "--mirror",
+            "mirror.example:5000",
+            "--mirror",
+            "http://127.0.0.2:6000",
+            "--mirror-tags",
+            "--username",
+            "me",
+        ])
+        .unwrap();
+        let m: Vec<_> = c
+            .connection
+            .mirrors
+            .iter()
+            .map(|(u, h)| (u.as_str(), h.as_str()))
+            .collect();
+        assert_eq!(
+            m,
+            [
+                ("https://mirror.example:5000/", "mirror.example:5000"),
+                ("http://127.0.0.2:6000/", "127.0.0.2:6000")
+            ]
+        );
+        assert!(c.connection.mirror_tags);
+        let e = parse(&["localhost", "/mnt", "--mirror", "https://u:pw@m.example"]).unwrap_err();
+        assert!(e.starts_with("--mirror: ") && !e.contains("pw"), "{e}");
+        let j = c.public_json();
+        assert_eq!(j["mirrors"][1], "http://127.0.0.2:6000/");
+        assert_eq!(j["credentials"], "--username me");
+        assert_eq!(j["metadata_ttl"], "30s");
+        assert_eq!(j["chunk_size"], DEFAULT_CHUNK_SIZE);
+        assert!(
+            !parse(&["localhost", "/mnt"])
+                .unwrap()
+                .connection
+                .mirror_tags
+        );
     }
 
     #[test]

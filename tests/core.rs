@@ -163,7 +163,7 @@ fn gets(reg: &FakeRegistry) -> u64 {
 async fn tree_layout_and_contents() {
     let (reg, fs) = setup(64 * KIB);
     let img = add_image(&reg, "debian/min", "bookworm", 10_000);
-    assert_eq!(names(&fs, "").await, vec!["debian"]);
+    assert_eq!(names(&fs, "").await, vec![".regfs", "debian"]);
     assert_eq!(
         names(&fs, "debian/min").await,
         vec!["blobs", "index.json", "oci-layout", "tags", "uploads"]
@@ -436,7 +436,7 @@ async fn registry_without_catalog_still_mounts() {
     let (reg, fs) = setup(64 * KIB);
     reg.disable_catalog();
     let img = add_image(&reg, "library/ubuntu", "22.04", 100);
-    assert!(names(&fs, "").await.is_empty());
+    assert_eq!(names(&fs, "").await, vec![".regfs"], "only the control dir");
     // Known repositories can be looked up by path.
     assert_eq!(
         read_all(&fs, "library/ubuntu/tags/22.04/config.json")
@@ -445,7 +445,7 @@ async fn registry_without_catalog_still_mounts() {
         img.config
     );
     // ...and then show in listings.
-    assert_eq!(names(&fs, "").await, vec!["library"]);
+    assert_eq!(names(&fs, "").await, vec![".regfs", "library"]);
     assert_eq!(names(&fs, "library").await, vec!["ubuntu"]);
 }
 
@@ -455,7 +455,7 @@ async fn catalog_errors_other_than_absence_are_eio() {
     add_image(&reg, "x/y", "v1", 100);
     faults.inject(Op::Catalog, Fault::Error(FaultError::Server));
     assert_eq!(fs.readdir(ROOT_INO).await.unwrap_err().errno, libc::EIO);
-    assert_eq!(names(&fs, "").await, vec!["x"]);
+    assert_eq!(names(&fs, "").await, vec![".regfs", "x"]);
 }
 
 #[tokio::test]

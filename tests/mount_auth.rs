@@ -47,7 +47,7 @@ fn basic_auth_with_username_flag() {
         &["--username", "alice"],
         &[("REGFS_PASSWORD", PASSWORD)],
     );
-    assert_eq!(ls(&m.path()), vec!["priv"]);
+    assert_eq!(ls(&m.path()), vec![".regfs", "priv"]);
     assert_eq!(
         std::fs::read(m.p("priv/app/tags/v1/config.json")).unwrap(),
         pushed.config
@@ -108,7 +108,7 @@ fn without_credentials_reads_are_eacces() {
     seed(&reg);
     let m = TestMount::new(&reg.addr(), &[]);
     // No catalog for anonymous users: the root is empty but the mount works.
-    assert!(ls(&m.path()).is_empty());
+    assert_eq!(ls(&m.path()), vec![".regfs"], "only the control dir");
     let e = std::fs::metadata(m.p("priv/app/tags/v1")).unwrap_err();
     assert_eq!(errno(&e), libc::EACCES, "{e}");
     assert!(m.log_text().contains("unauthorized"), "{}", m.log_text());

@@ -15,7 +15,7 @@ fn browse_image_tree() {
     let s = seeded();
     let m = TestMount::new(&s.reg.addr(), &[]);
 
-    assert_eq!(ls(&m.path()), vec!["debian", "multi"]);
+    assert_eq!(ls(&m.path()), vec![".regfs", "debian", "multi"]);
     assert_eq!(ls(&m.p("debian")), vec!["min"]);
     assert_eq!(
         ls(&m.p("debian/min")),

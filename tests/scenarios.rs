@@ -85,7 +85,7 @@ async fn seed(reg: &dyn Registry) -> Pushed {
 async fn tree_and_reads(reg: Arc<dyn Registry>) {
     let img = seed(reg.as_ref()).await;
     let fs = core(reg.clone());
-    assert_eq!(names(&fs, "").await, ["app"]);
+    assert_eq!(names(&fs, "").await, [".regfs", "app"]);
     assert!(names(&fs, "app/web").await.contains(&"tags".to_string()));
     assert_eq!(names(&fs, "app/web/tags").await, ["v1"]);
     let gets = reg.stats().blob_gets.load(Relaxed);

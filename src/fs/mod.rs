@@ -33,7 +33,9 @@ mod types;
 mod write;
 mod xattr;
 
-pub use node::{Area, Content, EntryMeta, FileNode, Node, StagedKey, TreeDir, TreeEntry, View};
+pub use node::{
+    Area, Content, ControlFile, EntryMeta, FileNode, Node, StagedKey, TreeDir, TreeEntry, View,
+};
 pub use staging::StagedInfo;
 pub use types::{Attr, DirEntry, EntryOut, Fh, Ino, Kind, Opened, ROOT_INO};
 
@@ -62,6 +64,8 @@ pub struct FsOptions {
     pub checkpoint_spacing: u64,
     /// Where layer indexes persist across mounts (keyed by layer digest).
     pub cache_dir: Option<std::path::PathBuf>,
+    /// The effective configuration, without secrets, as `.regfs/config` shows it.
+    pub effective_config: serde_json::Value,
 }
 
 impl Default for FsOptions {
@@ -75,6 +79,7 @@ impl Default for FsOptions {
             upload_chunk_size: crate::config::DEFAULT_UPLOAD_CHUNK_SIZE,
             checkpoint_spacing: crate::config::DEFAULT_CHECKPOINT_SPACING,
             cache_dir: None,
+            effective_config: serde_json::Value::Null,
         }
     }
 }
@@ -91,6 +96,7 @@ impl FsOptions {
             upload_chunk_size: c.push.upload_chunk_size,
             checkpoint_spacing: c.cache.checkpoint_spacing,
             cache_dir: c.cache.cache_dir.clone(),
+            effective_config: c.public_json(),
         }
     }
 }
@@ -111,6 +117,8 @@ pub struct Fs {
     layers: Layers,
     /// Tells the kernel to forget a cached name (set by the FUSE adapter).
     invalidator: OnceLock<Invalidator>,
+    /// What `.regfs/` shows that no other part keeps.
+    control: tree::Control,
 }
 
 impl Fs {
@@ -129,6 +137,7 @@ impl Fs {
             },
         ));
         Fs {
+            control: tree::Control::new(opts.effective_config.clone()),
             meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone()),
             layers: Layers::new(
                 blobs.clone(),
@@ -159,6 +168,7 @@ impl Fs {
         let (size, perm, nlink) = match node {
             Node::File(f) => (f.size, 0o444, 1),
             Node::IndexJson { .. } => (0, 0o444, 1),
+            Node::ControlFile(c) => (self.control_bytes(*c).len() as u64, 0o444, 1),
             Node::Staged(k) => (self.staging.size(k), 0o644, 1),
             n if n.accepts_entries() => (0, 0o755, 2),
             _ => (0, 0o555, 2),

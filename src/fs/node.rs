@@ -92,6 +92,21 @@ pub enum Node {
     /// A non-directory entry of those trees.
     TreeEntry(TreeEntry),
     File(FileNode),
+    /// `MNT/.regfs/`, the control directory (`tree/control.rs`).
+    Control,
+    /// A file of `.regfs/`: its bytes are made at open (and at getattr, for its size).
+    ControlFile(ControlFile),
+}
+
+/// The files of the control directory `MNT/.regfs/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlFile {
+    /// JSON: request and byte counters, cache hits, retries, rate-limit headers.
+    Stats,
+    /// JSON: the effective configuration, without secrets.
+    Config,
+    /// The version.
+    Version,
 }
 
 /// Which tree a node belongs to.
@@ -155,7 +170,11 @@ impl Node {
     pub fn is_dir(&self) -> bool {
         !matches!(
             self,
-            Node::File(_) | Node::IndexJson { .. } | Node::Staged(_) | Node::TreeEntry(_)
+            Node::File(_)
+                | Node::IndexJson { .. }
+                | Node::Staged(_)
+                | Node::TreeEntry(_)
+                | Node::ControlFile(_)
         )
     }
 
@@ -187,7 +206,10 @@ impl Node {
 
     /// Changes with every write: the kernel must ask again each time.
     pub fn volatile(&self) -> bool {
-        matches!(self, Node::Staged(_) | Node::PendingTag { .. })
+        matches!(
+            self,
+            Node::Staged(_) | Node::PendingTag { .. } | Node::ControlFile(_)
+        )
     }
 
     /// The file type, as a listing shows it.

@@ -21,8 +21,11 @@ impl Fs {
         if write {
             return self.open_write(ino, &node).await;
         }
+        // ctl: control files are snapshots read with direct I/O (their size changes).
+        let direct_io = matches!(&*node, Node::ControlFile(_));
         let node = match &*node {
             Node::IndexJson { .. } => Arc::new(self.materialize((*node).clone()).await?),
+            Node::ControlFile(c) => Arc::new(Node::File(self.control_file(*c))),
             Node::Staged(k) => Arc::new(Node::File(self.committed_file(k).await?)),
             _ => node,
         };
@@ -53,7 +56,11 @@ impl Fs {
                 verifier,
                 self.blobs.readahead(),
             )))));
-        Ok(Opened { fh, keep_cache })
+        Ok(Opened {
+            fh,
+            keep_cache,
+            direct_io,
+        })
     }
 
     /// A committed written file as a readable file.

@@ -74,4 +74,7 @@ pub struct Opened {
     pub fh: Fh,
     /// The content never changes: the kernel may keep its page cache across opens.
     pub keep_cache: bool,
+    /// Content made at open whose size may differ from what getattr said (`.regfs/` files):
+    /// the kernel reads to the end of what the handle holds, bypassing its page cache.
+    pub direct_io: bool,
 }

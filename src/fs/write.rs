@@ -318,6 +318,7 @@ impl Fs {
         Ok(Opened {
             fh,
             keep_cache: false,
+            direct_io: false,
         })
     }
 

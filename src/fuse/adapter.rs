@@ -162,11 +162,14 @@ fn wants_write(flags: OpenFlags) -> bool {
 
 /// Content that never changes may stay in the kernel's page cache across opens.
 fn fopen_flags(o: &Opened) -> FopenFlags {
+    let mut f = FopenFlags::empty();
     if o.keep_cache {
-        FopenFlags::FOPEN_KEEP_CACHE
-    } else {
-        FopenFlags::empty()
+        f |= FopenFlags::FOPEN_KEEP_CACHE;
     }
+    if o.direct_io {
+        f |= FopenFlags::FOPEN_DIRECT_IO;
+    }
+    f
 }
 
 /// The entries of directory `dir` from `offset` on: `.` and `..`, then the snapshot, each with the
@@ -446,7 +449,10 @@ impl Filesystem for FuseAdapter {
         self.spawn(async move {
             let _permit = reads.acquire_owned().await;
             match fs.read(core_fh(fh), offset, size).await {
-                Ok(data) => reply.data(&data),
+                Ok(data) => {
+                    fs.note_served(core_ino(ino), data.len());
+                    reply.data(&data)
+                }
                 Err(e) => reply.error(reply_error(
                     &format!("read off={offset} len={size}"),
                     ino,
@@ -799,6 +805,7 @@ mod tests {
         let o = |keep_cache| Opened {
             fh: Fh(1),
             keep_cache,
+            direct_io: false,
         };
         assert_eq!(fopen_flags(&o(true)), FopenFlags::FOPEN_KEEP_CACHE);
         assert_eq!(fopen_flags(&o(false)), FopenFlags::empty());

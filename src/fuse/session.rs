@@ -329,24 +329,37 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
     let conn = &cfg.connection;
-    let reg = HttpRegistry::new(HttpOptions {
+    let http = HttpOptions {
         base: conn.base_url.clone(),
         credentials: startup.credentials,
         ca_cert_pem: startup.ca_cert_pem,
         insecure: conn.insecure,
         connect_timeout: conn.connect_timeout(),
         request_timeout: conn.request_timeout,
-    })
-    .map_err(|e| e.to_string())?
-    .with_retry_budget(conn.retry_budget);
+    };
+    let reg = HttpRegistry::new(http.clone())
+        .map_err(|e| e.to_string())?
+        .with_retry_budget(conn.retry_budget);
     rt.block_on(reg.ping())
         .map_err(|e| format!("cannot use registry {}: {e}", conn.base_url))?;
     log::info!("registry {} answers", conn.base_url);
+    let mut reg: Arc<dyn crate::registry::Registry> = Arc::new(reg);
+    if !conn.mirrors.is_empty() {
+        // ctl: pull-through mirrors in front of the registry (`--mirror`), each its own client.
+        let mirrors = conn
+            .mirrors
+            .iter()
+            .map(|(url, host)| crate::registry::mirror::http_mirror(url.clone(), host, &http))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        reg = Arc::new(crate::registry::mirror::MirrorRegistry::new(
+            reg,
+            mirrors,
+            conn.mirror_tags,
+        ));
+    }
 
-    let fs = Arc::new(Fs::new(
-        Arc::new(reg),
-        crate::fs::FsOptions::from_config(cfg),
-    ));
+    let fs = Arc::new(Fs::new(reg, crate::fs::FsOptions::from_config(cfg)));
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
 
     let signals = install_signal_handlers(&rt)?;

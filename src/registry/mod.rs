@@ -13,9 +13,10 @@ pub mod fake;
 #[cfg(any(test, feature = "fake"))]
 pub mod faulty;
 pub mod http;
+pub mod mirror;
 mod stats;
 
-pub use stats::{RequestStats, StatsSnapshot};
+pub use stats::{RateLimit, RequestStats, StatsSnapshot};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -119,6 +120,18 @@ pub trait Registry: Send + Sync + 'static {
     async fn delete_blob(&self, repo: &str, digest: &str) -> RegistryResult<()>;
     /// The request counters.
     fn stats(&self) -> &RequestStats;
+    /// A copy of the counters; over several sources (mirrors), their sum.
+    fn snapshot(&self) -> StatsSnapshot {
+        self.stats().snapshot()
+    }
+    /// The rate-limit headers last seen (of the registry itself, over mirrors).
+    fn rate_limit(&self) -> Option<RateLimit> {
+        self.stats().last_rate_limit()
+    }
+    /// Per source (each mirror, then the registry) counters; empty without mirrors.
+    fn sources(&self) -> Vec<mirror::SourceStats> {
+        Vec::new()
+    }
 }
 
 /// An open blob upload: where the next request goes, and how much the registry has.

@@ -1,8 +1,10 @@
 //! Request counters: [`RequestStats`] (atomics, bumped by registry implementations) and
 //! [`StatsSnapshot`] (a plain copy, serialized as the `user.regfs.stats` xattr). Both are generated
-//! from one list of field names, so they cannot drift apart.
+//! from one list of field names, so they cannot drift apart. Beside the counters, the rate-limit
+//! headers last seen ([`RateLimit`], Docker Hub's `ratelimit-limit` / `ratelimit-remaining`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -12,12 +14,21 @@ macro_rules! request_stats {
         #[derive(Debug, Default)]
         pub struct RequestStats {
             $($(#[$doc])* pub $field: AtomicU64,)*
+            /// The rate-limit headers of the last answer that carried any (not in the snapshot).
+            pub rate_limit: Mutex<Option<RateLimit>>,
         }
 
         /// A plain copy of [`RequestStats`], as JSON for the `user.regfs.stats` xattr.
         #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
         pub struct StatsSnapshot {
             $($(#[$doc])* pub $field: u64,)*
+        }
+
+        impl StatsSnapshot {
+            /// Field by field sum (the totals over several registries, e.g. mirrors).
+            pub fn add(&mut self, o: &StatsSnapshot) {
+                $(self.$field = self.$field.saturating_add(o.$field);)*
+            }
         }
 
         impl RequestStats {
@@ -57,6 +68,63 @@ request_stats! {
     /// Requests to another origin than the registry's (a `Link`, `Location` or redirect), sent
     /// without credentials.
     foreign_requests,
+    /// 429 answers that carried Docker Hub's pull-limit headers with nothing remaining.
+    pull_limited,
+    /// Other 429 answers (plain rate limiting).
+    rate_limited,
+}
+
+/// Rate-limit headers as a registry sent them (Docker Hub: `ratelimit-limit: 100;w=21600`,
+/// `ratelimit-remaining: 20;w=21600`, `docker-ratelimit-source`). Values are kept as sent, cut
+/// to [`RATE_LIMIT_VALUE_CAP`] bytes; `remaining` is also parsed when it starts with a number.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RateLimit {
+    #[serde(rename = "ratelimit-limit")]
+    pub limit: Option<String>,
+    #[serde(rename = "ratelimit-remaining")]
+    pub remaining: Option<String>,
+    /// The number before `;` of `remaining`, when there is one.
+    pub remaining_count: Option<u64>,
+    #[serde(rename = "docker-ratelimit-source")]
+    pub source: Option<String>,
+}
+
+/// Longest header value kept: the real ones are a few bytes (`100;w=21600`), and a hostile
+/// registry must not grow the stats file.
+pub const RATE_LIMIT_VALUE_CAP: usize = 64;
+
+impl RateLimit {
+    /// From a header lookup (`get(name)` gives the value of that header); None when the answer
+    /// carries neither limit header (no limit announced).
+    pub fn from_headers<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<RateLimit> {
+        let cut = |v: &str| {
+            let mut end = v.len().min(RATE_LIMIT_VALUE_CAP);
+            while !v.is_char_boundary(end) {
+                end -= 1;
+            }
+            v[..end].trim().to_string()
+        };
+        let limit = get("ratelimit-limit").map(cut);
+        let remaining = get("ratelimit-remaining").map(cut);
+        if limit.is_none() && remaining.is_none() {
+            return None;
+        }
+        let remaining_count = remaining
+            .as_deref()
+            .and_then(|r| r.split(';').next())
+            .and_then(|n| n.trim().parse().ok());
+        Some(RateLimit {
+            limit,
+            remaining,
+            remaining_count,
+            source: get("docker-ratelimit-source").map(cut),
+        })
+    }
+
+    /// Docker Hub's pull limit reached: the headers say nothing remains.
+    pub fn exhausted(&self) -> bool {
+        self.remaining_count == Some(0)
+    }
 }
 
 impl RequestStats {
@@ -65,6 +133,14 @@ impl RequestStats {
     }
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Remember the rate-limit headers of the latest answer that had any.
+    pub fn saw_rate_limit(&self, r: RateLimit) {
+        *crate::sync::lock(&self.rate_limit) = Some(r);
+    }
+    /// The rate-limit headers last seen.
+    pub fn last_rate_limit(&self) -> Option<RateLimit> {
+        crate::sync::lock(&self.rate_limit).clone()
     }
 }
 
@@ -99,6 +175,8 @@ mod tests {
             "resumes",
             "upload_resumes",
             "foreign_requests",
+            "pull_limited",
+            "rate_limited",
         ];
         let mut keys_sorted = keys.clone();
         keys_sorted.sort();
@@ -106,5 +184,31 @@ mod tests {
         assert_eq!(keys_sorted, want);
         assert_eq!(v["blob_gets"], 1);
         assert_eq!(v["upload_bytes"], 7);
+        let mut sum = s.snapshot();
+        sum.add(&s.snapshot());
+        assert_eq!((sum.blob_gets, sum.upload_bytes), (2, 14));
+    }
+
+    #[test]
+    fn rate_limit_headers_parse_and_cap() {
+        let h = |pairs: &'static [(&'static str, &'static str)]| {
+            move |n: &str| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| *v)
+        };
+        assert_eq!(RateLimit::from_headers(h(&[("x", "1")])), None);
+        let r = RateLimit::from_headers(h(&[
+            ("ratelimit-limit", "100;w=21600"),
+            ("ratelimit-remaining", "0;w=21600"),
+            ("docker-ratelimit-source", "192.0.2.1"),
+        ]))
+        .unwrap();
+        assert_eq!(r.limit.as_deref(), Some("100;w=21600"));
+        assert_eq!(r.remaining_count, Some(0));
+        assert!(r.exhausted());
+        let r = RateLimit::from_headers(h(&[("ratelimit-remaining", "twenty")])).unwrap();
+        assert!(!r.exhausted() && r.remaining_count.is_none());
+        let long: &'static str = Box::leak("é".repeat(100).into_boxed_str());
+        let pairs: &'static [(&str, &str)] = Box::leak(Box::new([("ratelimit-limit", long)]));
+        let r = RateLimit::from_headers(h(pairs)).unwrap();
+        assert!(r.limit.unwrap().len() <= RATE_LIMIT_VALUE_CAP);
     }
 }

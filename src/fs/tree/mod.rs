@@ -4,6 +4,7 @@
 //! an image's directories, and image contents (rootfs/ and layer trees).
 
 mod contents;
+mod control;
 mod image;
 mod namespace;
 mod repository;
@@ -13,6 +14,7 @@ use super::Fs;
 use crate::error::{FsError, FsResult};
 
 pub(crate) use contents::tree_attr;
+pub(crate) use control::{Control, CONTROL_DIR};
 
 impl Fs {
     /// The children of a directory node, as (name, node).
@@ -48,9 +50,12 @@ impl Fs {
                 .map(|k| (k.name.clone(), Node::Staged(k)))
                 .collect()),
             Node::TreeDir(d) => self.tree_children(d).await,
-            Node::File(_) | Node::IndexJson { .. } | Node::Staged(_) | Node::TreeEntry(_) => {
-                Err(FsError::not_dir("not a directory"))
-            }
+            Node::Control => Ok(control::children()),
+            Node::File(_)
+            | Node::IndexJson { .. }
+            | Node::Staged(_)
+            | Node::TreeEntry(_)
+            | Node::ControlFile(_) => Err(FsError::not_dir("not a directory")),
         }
     }
 

@@ -5,6 +5,7 @@ use bytes::Bytes;
 
 use crate::error::FsResult;
 use crate::fs::node::{Content, FileNode, Node};
+use crate::fs::tree::CONTROL_DIR;
 use crate::fs::{Fs, NS_ESCAPE, RESERVED};
 use crate::registry::is_valid_component;
 
@@ -36,7 +37,12 @@ impl Fs {
             )
         };
         if escape || !self.meta.is_repo(path).await? {
-            return Ok(nested.iter().map(dir).collect());
+            let mut out: Vec<_> = nested.iter().map(dir).collect();
+            if matches!(node, Node::Root) {
+                // The control directory: a dot name, which no repository can have.
+                out.insert(0, (CONTROL_DIR.into(), Node::Control));
+            }
+            return Ok(out);
         }
         let mut out = repo_children(path);
         if nested.iter().any(|c| RESERVED.contains(&c.as_str())) {
@@ -57,6 +63,7 @@ impl Fs {
         name: &str,
     ) -> FsResult<Option<Node>> {
         let path = match node {
+            Node::Root if name == CONTROL_DIR => return Ok(Some(Node::Control)),
             Node::Root => "",
             Node::Dir { path } | Node::NsEscape { path } => path.as_str(),
             _ => return Ok(None),

@@ -12,6 +12,7 @@
 //! error bodies) is in `transport`, `Link` pagination in `paging`, and argument checks and header
 //! reading in `wire`.
 
+mod date;
 mod paging;
 mod resume;
 mod transport;

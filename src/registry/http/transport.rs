@@ -19,7 +19,7 @@ use super::wire::is_loopback_host;
 use super::HttpRegistry;
 use crate::error::{RegistryError, RegistryResult};
 use crate::registry::auth::{parse_challenges, Scheme, TokenResponse};
-use crate::registry::RequestStats;
+use crate::registry::{RateLimit, RequestStats};
 
 /// The longest single wait a `Retry-After` may impose; a longer one is cut to this (and the budget
 /// still bounds the whole). 10 s: a registry that restarts or sheds load asks for seconds, while a
@@ -64,7 +64,10 @@ impl Budget {
         let jitter = Duration::from_nanos(jitter_below(half.as_nanos() as u64 + 1));
         let wait = hint.map_or(half + jitter, |h| h.min(MAX_RETRY_AFTER).max(half));
         let now = Instant::now();
-        if now + wait >= self.until {
+        // A `Retry-After` the budget cannot cover is not cut short and retried early: the
+        // answer stands at once (the registry said when it would take another request).
+        let left = self.until.saturating_duration_since(now);
+        if now + wait >= self.until || hint.is_some_and(|h| h >= left) {
             if self.retries > 0 {
                 log::warn!(
                     "{what}: {why}; retry budget spent after {} retries",
@@ -240,16 +243,35 @@ pub(super) fn transport(e: reqwest::Error, what: &str) -> RegistryError {
     RegistryError::Transport(msg)
 }
 
-/// `Retry-After` in seconds, if present (any size; [`Budget::pause`] caps it).
+/// `Retry-After`, if present: delay-seconds or an HTTP-date (RFC 9110 §10.2.3), as a wait from
+/// now (a date in the past is no wait; any size saturates, and [`Budget::pause`] caps it).
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers
+    let v = headers
         .get(reqwest::header::RETRY_AFTER)?
         .to_str()
         .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(secs))
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = super::date::parse_http_date(v)?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// What kind of 429 an answer is, for the log: Docker Hub's pull limit (its `ratelimit-*`
+/// headers say nothing remains) or plain rate limiting.
+fn too_many_kind(rl: Option<&RateLimit>) -> String {
+    match rl {
+        Some(r) if r.exhausted() => format!(
+            "HTTP 429: pull rate limit reached (ratelimit-limit: {}, ratelimit-remaining: {})",
+            r.limit.as_deref().unwrap_or("?"),
+            r.remaining.as_deref().unwrap_or("?")
+        ),
+        _ => "HTTP 429: too many requests (plain rate limiting, no pull-limit headers)".into(),
+    }
 }
 
 /// A request, rebuilt for each attempt (the body is `Bytes`, cheap to clone).
@@ -276,6 +298,18 @@ impl HttpRegistry {
         let mut v = HeaderValue::from_str(&value).ok()?;
         v.set_sensitive(true);
         Some(v)
+    }
+
+    /// Keep the rate-limit headers of an answer from the registry's own origin (a CDN's
+    /// headers say nothing about the registry's limits).
+    fn note_rate_limit(&self, resp: &reqwest::Response, url: &Url) -> Option<RateLimit> {
+        if !same_origin(url, &self.base) {
+            return None;
+        }
+        let h = resp.headers();
+        let r = RateLimit::from_headers(|n| h.get(n).and_then(|v| v.to_str().ok()))?;
+        self.stats.saw_rate_limit(r.clone());
+        Some(r)
     }
 
     fn build(&self, req: &Req, url: &Url) -> reqwest::RequestBuilder {
@@ -332,6 +366,33 @@ impl HttpRegistry {
                 }
             };
             let status = resp.status();
+            let rate_limit = self.note_rate_limit(&resp, &url);
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                let kind = too_many_kind(rate_limit.as_ref());
+                let pull_limit = rate_limit.as_ref().is_some_and(RateLimit::exhausted);
+                RequestStats::inc(if pull_limit {
+                    &self.stats.pull_limited
+                } else {
+                    &self.stats.rate_limited
+                });
+                // A pull limit lasts hours: waiting out a retry budget cannot help, unless the
+                // registry names a time that fits it.
+                let hint = retry_after(resp.headers());
+                let may_wait = if retrying {
+                    !(pull_limit && hint.is_none())
+                } else {
+                    // POST, PUT, DELETE: once, and only when the registry names the wait.
+                    !waited && hint.is_some()
+                };
+                if may_wait && budget.pause(hint, &kind, &req.what).await {
+                    waited = true;
+                    RequestStats::inc(&self.stats.retries);
+                    url = req.url.clone();
+                    continue;
+                }
+                log::warn!("{}: {kind}; giving up", req.what);
+                return Ok(resp);
+            }
             if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
                 let Ok(next) = super::wire::resolve_location(resp.headers(), &url, &req.what)
                 else {
@@ -384,13 +445,6 @@ impl HttpRegistry {
                     RequestStats::inc(&self.stats.retries);
                     url = req.url.clone();
                 }
-                StatusCode::TOO_MANY_REQUESTS if !waited => match retry_after(resp.headers()) {
-                    Some(d) if budget.pause(Some(d), "rate limited", &req.what).await => {
-                        waited = true;
-                        RequestStats::inc(&self.stats.retries);
-                    }
-                    _ => return Ok(resp),
-                },
                 _ => return Ok(resp),
             }
         }
