@@ -68,6 +68,8 @@ pub struct ConnectionConfig {
     pub request_timeout: Duration,
     /// How long one operation may keep retrying (`--retry-budget`).
     pub retry_budget: Duration,
+    /// How tags are resolved (`--tag-resolution`; see [`crate::registry::TagResolution`]).
+    pub tag_resolution: crate::registry::TagResolution,
 }
 
 impl ConnectionConfig {
@@ -305,6 +307,7 @@ impl TryFrom<Cli> for Config {
                 insecure: cli.insecure,
                 request_timeout,
                 retry_budget,
+                tag_resolution: parse_flag("--tag-resolution", &cli.tag_resolution, |s| s.parse())?,
             },
             mount,
             cache: CacheConfig {

@@ -35,6 +35,7 @@ mod xattr;
 
 pub use node::{Area, Content, EntryMeta, FileNode, Node, StagedKey, TreeDir, TreeEntry, View};
 pub use staging::StagedInfo;
+pub use tree::TAG_CONCURRENCY;
 pub use types::{Attr, DirEntry, EntryOut, Fh, Ino, Kind, Opened, ROOT_INO};
 
 /// Names inside a repository directory that belong to regfs, not to nested repositories.
@@ -61,6 +62,9 @@ pub struct FsOptions {
     pub checkpoint_spacing: u64,
     /// Where layer indexes persist across mounts (keyed by layer digest).
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Resolve a tag with one GET (body and digest at once) instead of a HEAD first
+    /// (`--tag-resolution`, decided for the registry's host by `TagResolution::uses_get`).
+    pub resolve_tags_by_get: bool,
 }
 
 impl Default for FsOptions {
@@ -74,6 +78,8 @@ impl Default for FsOptions {
             upload_chunk_size: crate::config::DEFAULT_UPLOAD_CHUNK_SIZE,
             checkpoint_spacing: crate::config::DEFAULT_CHECKPOINT_SPACING,
             cache_dir: None,
+            // What `--tag-resolution auto` gives for any registry but Docker Hub.
+            resolve_tags_by_get: true,
         }
     }
 }
@@ -90,6 +96,10 @@ impl FsOptions {
             upload_chunk_size: c.push.upload_chunk_size,
             checkpoint_spacing: c.cache.checkpoint_spacing,
             cache_dir: c.cache.cache_dir.clone(),
+            resolve_tags_by_get: c
+                .connection
+                .tag_resolution
+                .uses_get(c.connection.base_url.host_str().unwrap_or_default()),
         }
     }
 }
@@ -122,7 +132,8 @@ impl Fs {
             opts.readahead_chunks,
         ));
         Fs {
-            meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone()),
+            meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone())
+                .resolving_tags_by_get(opts.resolve_tags_by_get),
             layers: Layers::new(
                 blobs.clone(),
                 opts.checkpoint_spacing,
@@ -146,7 +157,11 @@ impl Fs {
 
     /// Attributes of a node (its inode number is filled in by the caller).
     fn attr_of(&self, ino: Ino, node: &Node) -> Attr {
-        if let Some(a) = tree::tree_attr(ino, node) {
+        if let Some(mut a) = tree::tree_attr(ino, node) {
+            // A tree's root is in no tar: it shows the image's time.
+            if let Some(t) = self.dir_time(node) {
+                a.mtime = t;
+            }
             return a;
         }
         let (size, perm, nlink) = match node {
@@ -162,7 +177,7 @@ impl Fs {
             size,
             perm,
             nlink,
-            mtime: self.mount_time,
+            mtime: self.dir_time(node).unwrap_or(self.mount_time),
             uid: None,
             gid: None,
             rdev: 0,

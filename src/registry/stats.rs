@@ -56,6 +56,10 @@ request_stats! {
     /// Requests to another origin than the registry's (a `Link`, `Location` or redirect), sent
     /// without credentials.
     foreign_requests,
+    /// Requests being answered now (a gauge: it goes down as answers arrive).
+    requests_in_flight,
+    /// The most requests that were in flight at once since the mount (or the fake) started.
+    max_requests_in_flight,
 }
 
 impl RequestStats {
@@ -64,6 +68,23 @@ impl RequestStats {
     }
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Count one request in flight until the guard is dropped (and raise the maximum).
+    pub fn in_flight(&self) -> InFlight<'_> {
+        let now = self.requests_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.max_requests_in_flight
+            .fetch_max(now, Ordering::Relaxed);
+        InFlight(self)
+    }
+}
+
+/// One request in flight (see [`RequestStats::in_flight`]).
+pub struct InFlight<'a>(&'a RequestStats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -98,6 +119,8 @@ mod tests {
             "resumes",
             "upload_resumes",
             "foreign_requests",
+            "requests_in_flight",
+            "max_requests_in_flight",
         ];
         let mut keys_sorted = keys.clone();
         keys_sorted.sort();
@@ -105,5 +128,21 @@ mod tests {
         assert_eq!(keys_sorted, want);
         assert_eq!(v["blob_gets"], 1);
         assert_eq!(v["upload_bytes"], 7);
+    }
+
+    #[test]
+    fn in_flight_counts_overlap_and_keeps_the_maximum() {
+        let s = RequestStats::default();
+        {
+            let _a = s.in_flight();
+            let _b = s.in_flight();
+            assert_eq!(s.snapshot().requests_in_flight, 2);
+        }
+        let _c = s.in_flight();
+        let snap = s.snapshot();
+        assert_eq!(
+            (snap.requests_in_flight, snap.max_requests_in_flight),
+            (1, 2)
+        );
     }
 }

@@ -6,6 +6,9 @@
 
 mod images;
 pub use images::*;
+mod dated;
+#[allow(unused_imports)]
+pub use dated::*;
 mod proxy;
 #[allow(unused_imports)]
 pub use proxy::*;

@@ -191,6 +191,7 @@ impl HttpRegistry {
 #[async_trait]
 impl Registry for HttpRegistry {
     async fn catalog(&self) -> RegistryResult<Vec<String>> {
+        let _in_flight = self.stats.in_flight();
         let url = self.url(&format!("/v2/_catalog?n={PAGE_SIZE}"));
         self.paged_list(url, "registry:catalog:*", "repositories", true)
             .await
@@ -198,6 +199,7 @@ impl Registry for HttpRegistry {
 
     async fn tags(&self, repo: &str) -> RegistryResult<Vec<String>> {
         check_repo(repo)?;
+        let _in_flight = self.stats.in_flight();
         let url = self.url(&format!("/v2/{repo}/tags/list?n={PAGE_SIZE}"));
         self.paged_list(url, &repo_scope(repo, false), "tags", false)
             .await
@@ -205,6 +207,7 @@ impl Registry for HttpRegistry {
 
     async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {
         RequestStats::inc(&self.stats.manifest_gets);
+        let _in_flight = self.stats.in_flight();
         let req = self.manifest_req(Method::GET, repo, reference)?;
         let (status, headers, body) = self.fetch_capped(&req, MANIFEST_BODY_CAP).await?;
         if !status.is_success() {
@@ -250,25 +253,32 @@ impl Registry for HttpRegistry {
     async fn manifest_head(&self, repo: &str, reference: &str) -> RegistryResult<ManifestHead> {
         RequestStats::inc(&self.stats.manifest_heads);
         let req = self.manifest_req(Method::HEAD, repo, reference)?;
-        let resp = self.send(&req).await?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(error_from(status, b"", &req.what));
-        }
-        let h = resp.headers();
-        let digest = header_str(h, "docker-content-digest").filter(|d| is_sha256_digest(d));
-        let size = header_str(h, "content-length").and_then(|l| l.parse::<u64>().ok());
-        let media_type = content_type(h);
-        match (digest, size) {
-            (Some(d), Some(size)) if MANIFEST_ACCEPT.contains(&media_type.as_str()) => {
-                Ok(ManifestHead {
-                    digest: d.to_string(),
-                    media_type,
-                    size,
-                })
+        let head = {
+            let _in_flight = self.stats.in_flight();
+            let resp = self.send(&req).await?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(error_from(status, b"", &req.what));
             }
+            let h = resp.headers();
+            let digest = header_str(h, "docker-content-digest").filter(|d| is_sha256_digest(d));
+            let size = header_str(h, "content-length").and_then(|l| l.parse::<u64>().ok());
+            let media_type = content_type(h);
+            match (digest, size) {
+                (Some(d), Some(size)) if MANIFEST_ACCEPT.contains(&media_type.as_str()) => {
+                    Some(ManifestHead {
+                        digest: d.to_string(),
+                        media_type,
+                        size,
+                    })
+                }
+                _ => None,
+            }
+        };
+        match head {
+            Some(h) => Ok(h),
             // Not enough in the headers (ECR omits the digest): fall back to a GET.
-            _ => {
+            None => {
                 let m = self.manifest(repo, reference).await?;
                 Ok(ManifestHead {
                     digest: m.digest,
@@ -283,6 +293,7 @@ impl Registry for HttpRegistry {
         check_repo(repo)?;
         check_digest(digest)?;
         RequestStats::inc(&self.stats.blob_heads);
+        let _in_flight = self.stats.in_flight();
         let req = Req {
             method: Method::HEAD,
             url: self.url(&format!("/v2/{repo}/blobs/{digest}")),
@@ -313,6 +324,7 @@ impl Registry for HttpRegistry {
             return Err(RegistryError::Invalid(format!("range {start}-{end}")));
         }
         RequestStats::inc(&self.stats.blob_gets);
+        let _in_flight = self.stats.in_flight();
         let want = usize::try_from(end - start + 1)
             .map_err(|_| RegistryError::Invalid(format!("range {start}-{end}")))?;
         let what = format!("GET {repo}@{digest} bytes {start}-{end}");
