@@ -16,6 +16,7 @@ use regfs::cli::Cli;
 use regfs::config::Config;
 use regfs::fs::{Fs, FsOptions, TAG_CONCURRENCY};
 use regfs::registry::fake::FakeRegistry;
+use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
 use regfs::registry::{Registry, StatsSnapshot, TagResolution};
 
 /// 2020-01-01T00:00:00Z.
@@ -232,6 +233,64 @@ async fn directory_times_come_from_config_annotation_or_mount_time() {
         unix(fs.getattr(e.attr.ino).await.unwrap().attr.mtime),
         1_622_548_800
     );
+}
+
+#[tokio::test]
+async fn index_json_resolves_tags_concurrently_without_configs() {
+    let reg = Arc::new(FakeRegistry::new());
+    reg.yield_in_requests();
+    twenty_tags(&*reg).await;
+    let fs = core(reg.clone(), false);
+    let e = lookup_path(&fs, "lots/index.json").await.unwrap();
+    let s = snap(&*reg);
+    assert!(s.max_requests_in_flight > 1, "{s:?}");
+    assert!(s.max_requests_in_flight <= TAG_CONCURRENCY as u64, "{s:?}");
+    assert_eq!(
+        (s.manifest_heads, s.manifest_gets, s.blob_gets),
+        (20, 0, 0),
+        "{s:?}"
+    );
+    let h = fs.open(e.attr.ino, false).await.unwrap();
+    let body = fs.read(h.fh, 0, e.attr.size as u32).await.unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let names: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m["annotations"]["org.opencontainers.image.ref.name"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    let want: Vec<String> = (0..20).map(|i| format!("t{i:02}")).collect();
+    assert_eq!(names, want, "in tag order");
+}
+
+#[tokio::test]
+async fn a_time_that_cannot_be_fetched_shows_the_mount_time_until_a_later_lookup() {
+    let fake = Arc::new(FakeRegistry::new());
+    push_dated(
+        &*fake,
+        "f/img",
+        Some("v1"),
+        Some("2021-06-01T12:00:00Z"),
+        None,
+        1,
+    )
+    .await;
+    let faults = Arc::new(FaultyRegistry::new(fake.clone()));
+    let t0 = SystemTime::now();
+    let fs = core(faults.clone(), true);
+    let t1 = SystemTime::now();
+    lookup_path(&fs, "f/img/tags").await.unwrap();
+    faults.inject(Op::BlobRange, Fault::Error(FaultError::Server));
+    let e = lookup_path(&fs, "f/img/tags/v1").await.unwrap();
+    let t = unix(e.attr.mtime);
+    assert!((unix(t0)..=unix(t1)).contains(&t), "the lookup works: {t}");
+    assert_eq!(unix(fs.getattr(e.attr.ino).await.unwrap().attr.mtime), t);
+    let e = lookup_path(&fs, "f/img/tags/v1").await.unwrap();
+    assert_eq!(unix(e.attr.mtime), 1_622_548_800, "asked again, and found");
 }
 
 #[test]
