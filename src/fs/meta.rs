@@ -311,6 +311,17 @@ impl Meta {
         lock(&self.manifests).put(Digest::from(&entry.blob.digest), entry);
     }
 
+    /// Are manifest GETs free here (tags are resolved by GET)? Where they are not (Docker Hub
+    /// counts every manifest GET as a pull), nothing fetches a manifest only to show a time.
+    pub fn manifest_gets_are_free(&self) -> bool {
+        self.tag_by_get
+    }
+
+    /// Is the manifest `digest` in memory (showing it needs no request)?
+    pub fn has_manifest(&self, digest: &Digest) -> bool {
+        lock(&self.manifests).lru.contains(digest)
+    }
+
     /// The time recorded for `digest` (an image manifest or a config), if known: Some(None)
     /// for a config known to carry no usable time.
     pub fn known_time(&self, digest: &Digest) -> Option<Option<SystemTime>> {

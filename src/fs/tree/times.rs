@@ -8,7 +8,9 @@
 //! reproducible builds write the epoch (or one second after it) as a placeholder, not as a time.
 //! Times are content addressed (by manifest or config digest), so each is worked out once and
 //! kept in `meta`; a fetch that fails leaves nothing recorded, and the mount time is shown until a
-//! later lookup succeeds.
+//! later lookup succeeds. Where a manifest GET counts as a pull (Docker Hub, HEAD resolution), no
+//! manifest is fetched for a time: a tag directory shows the mount time until its manifest has
+//! been read for its contents. Config blobs are fetched either way (blob GETs are not pulls).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,6 +22,7 @@ use crate::digest::Digest;
 use crate::error::{FsError, FsResult};
 use crate::fs::node::{Node, TreeDir, View};
 use crate::fs::Fs;
+use crate::manifest::Parsed;
 
 /// The manifest annotation that says when the image was made.
 pub(crate) const CREATED_ANNOTATION: &str = "org.opencontainers.image.created";
@@ -200,10 +203,15 @@ impl Fs {
     }
 
     /// The time of the image manifest (or index) `digest`: its config's `created` (for an
-    /// index, the `--platform` entry's), else its annotation. Recorded once found.
+    /// index, the `--platform` entry's), else its annotation. Recorded once found. Where a
+    /// manifest GET counts as a pull, only manifests already in memory are used: until they
+    /// are, nothing is recorded and the mount time shows.
     async fn image_time(&self, repo: &str, digest: &Digest) -> FsResult<Option<SystemTime>> {
         if let Some(t) = self.meta.known_time(digest) {
             return Ok(t);
+        }
+        if !self.meta.manifest_gets_are_free() && !self.manifests_in_memory(repo, digest).await? {
+            return Ok(None);
         }
         let m = self.meta.manifest(repo, digest).await?;
         let created = match self.meta.image_view(repo, digest).await? {
@@ -217,6 +225,23 @@ impl Fs {
         let t = created.or_else(|| annotation_time(&m.blob.body));
         self.meta.set_time(digest.clone(), t);
         Ok(t)
+    }
+
+    /// Are the manifests the time of `digest` needs (itself, and for an index the
+    /// `--platform` entry) in memory? No request.
+    async fn manifests_in_memory(&self, repo: &str, digest: &Digest) -> FsResult<bool> {
+        if !self.meta.has_manifest(digest) {
+            return Ok(false);
+        }
+        // In memory: this makes no request.
+        let m = self.meta.manifest(repo, digest).await?;
+        Ok(match &m.parsed {
+            Parsed::Index { manifests } => self
+                .meta
+                .pick_platform(manifests)
+                .is_none_or(|d| self.meta.has_manifest(&Digest::from(&d.digest))),
+            Parsed::Image { .. } => true,
+        })
     }
 
     /// A config's `created` (read through the blob path, so it is cached for `config.json` and
