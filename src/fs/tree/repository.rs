@@ -9,7 +9,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use crate::digest::Digest;
 use crate::error::{FsError, FsResult, RegistryError};
@@ -31,13 +31,24 @@ async fn each_tag<'a, T, Fut>(tags: &'a [String], f: impl Fn(&'a str) -> Fut) ->
 where
     Fut: Future<Output = T> + 'a,
 {
-    // The futures are made first (none runs before it is polled): a stream that maps with a
-    // closure over borrowed tags would not be provably Send for every lifetime.
-    let futures: Vec<Fut> = tags.iter().map(|t| f(t.as_str())).collect();
-    stream::iter(futures)
-        .buffered(TAG_CONCURRENCY)
-        .collect()
-        .await
+    // Futures are made only as slots free up (a tag list may hold 100,000s of names), and
+    // driven here rather than through a `map`ped stream, whose closure over borrowed tags would
+    // not be provably Send for every lifetime.
+    let mut running = FuturesOrdered::new();
+    let mut next = tags.iter();
+    let mut out = Vec::with_capacity(tags.len());
+    loop {
+        while running.len() < TAG_CONCURRENCY {
+            match next.next() {
+                Some(t) => running.push_back(f(t.as_str())),
+                None => break,
+            }
+        }
+        match running.next().await {
+            Some(r) => out.push(r),
+            None => return out,
+        }
+    }
 }
 
 impl Fs {
