@@ -142,6 +142,17 @@ pub struct Cli {
     /// resolve at the registry, so a mirror's stale copy of a moved tag is never seen.
     #[arg(long, help_heading = "Connection")]
     pub mirror_tags: bool,
+    /// How a tag is resolved: get (one GET by tag brings the manifest and its digest), head
+    /// (HEAD first; the manifest is fetched by digest when needed), or auto: get, except head on
+    /// Docker Hub, where every manifest GET counts against the pull rate limit.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "auto",
+        value_parser = ["auto", "head", "get"],
+        help_heading = "Connection"
+    )]
+    pub tag_resolution: String,
 }
 
 /// This machine's platform in OCI terms: the default for `--platform`, because the image that

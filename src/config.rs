@@ -80,6 +80,8 @@ pub struct ConnectionConfig {
     pub mirrors: Vec<(Url, String)>,
     /// Tags resolve at the mirrors too (`--mirror-tags`).
     pub mirror_tags: bool,
+    /// How tags are resolved (`--tag-resolution`; see [`crate::registry::TagResolution`]).
+    pub tag_resolution: crate::registry::TagResolution,
 }
 
 impl ConnectionConfig {
@@ -327,6 +329,7 @@ impl TryFrom<Cli> for Config {
                 retry_budget,
                 mirrors,
                 mirror_tags: cli.mirror_tags,
+                tag_resolution: parse_flag("--tag-resolution", &cli.tag_resolution, |s| s.parse())?,
             },
             mount,
             cache: CacheConfig {

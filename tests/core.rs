@@ -256,26 +256,32 @@ async fn listing_fetches_no_blobs_and_reads_are_chunked() {
         fs.getattr(ino).await.unwrap().attr.size,
         img.layer.len() as u64
     );
-    assert_eq!(gets(&reg), 0, "sizes come from descriptors");
+    // The tag's config is read for the directory's time; sizes come from descriptors.
+    let config = img.config.len() as u64;
+    assert_eq!(
+        gets(&reg),
+        1,
+        "only the config: sizes come from descriptors"
+    );
 
     let h = fs.open(ino, false).await.unwrap();
     let b = fs.read(h.fh, 300 * KIB, 4096).await.unwrap();
     assert_eq!(&b[..], &img.layer[300 * 1024..300 * 1024 + 4096]);
-    assert_eq!(gets(&reg), 1, "4 KiB = one Range request for one chunk");
-    assert_eq!(reg.stats().snapshot().blob_bytes, 64 * KIB);
+    assert_eq!(gets(&reg), 2, "4 KiB = one Range request for one chunk");
+    assert_eq!(reg.stats().snapshot().blob_bytes, 64 * KIB + config);
     fs.release(h.fh).await;
     // Another handle (no readahead history) reading the same chunk: no request.
     let h = fs.open(ino, false).await.unwrap();
     let b = fs.read(h.fh, 300 * KIB + 4096, 4096).await.unwrap();
     assert_eq!(&b[..], &img.layer[300 * 1024 + 4096..300 * 1024 + 8192]);
-    assert_eq!(gets(&reg), 1, "a cached chunk makes no request");
+    assert_eq!(gets(&reg), 2, "a cached chunk makes no request");
     fs.release(h.fh).await;
     // A read spanning two chunks fetches only the missing one.
     let h = fs.open(ino, false).await.unwrap();
     let b = fs.read(h.fh, 320 * KIB - 10, 20).await.unwrap();
     assert_eq!(&b[..], &img.layer[320 * 1024 - 10..320 * 1024 + 10]);
-    assert_eq!(gets(&reg), 2);
-    assert_eq!(reg.stats().snapshot().blob_bytes, 2 * 64 * KIB);
+    assert_eq!(gets(&reg), 3);
+    assert_eq!(reg.stats().snapshot().blob_bytes, 2 * 64 * KIB + config);
     fs.release(h.fh).await;
 }
 
@@ -302,7 +308,11 @@ async fn concurrent_readers_share_one_fetch() {
         let b = t.await.unwrap();
         assert_eq!(&b[..], &img.layer[1000 + i..1100 + i]);
     }
-    assert_eq!(gets(&reg), 1);
+    assert_eq!(
+        gets(&reg),
+        2,
+        "the config (for the tag's time) and one shared fetch"
+    );
 }
 
 #[tokio::test]
@@ -315,10 +325,12 @@ async fn sequential_reads_prefetch_ahead() {
         .unwrap();
     assert_eq!(data, img.layer);
     // 16 chunks, each fetched exactly once even with readahead racing the reader, in fewer
-    // requests than chunks (the window grows; requests carry several chunks).
+    // requests than chunks (the window grows; requests carry several chunks); and the config,
+    // read for the tag's time.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    assert_eq!(reg.stats().snapshot().blob_bytes, 1024 * KIB);
-    assert!(gets(&reg) < 16, "{} requests", gets(&reg));
+    let bytes = reg.stats().snapshot().blob_bytes;
+    assert!((1024 * KIB..1088 * KIB).contains(&bytes), "{bytes} bytes");
+    assert!(gets(&reg) < 16 + 1, "{} requests", gets(&reg));
 }
 
 #[tokio::test]
@@ -333,9 +345,13 @@ async fn registry_errors_become_errnos() {
         // TTL 0 so the tag listing is asked again and meets the fault.
         let (reg, faults, fs) = setup_faulty(64 * KIB, std::time::Duration::ZERO);
         add_image(&reg, "e/one", "v1", 1000);
-        let cfg = walk(&fs, "e/one/tags/v1/config.json").await.unwrap();
+        // A one-chunk layer (the config is already cached: it was read for the tag's time).
+        let layers = layer_files(&fs, "e/one/tags/v1/layers").await;
+        let file = walk(&fs, &format!("e/one/tags/v1/layers/{}", layers[0]))
+            .await
+            .unwrap();
         faults.inject(Op::BlobRange, Fault::Error(fault.clone()));
-        let h = fs.open(cfg, false).await.unwrap();
+        let h = fs.open(file, false).await.unwrap();
         assert_eq!(
             fs.read(h.fh, 0, 4096).await.unwrap_err().errno,
             errno,
@@ -370,8 +386,14 @@ async fn manifest_faults() {
         br#"{"schemaVersion":2}"#,
     );
     for tag in ["broken", "weird", "liar"] {
-        let dir = walk(&fs, &format!("m/one/tags/{tag}")).await.unwrap();
-        let e = fs.readdir(dir).await.unwrap_err();
+        // A tag resolved by GET meets a lying digest at once; the others when listed.
+        let e = match walk(&fs, &format!("m/one/tags/{tag}")).await {
+            Ok(dir) => fs.readdir(dir).await.unwrap_err(),
+            Err(errno) => {
+                assert_eq!((tag, errno), ("liar", libc::EIO));
+                continue;
+            }
+        };
         assert_eq!(e.errno, libc::EIO, "{tag}: {}", e.message);
         assert!(!e.message.is_empty());
     }
@@ -383,9 +405,12 @@ async fn manifest_faults() {
 async fn truncated_refused_and_corrupt_bodies_are_eio_and_not_cached() {
     for fault in [Fault::Truncate, Fault::WholeBody, Fault::Corrupt] {
         let (reg, faults, fs) = setup_faulty(64 * KIB, regfs::config::DEFAULT_METADATA_TTL);
-        let img = add_image(&reg, "t/one", "v1", (200 * KIB) as usize);
-        let cfg = walk(&fs, "t/one/tags/v1/config.json").await.unwrap();
-        let _ = img;
+        add_image(&reg, "t/one", "v1", (200 * KIB) as usize);
+        // A one-chunk blob not read yet (the config was, for the tag's time).
+        let small = reg.add_blob("t/one", pseudo_random(1000, 5));
+        let cfg = walk(&fs, &format!("t/one/blobs/sha256/{}", &small[7..]))
+            .await
+            .unwrap();
         let layers = layer_files(&fs, "t/one/tags/v1/layers").await;
         let layer = walk(&fs, &format!("t/one/tags/v1/layers/{}", layers[0]))
             .await
@@ -419,12 +444,14 @@ async fn multi_chunk_digest_mismatch_evicts() {
     add_image(&reg, "d/one", "v1", (200 * KIB) as usize);
     let layers = layer_files(&fs, "d/one/tags/v1/layers").await;
     let path = format!("d/one/tags/v1/layers/{}", layers[0]);
+    // The config, read for the tag's time, is the one chunk cached so far.
+    let before = cache_chunks(&fs).await;
     // Corrupt one chunk: it has the right length, so only the whole-blob digest can tell.
     faults.inject(Op::BlobRange, Fault::Corrupt);
     let e = read_all(&fs, &path).await.unwrap_err();
     assert_eq!(e, libc::EIO);
     assert!(
-        cache_chunks(&fs).await == 0,
+        cache_chunks(&fs).await == before,
         "chunks of a mismatching blob are dropped"
     );
     // A clean retry succeeds.

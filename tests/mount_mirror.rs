@@ -153,12 +153,13 @@ fn tags_resolve_at_the_mirror_only_with_mirror_tags() {
         assert_eq!(sha256_digest(&manifest), f.image.manifest_digest);
         let s = stats(&m);
         let (mirror, registry) = (&s["sources"][0]["requests"], &s["sources"][1]["requests"]);
-        let tag_reqs = |r: &serde_json::Value| n(&r["manifest_heads"]) + n(&r["tag_pages"]);
+        // A tag resolves with one manifest GET by tag (`--tag-resolution auto` off Docker
+        // Hub), which brings the manifest too: every manifest request here is a tag's.
+        let tag_reqs = |r: &serde_json::Value| {
+            n(&r["manifest_heads"]) + n(&r["tag_pages"]) + n(&r["manifest_gets"])
+        };
         assert_eq!(tag_reqs(mirror) > 0, at_mirror, "{flag:?}: {s}");
         assert_eq!(tag_reqs(registry) == 0, at_mirror, "{flag:?}: {s}");
-        // The manifest by digest comes from the mirror either way.
-        assert!(n(&mirror["manifest_gets"]) >= 1, "{s}");
-        assert_eq!(n(&registry["manifest_gets"]), 0, "{s}");
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(m.p(".regfs/config")).unwrap()).unwrap();
         assert_eq!(config["mirrors"][0], format!("{}/", f.mirror.url()));

@@ -240,7 +240,10 @@ fn sizes_and_reads_are_lazy() {
             .len(),
         pushed.config.len() as u64
     );
-    assert_eq!(m.stat("blob_gets"), 0, "listing must not fetch blobs");
+    // The config is read for the tag's time; no layer is.
+    let config = pushed.config.len() as u64;
+    assert_eq!(m.stat("blob_gets"), 1, "listing fetches the config only");
+    assert_eq!(m.stat("blob_bytes"), config);
 
     // 4 KiB in the middle of a cold multi-MiB blob: one Range request for one chunk.
     let mut f = std::fs::File::open(&layer).unwrap();
@@ -248,8 +251,8 @@ fn sizes_and_reads_are_lazy() {
     let mut buf = vec![0u8; 4096];
     f.read_exact(&mut buf).unwrap();
     assert_eq!(&buf[..], &big[(3 << 20)..(3 << 20) + 4096]);
-    assert_eq!(m.stat("blob_gets"), 1);
-    assert_eq!(m.stat("blob_bytes"), 1 << 20);
+    assert_eq!(m.stat("blob_gets"), 2);
+    assert_eq!(m.stat("blob_bytes"), (1 << 20) + config);
 
     // The same chunk through another name (another inode, no page cache): no new request.
     let by_digest = m.p(&format!(
@@ -262,15 +265,24 @@ fn sizes_and_reads_are_lazy() {
     assert_eq!(&buf[..], &big[(3 << 20) + 8192..(3 << 20) + 8192 + 4096]);
     assert_eq!(
         m.stat("blob_gets"),
-        1,
+        2,
         "a cached chunk must not be fetched again"
     );
 
     // A full read verifies against the digest and fetches each chunk once, several chunks per
     // request.
     assert_eq!(sha256_file(&by_digest), pushed.layers[0].0);
-    assert_eq!(m.stat("blob_bytes"), big.len() as u64);
-    assert!(m.stat("blob_gets") < 8, "{} requests", m.stat("blob_gets"));
+    // (and the config, read for the tag's time)
+    let bytes = m.stat("blob_bytes");
+    assert!(
+        (big.len() as u64..big.len() as u64 + 65536).contains(&bytes),
+        "{bytes}"
+    );
+    assert!(
+        m.stat("blob_gets") < 8 + 1,
+        "{} requests",
+        m.stat("blob_gets")
+    );
 }
 
 #[test]
@@ -406,8 +418,10 @@ fn registry_going_away_gives_eio_not_a_hang() {
         &["--request-timeout", "5s", "--retry-budget", "1s"],
     );
     assert_eq!(ls(&m.p("gone/soon/tags")), vec!["v1"]);
+    let layer = ls_files(&m.p("gone/soon/tags/v1/layers")).remove(0);
     reg.stop();
-    let e = std::fs::read(m.p("gone/soon/tags/v1/config.json")).unwrap_err();
+    // Not the config: that was read (and cached) for the tag's time.
+    let e = std::fs::read(m.p(&format!("gone/soon/tags/v1/layers/{layer}"))).unwrap_err();
     assert_eq!(errno(&e), libc::EIO, "{e}");
     assert!(m.log_text().contains("transport error"), "{}", m.log_text());
 }

@@ -206,6 +206,9 @@ async fn faults(reg: Arc<dyn Registry>) {
     ] {
         // A fresh core each time: what one failed read left cached is what is checked.
         let fs = core(faulty.clone());
+        // Resolve the path first: the tag's lookup reads the config (for its time) through
+        // the same blob path, and the fault is meant for the layer.
+        walk(&fs, &path).await.unwrap();
         faulty.inject(Op::BlobRange, fault.clone());
         assert_eq!(
             read_all(&fs, &path).await.unwrap_err(),

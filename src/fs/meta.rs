@@ -1,6 +1,12 @@
 //! Registry metadata as the tree needs it, cached: the catalog, tag lists and tag targets (each
-//! for `--metadata-ttl`), manifests by digest (forever: content addressed), the repositories
-//! known to exist, and the digests seen per repository (for `blobs/sha256/`).
+//! for `--metadata-ttl`), manifests by digest (forever: content addressed, LRU by count and
+//! bytes), the times of images and configs (content addressed too), the repositories known to
+//! exist, and the digests seen per repository (for `blobs/sha256/`).
+//!
+//! A tag is resolved with one GET by tag where that costs nothing extra (`--tag-resolution`): the
+//! body that comes with the digest goes straight into the manifest cache, so the tag's files need
+//! no further request. Elsewhere (Docker Hub) a HEAD resolves it and the body is fetched by
+//! digest when it is needed.
 //!
 //! Writes through the mount change what is true before the TTLs run out; they reach this cache
 //! as [`Event`]s, applied in one place.
@@ -8,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -19,8 +25,15 @@ use crate::manifest::{self, Descriptor, Parsed};
 use crate::registry::{ManifestBlob, ManifestHead, Registry};
 use crate::sync::lock;
 
-/// Manifests kept parsed in memory (by count; each is small, 4 MiB at most).
+/// Manifests kept parsed in memory, by count: every tag of a few hundred repositories.
 const MAX_MANIFESTS: usize = 4096;
+/// ... and by bytes of their bodies. 32 MiB holds 4096 manifests of 8 KiB (real ones are
+/// 1-10 KiB; an index of many platforms a few tens of KiB), while a registry that serves
+/// 4 MiB manifests (distribution's limit) cannot make this cache hold more than half the
+/// 64 MiB the memory bound allows above `--cache-size`.
+const MAX_MANIFEST_BYTES: usize = 32 << 20;
+/// Times kept (image manifests and configs by digest): a few dozen bytes each.
+const MAX_TIMES: usize = 2 * MAX_MANIFESTS;
 
 /// A map whose entries are fresh for a fixed time after they were stored.
 pub(crate) struct TtlMap<K, V> {
@@ -101,6 +114,28 @@ pub(crate) enum Event {
 /// The catalog as last fetched: `None` = the registry offers none to us.
 type CatalogState = Option<Arc<Vec<String>>>;
 
+/// Parsed manifests, least recently used first out, capped in count and in body bytes.
+struct ManifestLru {
+    lru: lru::LruCache<Digest, ManifestEntry>,
+    bytes: usize,
+}
+
+impl ManifestLru {
+    fn put(&mut self, digest: Digest, entry: ManifestEntry) {
+        self.bytes += entry.blob.body.len();
+        if let Some(old) = self.lru.put(digest, entry) {
+            self.bytes -= old.blob.body.len();
+        }
+        // Always keep the newest one, whatever its size (it is at most 4 MiB).
+        while self.bytes > MAX_MANIFEST_BYTES && self.lru.len() > 1 {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.bytes -= old.blob.body.len(),
+                None => break,
+            }
+        }
+    }
+}
+
 pub(crate) struct Meta {
     reg: Arc<dyn Registry>,
     /// (os, architecture, variant) chosen at the tag level of an index.
@@ -108,7 +143,12 @@ pub(crate) struct Meta {
     catalog: TtlMap<(), CatalogState>,
     tag_lists: TtlMap<String, Arc<Vec<String>>>,
     tag_targets: TtlMap<(String, String), ManifestHead>,
-    manifests: Mutex<lru::LruCache<Digest, ManifestEntry>>,
+    /// Resolve tags with a GET by tag (the body comes along) instead of a HEAD.
+    tag_by_get: bool,
+    manifests: Mutex<ManifestLru>,
+    /// Digest (of an image manifest, or of a config) -> its time, once known; a config without a
+    /// usable `created` is None.
+    times: Mutex<lru::LruCache<Digest, Option<SystemTime>>>,
     /// Repositories confirmed to exist by a lookup or made here (for registries without a
     /// catalog, and for repositories with nothing pushed yet).
     known_repos: Mutex<BTreeSet<String>>,
@@ -128,12 +168,25 @@ impl Meta {
             catalog: TtlMap::new(ttl),
             tag_lists: TtlMap::new(ttl),
             tag_targets: TtlMap::new(ttl),
-            manifests: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(MAX_MANIFESTS).expect("non-zero"),
+            tag_by_get: false,
+            manifests: Mutex::new(ManifestLru {
+                lru: lru::LruCache::new(
+                    std::num::NonZeroUsize::new(MAX_MANIFESTS).expect("non-zero"),
+                ),
+                bytes: 0,
+            }),
+            times: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_TIMES).expect("non-zero"),
             )),
             known_repos: Mutex::new(BTreeSet::new()),
             seen: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Resolve tags with one GET by tag (true) or a HEAD first (false, the default).
+    pub fn resolving_tags_by_get(mut self, get: bool) -> Self {
+        self.tag_by_get = get;
+        self
     }
 
     /// The catalog, or None when the registry does not offer one to us.
@@ -228,21 +281,61 @@ impl Meta {
         }
     }
 
-    /// What a tag points at now (cached for the metadata TTL).
+    /// What a tag points at now (cached for the metadata TTL). With GET resolution the
+    /// manifest comes along and is cached by digest (when it parses: one that does not is
+    /// asked for again, and fails, where it is used, as with HEAD resolution).
     pub async fn resolve_tag(&self, repo: &str, tag: &str) -> FsResult<ManifestHead> {
         self.tag_targets
             .get_or_load((repo.to_string(), tag.to_string()), || async {
-                self.reg
-                    .manifest_head(repo, tag)
-                    .await
-                    .map_err(|e| FsError::registry(e, format!("{repo}:{tag}")))
+                let ctx = |e| FsError::registry(e, format!("{repo}:{tag}"));
+                if !self.tag_by_get {
+                    return self.reg.manifest_head(repo, tag).await.map_err(ctx);
+                }
+                let blob = self.reg.manifest(repo, tag).await.map_err(ctx)?;
+                let head = ManifestHead {
+                    digest: blob.digest.clone(),
+                    media_type: blob.media_type.clone(),
+                    size: blob.body.len() as u64,
+                };
+                if let Ok(parsed) = manifest::parse(&blob.media_type, &blob.body) {
+                    self.store_manifest(repo, ManifestEntry { blob, parsed });
+                }
+                Ok(head)
             })
             .await
     }
 
+    /// Keep a manifest (its digest is the blob's, already verified) and note what it names.
+    fn store_manifest(&self, repo: &str, entry: ManifestEntry) {
+        self.note_manifest(repo, &entry);
+        lock(&self.manifests).put(Digest::from(&entry.blob.digest), entry);
+    }
+
+    /// Are manifest GETs free here (tags are resolved by GET)? Where they are not (Docker Hub
+    /// counts every manifest GET as a pull), nothing fetches a manifest only to show a time.
+    pub fn manifest_gets_are_free(&self) -> bool {
+        self.tag_by_get
+    }
+
+    /// Is the manifest `digest` in memory (showing it needs no request)?
+    pub fn has_manifest(&self, digest: &Digest) -> bool {
+        lock(&self.manifests).lru.contains(digest)
+    }
+
+    /// The time recorded for `digest` (an image manifest or a config), if known: Some(None)
+    /// for a config known to carry no usable time.
+    pub fn known_time(&self, digest: &Digest) -> Option<Option<SystemTime>> {
+        lock(&self.times).get(digest).copied()
+    }
+
+    /// Record the time of `digest` (content addressed, so it never changes).
+    pub fn set_time(&self, digest: Digest, time: Option<SystemTime>) {
+        lock(&self.times).put(digest, time);
+    }
+
     /// A manifest by digest, parsed (cached: it is content addressed).
     pub async fn manifest(&self, repo: &str, digest: &Digest) -> FsResult<ManifestEntry> {
-        if let Some(m) = lock(&self.manifests).get(digest) {
+        if let Some(m) = lock(&self.manifests).lru.get(digest) {
             return Ok(m.clone());
         }
         let ctx = format!("manifest {repo}@{digest}");
@@ -404,8 +497,6 @@ impl Meta {
                 }
             }
             Event::ManifestPushed { repo, tag, entry } => {
-                let digest = Digest::from(&entry.blob.digest);
-                self.note_manifest(&repo, &entry);
                 self.tag_targets.insert(
                     (repo.clone(), tag),
                     ManifestHead {
@@ -414,7 +505,7 @@ impl Meta {
                         size: entry.blob.body.len() as u64,
                     },
                 );
-                lock(&self.manifests).put(digest, *entry);
+                self.store_manifest(&repo, *entry);
                 self.tag_lists.remove(&repo);
                 self.catalog.remove(&());
                 lock(&self.known_repos).insert(repo);

@@ -37,6 +37,7 @@ pub use node::{
     Area, Content, ControlFile, EntryMeta, FileNode, Node, StagedKey, TreeDir, TreeEntry, View,
 };
 pub use staging::StagedInfo;
+pub use tree::TAG_CONCURRENCY;
 pub use types::{Attr, DirEntry, EntryOut, Fh, Ino, Kind, Opened, ROOT_INO};
 
 /// Names inside a repository directory that belong to regfs, not to nested repositories.
@@ -66,6 +67,9 @@ pub struct FsOptions {
     pub cache_dir: Option<std::path::PathBuf>,
     /// The effective configuration, without secrets, as `.regfs/config` shows it.
     pub effective_config: serde_json::Value,
+    /// Resolve a tag with one GET (body and digest at once) instead of a HEAD first
+    /// (`--tag-resolution`, decided for the registry's host by `TagResolution::uses_get`).
+    pub resolve_tags_by_get: bool,
 }
 
 impl Default for FsOptions {
@@ -80,6 +84,8 @@ impl Default for FsOptions {
             checkpoint_spacing: crate::config::DEFAULT_CHECKPOINT_SPACING,
             cache_dir: None,
             effective_config: serde_json::Value::Null,
+            // What `--tag-resolution auto` gives for any registry but Docker Hub.
+            resolve_tags_by_get: true,
         }
     }
 }
@@ -97,6 +103,10 @@ impl FsOptions {
             checkpoint_spacing: c.cache.checkpoint_spacing,
             cache_dir: c.cache.cache_dir.clone(),
             effective_config: c.public_json(),
+            resolve_tags_by_get: c
+                .connection
+                .tag_resolution
+                .uses_get(c.connection.base_url.host_str().unwrap_or_default()),
         }
     }
 }
@@ -138,7 +148,8 @@ impl Fs {
         ));
         Fs {
             control: tree::Control::new(opts.effective_config.clone()),
-            meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone()),
+            meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone())
+                .resolving_tags_by_get(opts.resolve_tags_by_get),
             layers: Layers::new(
                 blobs.clone(),
                 opts.checkpoint_spacing,
@@ -162,7 +173,11 @@ impl Fs {
 
     /// Attributes of a node (its inode number is filled in by the caller).
     fn attr_of(&self, ino: Ino, node: &Node) -> Attr {
-        if let Some(a) = tree::tree_attr(ino, node) {
+        if let Some(mut a) = tree::tree_attr(ino, node) {
+            // A tree's root is in no tar: it shows the image's time.
+            if let Some(t) = self.dir_time(node) {
+                a.mtime = t;
+            }
             return a;
         }
         let (size, perm, nlink) = match node {
@@ -179,7 +194,7 @@ impl Fs {
             size,
             perm,
             nlink,
-            mtime: self.mount_time,
+            mtime: self.dir_time(node).unwrap_or(self.mount_time),
             uid: None,
             gid: None,
             rdev: 0,

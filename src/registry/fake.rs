@@ -1,6 +1,12 @@
 //! An in-memory registry for the fast test tier. It counts every request in the same
 //! [`RequestStats`] as the HTTP client. To make it fail on demand, wrap it in
 //! [`super::faulty::FaultyRegistry`].
+//!
+//! Read requests count as in flight while they are answered. After
+//! [`FakeRegistry::yield_in_requests`] each also yields to the runtime once while in flight (as
+//! a network request would wait), so concurrent callers overlap and `max_requests_in_flight`
+//! shows whether they were issued at once or one after another. Nothing waits on a clock. Off
+//! by default: then a request is answered without letting spawned tasks (readahead) run.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -8,7 +14,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ManifestBlob, ManifestHead, Registry, RequestStats, UploadSession};
+use super::{InFlight, ManifestBlob, ManifestHead, Registry, RequestStats, UploadSession};
 use crate::digest::sha256_digest;
 use crate::error::{RegistryError, RegistryResult};
 use crate::manifest::sniff_media_type;
@@ -25,6 +31,7 @@ struct Repo {
 pub struct FakeRegistry {
     repos: Mutex<BTreeMap<String, Repo>>,
     no_catalog: std::sync::atomic::AtomicBool,
+    yield_in_requests: std::sync::atomic::AtomicBool,
     /// Open upload sessions: id -> (repo, bytes so far).
     uploads: Mutex<HashMap<String, (String, Vec<u8>)>>,
     next_upload: std::sync::atomic::AtomicU64,
@@ -39,6 +46,12 @@ impl FakeRegistry {
     /// Make `_catalog` answer 401, as Docker Hub and GHCR do.
     pub fn disable_catalog(&self) {
         self.no_catalog
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Let every read request yield to the runtime once while it is in flight.
+    pub fn yield_in_requests(&self) {
+        self.yield_in_requests
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -131,6 +144,19 @@ impl FakeRegistry {
         Ok((digest, mt, body))
     }
 
+    /// Count a request in flight (and, when asked to, let other tasks run once before it is
+    /// answered).
+    async fn in_flight(&self) -> InFlight<'_> {
+        let guard = self.stats.in_flight();
+        if self
+            .yield_in_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tokio::task::yield_now().await;
+        }
+        guard
+    }
+
     fn blob(&self, repo: &str, digest: &str) -> RegistryResult<Bytes> {
         let repos = self.repos.lock().unwrap();
         let r = repos
@@ -148,6 +174,7 @@ impl FakeRegistry {
 impl Registry for FakeRegistry {
     async fn catalog(&self) -> RegistryResult<Vec<String>> {
         RequestStats::inc(&self.stats.catalog_pages);
+        let _in_flight = self.in_flight().await;
         if self.no_catalog.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(RegistryError::Unauthorized("catalog not offered".into()));
         }
@@ -161,6 +188,7 @@ impl Registry for FakeRegistry {
 
     async fn tags(&self, repo: &str) -> RegistryResult<Vec<String>> {
         RequestStats::inc(&self.stats.tag_pages);
+        let _in_flight = self.in_flight().await;
         let repos = self.repos.lock().unwrap();
         let r = repos
             .get(repo)
@@ -170,6 +198,7 @@ impl Registry for FakeRegistry {
 
     async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {
         RequestStats::inc(&self.stats.manifest_gets);
+        let _in_flight = self.in_flight().await;
         let (digest, media_type, body) = self.resolve(repo, reference)?;
         // Like the HTTP client: verify what was served against the digest it claims.
         crate::digest::verify(&digest, &body)?;
@@ -182,6 +211,7 @@ impl Registry for FakeRegistry {
 
     async fn manifest_head(&self, repo: &str, reference: &str) -> RegistryResult<ManifestHead> {
         RequestStats::inc(&self.stats.manifest_heads);
+        let _in_flight = self.in_flight().await;
         let (digest, media_type, body) = self.resolve(repo, reference)?;
         Ok(ManifestHead {
             digest,
@@ -192,6 +222,7 @@ impl Registry for FakeRegistry {
 
     async fn blob_size(&self, repo: &str, digest: &str) -> RegistryResult<u64> {
         RequestStats::inc(&self.stats.blob_heads);
+        let _in_flight = self.in_flight().await;
         Ok(self.blob(repo, digest)?.len() as u64)
     }
 
@@ -203,6 +234,7 @@ impl Registry for FakeRegistry {
         end: u64,
     ) -> RegistryResult<Bytes> {
         RequestStats::inc(&self.stats.blob_gets);
+        let _in_flight = self.in_flight().await;
         let blob = self.blob(repo, digest)?;
         if start >= blob.len() as u64 || end < start {
             return Err(RegistryError::Protocol("range refused (416)".into()));

@@ -16,7 +16,7 @@ pub mod http;
 pub mod mirror;
 mod stats;
 
-pub use stats::{RateLimit, RequestStats, StatsSnapshot};
+pub use stats::{InFlight, RateLimit, RequestStats, StatsSnapshot};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -160,6 +160,57 @@ pub async fn push_whole_blob(
     Ok(digest)
 }
 
+/// How a tag is resolved to its manifest digest (`--tag-resolution`).
+///
+/// A GET of the manifest by tag answers with the body and its digest (`Docker-Content-Digest`,
+/// checked against the body; the body's sha256 when the header is missing) in one round trip, and
+/// the tag's `manifest.json`, `config.json` and `layers/` need that body next anyway. A HEAD
+/// answers the digest alone, so the body costs a second round trip. GET is therefore the better
+/// choice everywhere except where a GET is billed: Docker Hub counts every manifest GET as a pull
+/// against its rate limit (100 or 200 per 6 hours), and a HEAD not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TagResolution {
+    /// GET, except HEAD first on hosts where a GET counts as a pull ([`get_counts_as_pull`]).
+    #[default]
+    Auto,
+    /// Always HEAD first, then GET the manifest by digest when it is needed.
+    Head,
+    /// Always GET by tag: one round trip.
+    Get,
+}
+
+impl std::str::FromStr for TagResolution {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(TagResolution::Auto),
+            "head" => Ok(TagResolution::Head),
+            "get" => Ok(TagResolution::Get),
+            other => Err(format!("{other:?}: expected auto, head or get")),
+        }
+    }
+}
+
+impl TagResolution {
+    /// Does resolving a tag on `host` (the registry's host name, without port) GET the manifest
+    /// by tag (true) or HEAD it first (false)?
+    pub fn uses_get(self, host: &str) -> bool {
+        match self {
+            TagResolution::Get => true,
+            TagResolution::Head => false,
+            TagResolution::Auto => !get_counts_as_pull(host),
+        }
+    }
+}
+
+/// Does a manifest GET count as a pull on `host`? Docker Hub (`docker.io`, `index.docker.io`,
+/// `registry-1.docker.io`: any `*.docker.io`) counts every GET against the pull rate limit, and
+/// HEADs not at all. Other registries are not known to bill GETs.
+pub fn get_counts_as_pull(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    host == "docker.io" || host.ends_with(".docker.io")
+}
+
 /// Is `name` a valid repository name (distribution-spec grammar)? Checked before any request,
 /// because some registries answer odd names with 500 instead of 404.
 pub fn is_valid_repo_name(name: &str) -> bool {
@@ -233,5 +284,37 @@ mod tests {
         assert!(is_valid_tag("_x.Y-1"));
         assert!(!is_valid_tag(".hidden"));
         assert!(!is_valid_tag(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn docker_hub_keeps_head_first_and_others_get() {
+        for hub in [
+            "registry-1.docker.io",
+            "index.docker.io",
+            "docker.io",
+            "Registry-1.Docker.IO.",
+        ] {
+            assert!(get_counts_as_pull(hub), "{hub}");
+            assert!(!TagResolution::Auto.uses_get(hub), "{hub}");
+            assert!(TagResolution::Get.uses_get(hub), "an explicit get wins");
+        }
+        for other in [
+            "127.0.0.1",
+            "ghcr.io",
+            "localhost",
+            "notdocker.io",
+            "quay.io",
+        ] {
+            assert!(!get_counts_as_pull(other), "{other}");
+            assert!(TagResolution::Auto.uses_get(other), "{other}");
+            assert!(
+                !TagResolution::Head.uses_get(other),
+                "an explicit head wins"
+            );
+        }
+        assert_eq!("auto".parse(), Ok(TagResolution::Auto));
+        assert_eq!("head".parse(), Ok(TagResolution::Head));
+        assert_eq!("get".parse(), Ok(TagResolution::Get));
+        assert!("GET".parse::<TagResolution>().is_err());
     }
 }

@@ -72,6 +72,10 @@ request_stats! {
     pull_limited,
     /// Other 429 answers (plain rate limiting).
     rate_limited,
+    /// Requests being answered now (a gauge: it goes down as answers arrive).
+    requests_in_flight,
+    /// The most requests that were in flight at once since the mount (or the fake) started.
+    max_requests_in_flight,
 }
 
 /// Rate-limit headers as a registry sent them (Docker Hub: `ratelimit-limit: 100;w=21600`,
@@ -142,6 +146,23 @@ impl RequestStats {
     pub fn last_rate_limit(&self) -> Option<RateLimit> {
         crate::sync::lock(&self.rate_limit).clone()
     }
+
+    /// Count one request in flight until the guard is dropped (and raise the maximum).
+    pub fn in_flight(&self) -> InFlight<'_> {
+        let now = self.requests_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.max_requests_in_flight
+            .fetch_max(now, Ordering::Relaxed);
+        InFlight(self)
+    }
+}
+
+/// One request in flight (see [`RequestStats::in_flight`]).
+pub struct InFlight<'a>(&'a RequestStats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.requests_in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
@@ -177,6 +198,8 @@ mod tests {
             "foreign_requests",
             "pull_limited",
             "rate_limited",
+            "requests_in_flight",
+            "max_requests_in_flight",
         ];
         let mut keys_sorted = keys.clone();
         keys_sorted.sort();
@@ -210,5 +233,21 @@ mod tests {
         let pairs: &'static [(&str, &str)] = Box::leak(Box::new([("ratelimit-limit", long)]));
         let r = RateLimit::from_headers(h(pairs)).unwrap();
         assert!(r.limit.unwrap().len() <= RATE_LIMIT_VALUE_CAP);
+    }
+
+    #[test]
+    fn in_flight_counts_overlap_and_keeps_the_maximum() {
+        let s = RequestStats::default();
+        {
+            let _a = s.in_flight();
+            let _b = s.in_flight();
+            assert_eq!(s.snapshot().requests_in_flight, 2);
+        }
+        let _c = s.in_flight();
+        let snap = s.snapshot();
+        assert_eq!(
+            (snap.requests_in_flight, snap.max_requests_in_flight),
+            (1, 2)
+        );
     }
 }

@@ -9,6 +9,9 @@ mod delay_proxy;
 pub use delay_proxy::*;
 mod images;
 pub use images::*;
+mod dated;
+#[allow(unused_imports)]
+pub use dated::*;
 mod proxy;
 #[allow(unused_imports)]
 pub use proxy::*;

@@ -1,13 +1,15 @@
 //! The tree: what each directory node holds ([`Fs::children`]) and how one name is found in it
 //! without listing everything where that is cheaper ([`Fs::find_child`]). One file per area:
 //! the namespace (root, namespaces, repository directories), a repository's own directories,
-//! an image's directories, and image contents (rootfs/ and layer trees).
+//! an image's directories, and image contents (rootfs/ and layer trees); `times` gives the
+//! directories that show an image their time, worked out before their attributes are given.
 
 mod contents;
 mod control;
 mod image;
 mod namespace;
 mod repository;
+mod times;
 
 use super::node::Node;
 use super::Fs;
@@ -15,6 +17,7 @@ use crate::error::{FsError, FsResult};
 
 pub(crate) use contents::tree_attr;
 pub(crate) use control::{Control, CONTROL_DIR};
+pub use repository::TAG_CONCURRENCY;
 
 impl Fs {
     /// The children of a directory node, as (name, node).
@@ -59,8 +62,17 @@ impl Fs {
         }
     }
 
-    /// Find one child by name without listing the whole directory where that is cheaper.
+    /// Find one child by name without listing the whole directory where that is cheaper. A
+    /// directory that shows an image comes with its time settled (see `times`).
     pub(super) async fn find_child(&self, node: &Node, name: &str) -> FsResult<Option<Node>> {
+        let found = self.find_node(node, name).await?;
+        if let Some(n) = &found {
+            self.settle_time(n).await;
+        }
+        Ok(found)
+    }
+
+    async fn find_node(&self, node: &Node, name: &str) -> FsResult<Option<Node>> {
         match node {
             Node::Root | Node::NsEscape { .. } | Node::Dir { .. } => {
                 self.find_in_namespace(node, name).await

@@ -192,6 +192,7 @@ impl HttpRegistry {
 #[async_trait]
 impl Registry for HttpRegistry {
     async fn catalog(&self) -> RegistryResult<Vec<String>> {
+        let _in_flight = self.stats.in_flight();
         let url = self.url(&format!("/v2/_catalog?n={PAGE_SIZE}"));
         self.paged_list(url, "registry:catalog:*", "repositories", true)
             .await
@@ -199,6 +200,7 @@ impl Registry for HttpRegistry {
 
     async fn tags(&self, repo: &str) -> RegistryResult<Vec<String>> {
         check_repo(repo)?;
+        let _in_flight = self.stats.in_flight();
         let url = self.url(&format!("/v2/{repo}/tags/list?n={PAGE_SIZE}"));
         self.paged_list(url, &repo_scope(repo, false), "tags", false)
             .await
@@ -206,6 +208,7 @@ impl Registry for HttpRegistry {
 
     async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {
         RequestStats::inc(&self.stats.manifest_gets);
+        let _in_flight = self.stats.in_flight();
         let req = self.manifest_req(Method::GET, repo, reference)?;
         let (status, headers, body) = self.fetch_capped(&req, MANIFEST_BODY_CAP).await?;
         if !status.is_success() {
@@ -251,25 +254,32 @@ impl Registry for HttpRegistry {
     async fn manifest_head(&self, repo: &str, reference: &str) -> RegistryResult<ManifestHead> {
         RequestStats::inc(&self.stats.manifest_heads);
         let req = self.manifest_req(Method::HEAD, repo, reference)?;
-        let resp = self.send(&req).await?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(error_from(status, b"", &req.what));
-        }
-        let h = resp.headers();
-        let digest = header_str(h, "docker-content-digest").filter(|d| is_sha256_digest(d));
-        let size = header_str(h, "content-length").and_then(|l| l.parse::<u64>().ok());
-        let media_type = content_type(h);
-        match (digest, size) {
-            (Some(d), Some(size)) if MANIFEST_ACCEPT.contains(&media_type.as_str()) => {
-                Ok(ManifestHead {
-                    digest: d.to_string(),
-                    media_type,
-                    size,
-                })
+        let head = {
+            let _in_flight = self.stats.in_flight();
+            let resp = self.send(&req).await?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(error_from(status, b"", &req.what));
             }
+            let h = resp.headers();
+            let digest = header_str(h, "docker-content-digest").filter(|d| is_sha256_digest(d));
+            let size = header_str(h, "content-length").and_then(|l| l.parse::<u64>().ok());
+            let media_type = content_type(h);
+            match (digest, size) {
+                (Some(d), Some(size)) if MANIFEST_ACCEPT.contains(&media_type.as_str()) => {
+                    Some(ManifestHead {
+                        digest: d.to_string(),
+                        media_type,
+                        size,
+                    })
+                }
+                _ => None,
+            }
+        };
+        match head {
+            Some(h) => Ok(h),
             // Not enough in the headers (ECR omits the digest): fall back to a GET.
-            _ => {
+            None => {
                 let m = self.manifest(repo, reference).await?;
                 Ok(ManifestHead {
                     digest: m.digest,
@@ -283,6 +293,7 @@ impl Registry for HttpRegistry {
     async fn blob_size(&self, repo: &str, digest: &str) -> RegistryResult<u64> {
         check_repo(repo)?;
         check_digest(digest)?;
+        let _in_flight = self.stats.in_flight();
         self.blob_head(repo, digest, &mut Budget::new(self.retry_budget))
             .await
     }
@@ -319,6 +330,7 @@ impl Registry for HttpRegistry {
             return Err(RegistryError::Invalid(format!("range {start}-{end}")));
         }
         RequestStats::inc(&self.stats.blob_gets);
+        let _in_flight = self.stats.in_flight();
         let want = end - start + 1;
         let what = format!("GET {repo}@{digest} bytes {start}-{end}");
         let mut budget = Budget::new(self.retry_budget);
