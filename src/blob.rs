@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::cache::{ChunkCache, ChunkKey};
 use crate::digest::{Digest, StreamingDigest};
+use crate::disk::{BlockKey, DiskCache, MapCheck}; // disk tier
 use crate::error::{RegistryError, RegistryResult};
 use crate::registry::Registry;
 
@@ -112,6 +113,8 @@ pub struct Blobs {
     verified: Mutex<HashSet<Digest>>,
     /// What every handle's verifier stashes, together.
     budget: Arc<VerifyBudget>,
+    /// The blocks kept in --cache-dir across mounts, and the chunk maps. // disk tier
+    disk: Option<Arc<DiskCache>>,
 }
 
 impl Blobs {
@@ -128,7 +131,19 @@ impl Blobs {
             readahead_chunks,
             verified: Mutex::new(HashSet::new()),
             budget: Arc::new(VerifyBudget::new(MAX_PENDING_VERIFY_TOTAL)),
+            disk: None,
         }
+    }
+
+    /// Use a disk tier under the memory cache. // disk tier
+    pub fn with_disk(mut self, disk: Option<Arc<DiskCache>>) -> Self {
+        self.disk = disk;
+        self
+    }
+
+    /// The disk tier, if the mount has one. // disk tier
+    pub fn disk(&self) -> Option<&Arc<DiskCache>> {
+        self.disk.as_ref()
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -148,7 +163,14 @@ impl Blobs {
         };
         self.cache
             .get_or_fetch(key, || {
-                fetch_chunk(self.reg.clone(), blob.clone(), index, self.chunk_size)
+                // disk tier
+                fetch_block(
+                    self.reg.clone(),
+                    self.disk.clone(),
+                    blob.clone(),
+                    index,
+                    self.chunk_size,
+                )
             })
             .await
     }
@@ -176,9 +198,10 @@ impl Blobs {
                     continue;
                 }
                 let (reg, cache, blob) = (self.reg.clone(), self.cache.clone(), blob.clone());
+                let disk = self.disk.clone(); // disk tier
                 tokio::spawn(async move {
                     let _ = cache
-                        .get_or_fetch(key, || fetch_chunk(reg, blob, index, cs))
+                        .get_or_fetch(key, || fetch_block(reg, disk, blob, index, cs))
                         .await;
                 });
             }
@@ -217,8 +240,14 @@ impl Blobs {
     /// A verifier for a handle reading `blob`, when one is needed: blobs of one chunk are
     /// verified as they are fetched, and only sha256 can be checked.
     pub fn verifier(&self, blob: &BlobRef) -> Option<Verifier> {
-        (blob.size > self.chunk_size && blob.digest.is_sha256())
-            .then(|| Verifier::new(blob.digest.clone(), blob.size, self.budget.clone()))
+        (blob.size > self.chunk_size && blob.digest.is_sha256()).then(|| {
+            let v = Verifier::new(blob.digest.clone(), blob.size, self.budget.clone());
+            // disk tier: also hash each block, for the chunk map recorded when verified.
+            match self.disk {
+                Some(_) => v.with_block_sums(self.chunk_size),
+                None => v,
+            }
+        })
     }
 
     /// A whole document (a config) of at most `cap` bytes. A descriptor that says more is an
@@ -240,16 +269,29 @@ impl Blobs {
 
     /// After a handle read `data` at `offset` of `blob`: feed its verifier, and act on the
     /// outcome (mark the blob verified, or drop its cached chunks and fail).
-    /// `verifier` is the handle's, locked only inside `feed`.
-    pub fn settle(&self, blob: &BlobRef, outcome: Checked) -> RegistryResult<()> {
+    /// `verifier` is the handle's, locked only inside `feed`. `block_sums` are the verifier's
+    /// per-block hashes when it verified the blob ([`Verifier::take_block_sums`]).
+    pub fn settle(
+        &self,
+        blob: &BlobRef,
+        outcome: Checked,
+        block_sums: Option<Vec<[u8; 32]>>,
+    ) -> RegistryResult<()> {
         match outcome {
             Checked::Pending => Ok(()),
             Checked::Verified => {
                 crate::sync::lock(&self.verified).insert(blob.digest.clone());
+                // disk tier: the blob is proven; its chunk map checks every later fetch.
+                if let (Some(disk), Some(sums)) = (&self.disk, block_sums) {
+                    disk.record_map(&blob.digest, blob.size, self.chunk_size, sums);
+                }
                 Ok(())
             }
             Checked::Mismatch(actual) => {
                 self.cache.evict_digest(&blob.digest);
+                if let Some(disk) = &self.disk {
+                    disk.forget(&blob.digest); // disk tier
+                }
                 Err(RegistryError::DigestMismatch {
                     expected: blob.digest.to_string(),
                     actual: format!("{actual}; cached chunks dropped"),
@@ -270,7 +312,51 @@ impl Blobs {
     /// Forget a blob's cached bytes (deleted, or found bad).
     pub fn evict(&self, digest: &Digest) {
         self.cache.evict_digest(digest);
+        if let Some(disk) = &self.disk {
+            disk.forget(digest); // disk tier
+        }
     }
+}
+
+/// disk tier: chunk `index` of a blob from the disk tier, else from the registry. A block from
+/// the registry is checked against the blob's verified chunk map (a mismatch is an error, never
+/// cached, never served), then stored on disk. A one-chunk blob, verified as it is fetched, gets
+/// its chunk map at once.
+async fn fetch_block(
+    reg: Arc<dyn Registry>,
+    disk: Option<Arc<DiskCache>>,
+    blob: BlobRef,
+    index: u64,
+    chunk_size: u64,
+) -> RegistryResult<Bytes> {
+    let Some(disk) = disk else {
+        return fetch_chunk(reg, blob, index, chunk_size).await;
+    };
+    let key = BlockKey {
+        digest: blob.digest.clone(),
+        blob_size: blob.size,
+        block_size: chunk_size,
+        index,
+    };
+    if let Some(data) = disk.get(&key) {
+        return Ok(data);
+    }
+    let data = fetch_chunk(reg, blob.clone(), index, chunk_size).await?;
+    if blob.size <= chunk_size && blob.digest.is_sha256() {
+        let sum = crate::disk::block_sha256(&data);
+        disk.record_map(&blob.digest, blob.size, chunk_size, vec![sum]);
+    }
+    if disk.check(&key, &data) == MapCheck::Mismatch {
+        return Err(RegistryError::DigestMismatch {
+            expected: format!(
+                "{} block {index} as its verified chunk map says",
+                blob.digest
+            ),
+            actual: crate::digest::sha256_digest(&data),
+        });
+    }
+    disk.put(&key, data.clone());
+    Ok(data)
 }
 
 /// Fetch chunk `index` of a blob with one closed Range request. A blob that fits in one chunk is
@@ -370,6 +456,38 @@ pub struct Verifier {
     /// The blob failed verification: every later read through this handle fails too, so a
     /// kernel retry of a failed readahead cannot slip the bad bytes through.
     failed: Option<String>,
+    /// disk tier: the sha256 of each block as the stream passes.
+    blocks: Option<BlockSums>,
+}
+
+/// disk tier: sha256 of each `size`-byte block of a stream, in order.
+struct BlockSums {
+    size: u64,
+    current: sha2::Sha256,
+    filled: u64,
+    done: Vec<[u8; 32]>,
+}
+
+impl BlockSums {
+    fn update(&mut self, mut data: &[u8]) {
+        use sha2::Digest as _;
+        while !data.is_empty() {
+            let room = (self.size - self.filled).min(data.len() as u64) as usize;
+            self.current.update(&data[..room]);
+            self.filled += room as u64;
+            data = &data[room..];
+            if self.filled == self.size {
+                self.finish_block();
+            }
+        }
+    }
+
+    fn finish_block(&mut self) {
+        use sha2::Digest as _;
+        let h = std::mem::take(&mut self.current).finalize();
+        self.done.push(h.into());
+        self.filled = 0;
+    }
 }
 
 impl Drop for Verifier {
@@ -389,6 +507,39 @@ impl Verifier {
             budget,
             done: false,
             failed: None,
+            blocks: None,
+        }
+    }
+
+    /// disk tier: also hash each `block_size` piece (see [`Verifier::take_block_sums`]).
+    pub fn with_block_sums(mut self, block_size: u64) -> Self {
+        self.blocks = (block_size > 0).then(|| BlockSums {
+            size: block_size,
+            current: Default::default(),
+            filled: 0,
+            done: Vec::new(),
+        });
+        self
+    }
+
+    /// disk tier: once the blob verified, the sha256 of each of its blocks.
+    pub fn take_block_sums(&mut self) -> Option<Vec<[u8; 32]>> {
+        // Only a verified stream keeps its sums (giving up or a mismatch drops them).
+        if !self.done {
+            return None;
+        }
+        let mut b = self.blocks.take()?;
+        if b.filled > 0 {
+            b.finish_block();
+        }
+        Some(b.done)
+    }
+
+    /// Hash the next contiguous bytes of the stream.
+    fn absorb(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        if let Some(b) = &mut self.blocks {
+            b.update(data); // disk tier
         }
     }
 
@@ -400,6 +551,7 @@ impl Verifier {
     /// Stop verifying and free the stash.
     fn give_up(&mut self) -> Checked {
         self.done = true;
+        self.blocks = None;
         self.pending.clear();
         self.budget.give(self.pending_bytes);
         self.pending_bytes = 0;
@@ -431,7 +583,7 @@ impl Verifier {
             return Checked::Pending;
         }
         if end > next {
-            self.hasher.update(&data[(next - offset) as usize..]);
+            self.absorb(&data[(next - offset) as usize..]);
         }
         // Drain stashed pieces that are now contiguous.
         while let Some((&off, _)) = self.pending.first_key_value() {
@@ -446,13 +598,14 @@ impl Verifier {
             self.budget.give(piece.len());
             let pend = off + piece.len() as u64;
             if pend > next {
-                self.hasher.update(&piece[(next - off) as usize..]);
+                self.absorb(&piece[(next - off) as usize..]);
             }
         }
         if self.hasher.bytes >= self.size {
             self.done = true;
             let actual = std::mem::take(&mut self.hasher).finish();
             if actual != self.digest.as_str() {
+                self.blocks = None;
                 self.failed = Some(actual.clone());
                 return Checked::Mismatch(actual);
             }

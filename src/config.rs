@@ -13,6 +13,11 @@ use crate::cli::Cli;
 /// Chunk cache size. 256 MiB holds 64 default chunks: enough for several sequential readers plus
 /// their readahead, small enough for a laptop.
 pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
+/// `--cache-dir-size`: byte cap of the blob blocks kept in `--cache-dir`. 8 GiB keeps the layers
+/// of several ordinary images (most are 0.1 to 2 GiB compressed) or one large ML image across
+/// mounts, while staying a small share of a developer's disk; eviction is LRU, so a smaller disk
+/// just means more refetching. 0 keeps only layer indexes there.
+pub const DEFAULT_CACHE_DIR_SIZE: u64 = 8 << 30;
 /// Range request size. 4 MiB keeps a cold 4 KiB read cheap (one request of 4 MiB, a few ms on a
 /// LAN) while a sequential `cat` needs only 256 requests per GiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
@@ -117,8 +122,10 @@ pub struct CacheConfig {
     pub readahead_chunks: u64,
     /// Uncompressed bytes between gzip checkpoints.
     pub checkpoint_spacing: u64,
-    /// Where layer indexes persist across mounts.
+    /// Where layer indexes, blob blocks, chunk maps and whole blobs persist across mounts.
     pub cache_dir: Option<PathBuf>,
+    /// Byte cap of the blob blocks and whole blobs in `cache_dir` (0: none kept).
+    pub cache_dir_size: u64,
     /// How long tag and catalog listings are trusted.
     pub metadata_ttl: Duration,
 }
@@ -268,6 +275,7 @@ impl TryFrom<Cli> for Config {
         if cache_size < chunk_size {
             return Err("--cache-size must hold at least one chunk".into());
         }
+        let cache_dir_size = parse_flag("--cache-dir-size", &cli.cache_dir_size, parse_size)?;
         let upload_chunk_size =
             parse_flag("--upload-chunk-size", &cli.upload_chunk_size, parse_size)?;
         let upload_chunk_size = size_in(
@@ -313,6 +321,7 @@ impl TryFrom<Cli> for Config {
                 readahead_chunks: cli.readahead_chunks,
                 checkpoint_spacing,
                 cache_dir: cli.cache_dir,
+                cache_dir_size,
                 metadata_ttl,
             },
             push: PushConfig { upload_chunk_size },
@@ -448,6 +457,7 @@ mod tests {
         assert_eq!(c.cache.readahead_chunks, DEFAULT_READAHEAD_CHUNKS);
         assert_eq!(c.cache.checkpoint_spacing, DEFAULT_CHECKPOINT_SPACING);
         assert_eq!(c.cache.cache_dir, None);
+        assert_eq!(c.cache.cache_dir_size, DEFAULT_CACHE_DIR_SIZE);
         assert_eq!(c.push.upload_chunk_size, DEFAULT_UPLOAD_CHUNK_SIZE);
         assert_eq!(c.connection.request_timeout, DEFAULT_REQUEST_TIMEOUT);
         assert_eq!(c.connection.connect_timeout(), CONNECT_TIMEOUT);
@@ -486,6 +496,8 @@ mod tests {
             "1GiB",
             "--cache-dir",
             "/tmp/c",
+            "--cache-dir-size",
+            "300MiB",
             "--upload-chunk-size",
             "64k",
             "--ca-cert",
@@ -520,6 +532,7 @@ mod tests {
         assert_eq!(c.cache.readahead_chunks, 0);
         assert_eq!(c.cache.checkpoint_spacing, 1 << 30);
         assert_eq!(c.cache.cache_dir, Some(PathBuf::from("/tmp/c")));
+        assert_eq!(c.cache.cache_dir_size, 300 << 20);
         assert_eq!(c.push.upload_chunk_size, 64 << 10);
 
         let o = crate::fs::FsOptions::from_config(&c);
@@ -560,6 +573,7 @@ mod tests {
             "--request-timeout must be more than 0"
         );
         assert!(err(&["--cache-size", "lots"]).starts_with("--cache-size: "));
+        assert!(err(&["--cache-dir-size", "lots"]).starts_with("--cache-dir-size: "));
         assert!(err(&["--metadata-ttl", "1d"]).starts_with("--metadata-ttl: "));
         assert_eq!(err(&["-o", "suid"]), "unknown mount option -o suid");
         assert!(err(&["--platform", "linux"]).starts_with("bad --platform"));

@@ -61,6 +61,8 @@ pub struct FsOptions {
     pub checkpoint_spacing: u64,
     /// Where layer indexes persist across mounts (keyed by layer digest).
     pub cache_dir: Option<std::path::PathBuf>,
+    /// The disk tier in the cache dir (opened by the caller: it locks the dir).
+    pub disk: Option<Arc<crate::disk::DiskCache>>,
 }
 
 impl Default for FsOptions {
@@ -74,6 +76,7 @@ impl Default for FsOptions {
             upload_chunk_size: crate::config::DEFAULT_UPLOAD_CHUNK_SIZE,
             checkpoint_spacing: crate::config::DEFAULT_CHECKPOINT_SPACING,
             cache_dir: None,
+            disk: None,
         }
     }
 }
@@ -90,6 +93,7 @@ impl FsOptions {
             upload_chunk_size: c.push.upload_chunk_size,
             checkpoint_spacing: c.cache.checkpoint_spacing,
             cache_dir: c.cache.cache_dir.clone(),
+            disk: None,
         }
     }
 }
@@ -115,12 +119,10 @@ pub struct Fs {
 impl Fs {
     pub fn new(reg: Arc<dyn Registry>, opts: FsOptions) -> Self {
         let cache = Arc::new(ChunkCache::new(opts.cache_size));
-        let blobs = Arc::new(Blobs::new(
-            reg.clone(),
-            cache,
-            opts.chunk_size,
-            opts.readahead_chunks,
-        ));
+        let blobs = Arc::new(
+            Blobs::new(reg.clone(), cache, opts.chunk_size, opts.readahead_chunks)
+                .with_disk(opts.disk.clone()),
+        );
         Fs {
             meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone()),
             layers: Layers::new(

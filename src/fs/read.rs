@@ -26,6 +26,7 @@ impl Fs {
             Node::Staged(k) => Arc::new(Node::File(self.staged_file(k)?)),
             _ => node,
         };
+        let mut backing = None;
         let (verifier, keep_cache) = match &*node {
             // Tree files are read through their layer; no whole-blob check per handle.
             Node::TreeEntry(_) => (None, false),
@@ -42,6 +43,10 @@ impl Fs {
                 // against its digest; unverified pages are dropped at the next open.
                 let keep_cache =
                     node.immutable() && f.digest().is_some_and(|d| self.blobs.is_verified(d));
+                // A whole blob verified on disk: the kernel reads it without us.
+                if let (Content::Blob { digest }, Some(disk)) = (&f.content, self.blobs.disk()) {
+                    backing = disk.passthrough_file(digest, f.size).map(Arc::new);
+                }
                 (verifier, keep_cache)
             }
             _ => return Err(FsError::is_dir("open of a directory for reading data")),
@@ -51,7 +56,16 @@ impl Fs {
             .insert(Handle::Read(Arc::new(Mutex::new(ReadHandle::new(
                 node, verifier,
             )))));
-        Ok(Opened { fh, keep_cache })
+        Ok(Opened {
+            fh,
+            keep_cache,
+            backing,
+        })
+    }
+
+    /// Whether `open` may hand out backing files (the mount has a disk tier).
+    pub fn passthrough_possible(&self) -> bool {
+        self.blobs.disk().is_some()
     }
 
     /// A committed written file as a readable file.
@@ -138,10 +152,10 @@ impl Fs {
                 let outcome = lock(&handle)
                     .verifier
                     .as_mut()
-                    .map(|v| v.feed(offset, &data));
-                if let Some(outcome) = outcome {
+                    .map(|v| (v.feed(offset, &data), v.take_block_sums())); // disk tier
+                if let Some((outcome, sums)) = outcome {
                     self.blobs
-                        .settle(&blob, outcome)
+                        .settle(&blob, outcome, sums)
                         .map_err(|e| FsError::registry(e, ctx()))?;
                 }
                 Ok(data)

@@ -69,9 +69,12 @@ pub struct DirEntry {
 }
 
 /// What `open` tells the adapter.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Opened {
     pub fh: Fh,
     /// The content never changes: the kernel may keep its page cache across opens.
     pub keep_cache: bool,
+    /// A verified copy of the whole content on local disk: the kernel may read it directly
+    /// (FUSE passthrough) instead of asking the daemon.
+    pub backing: Option<std::sync::Arc<std::fs::File>>,
 }

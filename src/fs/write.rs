@@ -302,6 +302,7 @@ impl Fs {
         Ok(Opened {
             fh,
             keep_cache: false,
+            backing: None,
         })
     }
 
