@@ -180,8 +180,8 @@ fn take_lock(dir: &Path) -> Result<File, DiskError> {
     // SAFETY: flock on an fd we own; no memory is passed.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => DiskError::InUse(dir.to_path_buf()),
+        return Err(match e.kind() {
+            std::io::ErrorKind::WouldBlock => DiskError::InUse(dir.to_path_buf()),
             _ => DiskError::Io(p, e),
         });
     }
