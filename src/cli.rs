@@ -83,10 +83,20 @@ pub struct Cli {
         help_heading = "Cache"
     )]
     pub checkpoint_spacing: String,
-    /// Directory where layer indexes (tar entries, gzip checkpoints) persist across mounts,
-    /// keyed by layer digest (created if missing; default: indexes live in memory only).
+    /// Directory where layer indexes (tar entries, gzip checkpoints), blob blocks, verified chunk
+    /// maps and whole blobs persist across mounts, keyed by digest (created if missing; one mount
+    /// per directory; default: everything lives in memory only).
     #[arg(long, value_name = "DIR", help_heading = "Cache")]
     pub cache_dir: Option<PathBuf>,
+    /// Byte cap of the blob data kept in --cache-dir (least recently used goes first), e.g.
+    /// 8GiB, 300MiB; 0 keeps only layer indexes there.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "8GiB",
+        help_heading = "Cache"
+    )]
+    pub cache_dir_size: String,
     /// PATCH size when pushing (64KiB to 1GiB); raised to the registry's OCI-Chunk-Min-Length.
     #[arg(
         long,

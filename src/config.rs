@@ -22,6 +22,11 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 /// with a 4 MiB window moves ~80 MiB/s, so one request is ~150 ms of work and a 32 MiB window
 /// keeps four connections busy; a request lost to a reset costs little to redo.
 pub const MAX_REQUEST: u64 = 8 << 20;
+/// `--cache-dir-size`: byte cap of the blob blocks kept in `--cache-dir`. 8 GiB keeps the layers
+/// of several ordinary images (most are 0.1 to 2 GiB compressed) or one large ML image across
+/// mounts, while staying a small share of a developer's disk; eviction is LRU, so a smaller disk
+/// just means more refetching. 0 keeps only layer indexes there.
+pub const DEFAULT_CACHE_DIR_SIZE: u64 = 8 << 30;
 /// How long tag and catalog listings (and a tag's current target) are trusted. Short, because tags
 /// move; content addressed by digest is cached regardless of this.
 pub const DEFAULT_METADATA_TTL: Duration = Duration::from_secs(30);
@@ -132,8 +137,10 @@ pub struct CacheConfig {
     pub readahead: u64,
     /// Uncompressed bytes between gzip checkpoints.
     pub checkpoint_spacing: u64,
-    /// Where layer indexes persist across mounts.
+    /// Where layer indexes, blob blocks, chunk maps and whole blobs persist across mounts.
     pub cache_dir: Option<PathBuf>,
+    /// Byte cap of the blob blocks and whole blobs in `cache_dir` (0: none kept).
+    pub cache_dir_size: u64,
     /// How long tag and catalog listings are trusted.
     pub metadata_ttl: Duration,
 }
@@ -285,6 +292,7 @@ impl TryFrom<Cli> for Config {
         }
         let readahead = parse_flag("--readahead", &cli.readahead, parse_size)?;
         let readahead = size_in("--readahead", readahead, 0..=1 << 30, "0 and 1GiB")?;
+        let cache_dir_size = parse_flag("--cache-dir-size", &cli.cache_dir_size, parse_size)?;
         let upload_chunk_size =
             parse_flag("--upload-chunk-size", &cli.upload_chunk_size, parse_size)?;
         let upload_chunk_size = size_in(
@@ -338,6 +346,7 @@ impl TryFrom<Cli> for Config {
                 readahead,
                 checkpoint_spacing,
                 cache_dir: cli.cache_dir,
+                cache_dir_size,
                 metadata_ttl,
             },
             push: PushConfig { upload_chunk_size },
@@ -522,6 +531,7 @@ mod tests {
         assert_eq!(c.cache.readahead, DEFAULT_READAHEAD);
         assert_eq!(c.cache.checkpoint_spacing, DEFAULT_CHECKPOINT_SPACING);
         assert_eq!(c.cache.cache_dir, None);
+        assert_eq!(c.cache.cache_dir_size, DEFAULT_CACHE_DIR_SIZE);
         assert_eq!(c.push.upload_chunk_size, DEFAULT_UPLOAD_CHUNK_SIZE);
         assert_eq!(c.connection.request_timeout, DEFAULT_REQUEST_TIMEOUT);
         assert_eq!(c.connection.connect_timeout(), CONNECT_TIMEOUT);
@@ -560,6 +570,8 @@ mod tests {
             "1GiB",
             "--cache-dir",
             "/tmp/c",
+            "--cache-dir-size",
+            "300MiB",
             "--upload-chunk-size",
             "64k",
             "--ca-cert",
@@ -594,6 +606,7 @@ mod tests {
         assert_eq!(c.cache.readahead, 0);
         assert_eq!(c.cache.checkpoint_spacing, 1 << 30);
         assert_eq!(c.cache.cache_dir, Some(PathBuf::from("/tmp/c")));
+        assert_eq!(c.cache.cache_dir_size, 300 << 20);
         assert_eq!(c.push.upload_chunk_size, 64 << 10);
 
         let o = crate::fs::FsOptions::from_config(&c);
@@ -677,6 +690,7 @@ mod tests {
             "--request-timeout must be more than 0"
         );
         assert!(err(&["--cache-size", "lots"]).starts_with("--cache-size: "));
+        assert!(err(&["--cache-dir-size", "lots"]).starts_with("--cache-dir-size: "));
         assert!(err(&["--metadata-ttl", "1d"]).starts_with("--metadata-ttl: "));
         assert_eq!(err(&["-o", "suid"]), "unknown mount option -o suid");
         assert!(err(&["--platform", "linux"]).starts_with("bad --platform"));

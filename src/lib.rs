@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod digest;
+pub mod disk;
 pub mod error;
 pub mod fs;
 pub mod fuse;

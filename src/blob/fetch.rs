@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{BlobRef, Blobs};
 use crate::cache::{Claim, Fetching, SharedError};
+use crate::disk::{BlockKey, DiskCache, MapCheck};
 use crate::error::RegistryError;
 use crate::registry::Registry;
 
@@ -124,11 +125,14 @@ impl Blobs {
             counter: self.prefetching.clone(),
             held,
         };
-        let reg = self.reg.clone();
+        let (reg, disk) = (self.reg.clone(), self.disk.clone());
         let blob = blob.clone();
         tokio::spawn(async move {
             let _release = release;
-            fetch_run(reg, blob, bs, first, run).await;
+            match disk {
+                None => fetch_run(reg, None, blob, bs, first, run).await,
+                Some(disk) => from_disk_then_registry(reg, disk, blob, bs, run).await,
+            }
         });
     }
 }
@@ -163,8 +167,64 @@ pub(super) fn block_len(size: u64, bs: u64, index: u64) -> u64 {
     size.saturating_sub(index.saturating_mul(bs)).min(bs)
 }
 
+fn block_key(blob: &BlobRef, bs: u64, index: u64) -> BlockKey {
+    BlockKey {
+        digest: blob.digest.clone(),
+        blob_size: blob.size,
+        block_size: bs,
+        index,
+    }
+}
+
+/// With a disk tier: blocks held on disk land at once (read and checked off the runtime's
+/// threads); the rest are fetched in contiguous runs, in parallel.
+async fn from_disk_then_registry(
+    reg: Arc<dyn Registry>,
+    disk: Arc<DiskCache>,
+    blob: BlobRef,
+    bs: u64,
+    run: Vec<Fetching>,
+) {
+    let keys: Vec<BlockKey> = run
+        .iter()
+        .map(|f| block_key(&blob, bs, block_index(f)))
+        .collect();
+    let d = disk.clone();
+    let found =
+        tokio::task::spawn_blocking(move || keys.iter().map(|k| d.get(k)).collect::<Vec<_>>())
+            .await
+            .unwrap_or_default();
+    let mut runs: Vec<Vec<Fetching>> = Vec::new();
+    for (i, f) in run.into_iter().enumerate() {
+        match found.get(i).cloned().flatten() {
+            Some(b) => f.fulfil(b),
+            None => match runs.last_mut() {
+                Some(r)
+                    if r.last()
+                        .is_some_and(|l| block_index(l) + 1 == block_index(&f)) =>
+                {
+                    r.push(f)
+                }
+                _ => runs.push(vec![f]),
+            },
+        }
+    }
+    let fetches = runs.into_iter().map(|r| {
+        let first = block_index(&r[0]);
+        fetch_run(reg.clone(), Some(disk.clone()), blob.clone(), bs, first, r)
+    });
+    futures_util::future::join_all(fetches).await;
+}
+
 /// One Range request for blocks `first..first + run.len()`, landed block by block.
-async fn fetch_run(reg: Arc<dyn Registry>, blob: BlobRef, bs: u64, first: u64, run: Vec<Fetching>) {
+async fn fetch_run(
+    reg: Arc<dyn Registry>,
+    disk: Option<Arc<DiskCache>>,
+    blob: BlobRef,
+    bs: u64,
+    first: u64,
+    run: Vec<Fetching>,
+) {
     let start = first * bs;
     let end = (first + run.len() as u64)
         .saturating_mul(bs)
@@ -180,6 +240,7 @@ async fn fetch_run(reg: Arc<dyn Registry>, blob: BlobRef, bs: u64, first: u64, r
     }
     let mut asm = Assembler {
         blob: &blob,
+        disk: disk.as_deref(),
         bs,
         next: first,
         waiting: run.into(),
@@ -211,6 +272,7 @@ fn fail_all(waiting: VecDeque<Fetching>, e: &RegistryError) {
 /// Cuts a streamed body into blocks and lands each one as soon as it is whole.
 struct Assembler<'a> {
     blob: &'a BlobRef,
+    disk: Option<&'a DiskCache>,
     bs: u64,
     /// The block being filled.
     next: u64,
@@ -248,13 +310,38 @@ impl Assembler<'_> {
             return;
         };
         self.next += 1;
+        let index = self.next - 1;
         // A blob that is one block is checked against its digest before anyone sees it.
-        if block.len() as u64 == self.blob.size && self.blob.digest.is_sha256() {
+        let whole = block.len() as u64 == self.blob.size && self.blob.digest.is_sha256();
+        if whole {
             if let Err(e) = crate::digest::verify(&self.blob.digest, &block) {
                 f.fail(Arc::new(e.clone()));
                 self.failed = Some(e);
                 return;
             }
+        }
+        if let Some(disk) = self.disk {
+            let key = block_key(self.blob, self.bs, index);
+            if whole {
+                // Verified whole: its chunk map is the one block's hash.
+                let sum = crate::disk::block_sha256(&block);
+                disk.record_map(&self.blob.digest, self.blob.size, self.bs, vec![sum]);
+            }
+            // A blob verified once has a chunk map: every block fetched since is checked
+            // against it before anyone sees it, and a bad one is never cached.
+            if disk.check(&key, &block) == MapCheck::Mismatch {
+                let e = RegistryError::DigestMismatch {
+                    expected: format!(
+                        "{} block {index} as its verified chunk map says",
+                        self.blob.digest
+                    ),
+                    actual: crate::digest::sha256_digest(&block),
+                };
+                f.fail(Arc::new(e.clone()));
+                self.failed = Some(e);
+                return;
+            }
+            disk.put(&key, block.clone());
         }
         f.fulfil(block);
     }

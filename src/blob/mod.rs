@@ -21,6 +21,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::cache::{ChunkCache, ChunkKey, Claim};
 use crate::digest::Digest;
+use crate::disk::DiskCache;
 use crate::error::{RegistryError, RegistryResult};
 use crate::registry::Registry;
 
@@ -135,9 +136,22 @@ pub struct Blobs {
     verified: Arc<Mutex<HashSet<Digest>>>,
     /// What every handle's verifier stashes, together.
     budget: Arc<VerifyBudget>,
+    /// The blocks kept in --cache-dir across mounts, and the chunk maps (the disk tier).
+    disk: Option<Arc<DiskCache>>,
 }
 
 impl Blobs {
+    /// Use a disk tier under the memory cache.
+    pub fn with_disk(mut self, disk: Option<Arc<DiskCache>>) -> Self {
+        self.disk = disk;
+        self
+    }
+
+    /// The disk tier, if the mount has one.
+    pub fn disk(&self) -> Option<&Arc<DiskCache>> {
+        self.disk.as_ref()
+    }
+
     pub fn new(reg: Arc<dyn Registry>, cache: Arc<ChunkCache>, cfg: EngineConfig) -> Self {
         Blobs {
             reg,
@@ -146,6 +160,7 @@ impl Blobs {
             prefetching: Arc::new(AtomicU64::new(0)),
             verified: Arc::new(Mutex::new(HashSet::new())),
             budget: Arc::new(VerifyBudget::new(MAX_PENDING_VERIFY_TOTAL)),
+            disk: None,
         }
     }
 
@@ -279,6 +294,7 @@ impl Blobs {
                 Verdicts {
                     verified: self.verified.clone(),
                     cache: self.cache.clone(),
+                    disk: self.disk.clone().map(|d| (d, self.cfg.block_size)),
                 },
             )
         })
@@ -325,6 +341,9 @@ impl Blobs {
     /// Forget a blob's cached bytes (deleted, or found bad).
     pub fn evict(&self, digest: &Digest) {
         self.cache.evict_digest(digest);
+        if let Some(disk) = &self.disk {
+            disk.forget(digest);
+        }
     }
 }
 

@@ -93,6 +93,38 @@ pub struct Verifier {
     /// The blob failed verification: every later read through this handle fails too, so a
     /// kernel retry of a failed readahead cannot slip the bad bytes through.
     failed: Option<String>,
+    /// disk tier: the sha256 of each block as the stream passes.
+    blocks: Option<BlockSums>,
+}
+
+/// disk tier: sha256 of each `size`-byte block of a stream, in order.
+struct BlockSums {
+    size: u64,
+    current: sha2::Sha256,
+    filled: u64,
+    done: Vec<[u8; 32]>,
+}
+
+impl BlockSums {
+    fn update(&mut self, mut data: &[u8]) {
+        use sha2::Digest as _;
+        while !data.is_empty() {
+            let room = (self.size - self.filled).min(data.len() as u64) as usize;
+            self.current.update(&data[..room]);
+            self.filled += room as u64;
+            data = &data[room..];
+            if self.filled == self.size {
+                self.finish_block();
+            }
+        }
+    }
+
+    fn finish_block(&mut self) {
+        use sha2::Digest as _;
+        let h = std::mem::take(&mut self.current).finalize();
+        self.done.push(h.into());
+        self.filled = 0;
+    }
 }
 
 impl Drop for Verifier {
@@ -112,6 +144,38 @@ impl Verifier {
             budget,
             done: false,
             failed: None,
+            blocks: None,
+        }
+    }
+
+    /// disk tier: also hash each `block_size` piece (see [`Verifier::take_block_sums`]).
+    pub fn with_block_sums(mut self, block_size: u64) -> Self {
+        self.blocks = (block_size > 0).then(|| BlockSums {
+            size: block_size,
+            current: Default::default(),
+            filled: 0,
+            done: Vec::new(),
+        });
+        self
+    }
+
+    /// disk tier: once the blob verified, the sha256 of each of its blocks.
+    pub fn take_block_sums(&mut self) -> Option<Vec<[u8; 32]>> {
+        if !self.done {
+            return None;
+        }
+        let mut b = self.blocks.take()?;
+        if b.filled > 0 {
+            b.finish_block();
+        }
+        Some(b.done)
+    }
+
+    /// Hash the next contiguous bytes of the stream.
+    fn absorb(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        if let Some(b) = &mut self.blocks {
+            b.update(data);
         }
     }
 
@@ -154,7 +218,7 @@ impl Verifier {
             return Checked::Pending;
         }
         if end > next {
-            self.hasher.update(&data[(next - offset) as usize..]);
+            self.absorb(&data[(next - offset) as usize..]);
         }
         // Drain stashed pieces that are now contiguous.
         while let Some((&off, _)) = self.pending.first_key_value() {
@@ -169,7 +233,7 @@ impl Verifier {
             self.budget.give(piece.len());
             let pend = off + piece.len() as u64;
             if pend > next {
-                self.hasher.update(&piece[(next - off) as usize..]);
+                self.absorb(&piece[(next - off) as usize..]);
             }
         }
         if self.hasher.bytes >= self.size {
@@ -198,16 +262,27 @@ const MAX_SENT_RANGES: usize = 1024;
 pub struct Verdicts {
     pub verified: Arc<Mutex<HashSet<Digest>>>,
     pub cache: Arc<ChunkCache>,
+    /// The disk tier and its block size, whose chunk map a verified blob gets.
+    pub disk: Option<(Arc<crate::disk::DiskCache>, u64)>,
 }
 
 impl Verdicts {
-    /// Record a final outcome: a verified blob is remembered, a bad one's cached bytes go.
-    fn record(&self, digest: &Digest, outcome: &Checked) {
+    /// Record a final outcome: a verified blob is remembered (with its chunk map, on a disk
+    /// tier), a bad one's cached bytes go, from memory and disk.
+    fn record(&self, digest: &Digest, size: u64, outcome: &Checked, sums: Option<Vec<[u8; 32]>>) {
         match outcome {
             Checked::Verified => {
                 crate::sync::lock(&self.verified).insert(digest.clone());
+                if let (Some((disk, bs)), Some(sums)) = (&self.disk, sums) {
+                    disk.record_map(digest, size, *bs, sums);
+                }
             }
-            Checked::Mismatch(_) => self.cache.evict_digest(digest),
+            Checked::Mismatch(_) => {
+                self.cache.evict_digest(digest);
+                if let Some((disk, _)) = &self.disk {
+                    disk.forget(digest);
+                }
+            }
             Checked::Pending => {}
         }
     }
@@ -264,6 +339,10 @@ impl HashFeed {
         let (tx, rx) = mpsc::channel(FEED_DEPTH);
         let failed = Arc::new(OnceLock::new());
         let v = Verifier::new(digest, size, budget);
+        let v = match &verdicts.disk {
+            Some((_, bs)) => v.with_block_sums(*bs),
+            None => v,
+        };
         tokio::spawn(hash_task(v, rx, verdicts, failed.clone()));
         HashFeed {
             tx: Some(tx),
@@ -353,7 +432,8 @@ async fn hash_task(
         waiting.extend(p.verdict);
         let outcome = v.feed(p.offset, &p.data);
         if outcome != Checked::Pending {
-            verdicts.record(&digest, &outcome);
+            let sums = v.take_block_sums();
+            verdicts.record(&digest, v.size, &outcome, sums);
             if let Checked::Mismatch(actual) = &outcome {
                 let _ = failed.set(actual.clone());
             }

@@ -70,6 +70,8 @@ pub struct FsOptions {
     /// Resolve a tag with one GET (body and digest at once) instead of a HEAD first
     /// (`--tag-resolution`, decided for the registry's host by `TagResolution::uses_get`).
     pub resolve_tags_by_get: bool,
+    /// The disk tier in the cache dir (opened by the caller: it locks the dir).
+    pub disk: Option<Arc<crate::disk::DiskCache>>,
 }
 
 impl Default for FsOptions {
@@ -86,6 +88,7 @@ impl Default for FsOptions {
             effective_config: serde_json::Value::Null,
             // What `--tag-resolution auto` gives for any registry but Docker Hub.
             resolve_tags_by_get: true,
+            disk: None,
         }
     }
 }
@@ -107,6 +110,7 @@ impl FsOptions {
                 .connection
                 .tag_resolution
                 .uses_get(c.connection.base_url.host_str().unwrap_or_default()),
+            disk: None,
         }
     }
 }
@@ -134,18 +138,21 @@ pub struct Fs {
 impl Fs {
     pub fn new(reg: Arc<dyn Registry>, opts: FsOptions) -> Self {
         let cache = Arc::new(ChunkCache::new(opts.cache_size));
-        let blobs = Arc::new(Blobs::new(
-            reg.clone(),
-            cache,
-            crate::blob::EngineConfig {
-                block_size: opts.chunk_size,
-                max_request: crate::config::MAX_REQUEST.max(opts.chunk_size),
-                max_window: opts.readahead,
-                // Prefetched chunks land in the cache, so what is in flight ahead of readers
-                // is held to a quarter of it: readahead never evicts what readers still use.
-                prefetch_budget: (opts.cache_size / 4).max(opts.chunk_size),
-            },
-        ));
+        let blobs = Arc::new(
+            Blobs::new(
+                reg.clone(),
+                cache,
+                crate::blob::EngineConfig {
+                    block_size: opts.chunk_size,
+                    max_request: crate::config::MAX_REQUEST.max(opts.chunk_size),
+                    max_window: opts.readahead,
+                    // Prefetched chunks land in the cache, so what is in flight ahead of readers
+                    // is held to a quarter of it: readahead never evicts what readers still use.
+                    prefetch_budget: (opts.cache_size / 4).max(opts.chunk_size),
+                },
+            )
+            .with_disk(opts.disk.clone()),
+        );
         Fs {
             control: tree::Control::new(opts.effective_config.clone()),
             meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone())

@@ -29,6 +29,7 @@ impl Fs {
             Node::Staged(k) => Arc::new(Node::File(self.committed_file(k).await?)),
             _ => node,
         };
+        let mut backing = None;
         let (verifier, keep_cache) = match &*node {
             // Tree files are read through their layer; no whole-blob check per handle.
             Node::TreeEntry(_) => (None, false),
@@ -45,6 +46,12 @@ impl Fs {
                 // against its digest; unverified pages are dropped at the next open.
                 let keep_cache =
                     node.immutable() && f.digest().is_some_and(|d| self.blobs.is_verified(d));
+                // A whole blob verified on disk: the kernel reads it without us.
+                if let (Content::Blob { digest }, Some(disk)) = (&f.content, self.blobs.disk()) {
+                    backing = disk.passthrough_file(digest, f.size).map(Arc::new);
+                }
+                // The kernel reads a backing file itself: nothing to hash here.
+                let verifier = if backing.is_some() { None } else { verifier };
                 (verifier, keep_cache)
             }
             _ => return Err(FsError::is_dir("open of a directory for reading data")),
@@ -60,7 +67,13 @@ impl Fs {
             fh,
             keep_cache,
             direct_io,
+            backing,
         })
+    }
+
+    /// Whether `open` may hand out backing files (the mount has a disk tier).
+    pub fn passthrough_possible(&self) -> bool {
+        self.blobs.disk().is_some()
     }
 
     /// A committed written file as a readable file.

@@ -69,7 +69,7 @@ pub struct DirEntry {
 }
 
 /// What `open` tells the adapter.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Opened {
     pub fh: Fh,
     /// The content never changes: the kernel may keep its page cache across opens.
@@ -77,4 +77,7 @@ pub struct Opened {
     /// Content made at open whose size may differ from what getattr said (`.regfs/` files):
     /// the kernel reads to the end of what the handle holds, bypassing its page cache.
     pub direct_io: bool,
+    /// A verified copy of the whole content on local disk: the kernel may read it directly
+    /// (FUSE passthrough) instead of asking the daemon.
+    pub backing: Option<std::sync::Arc<std::fs::File>>,
 }

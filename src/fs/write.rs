@@ -319,6 +319,7 @@ impl Fs {
             fh,
             keep_cache: false,
             direct_io: false,
+            backing: None,
         })
     }
 

@@ -113,6 +113,12 @@ impl Fs {
         let cache = self.blobs.cache();
         v["cache_bytes"] = cache.used_bytes().into();
         v["cache_chunks"] = cache.len().into();
+        if let Some(disk) = self.blobs.disk() {
+            let s = serde_json::to_value(disk.stats()).unwrap_or_default();
+            for (k, val) in s.as_object().into_iter().flatten() {
+                v[format!("disk_{k}")] = val.clone();
+            }
+        }
         v.to_string()
     }
 }

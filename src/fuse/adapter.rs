@@ -65,6 +65,8 @@ pub struct FuseAdapter {
     /// Directory listings by directory handle, snapshotted at offset 0 (adapter-local handles).
     dir_handles: Arc<Mutex<HashMap<FileHandle, Arc<Vec<DirEntry>>>>>,
     next_dir_fh: AtomicU64,
+    /// Backing files handed to the kernel (FUSE passthrough).
+    passthrough: Arc<super::passthrough::Passthrough>,
 }
 
 impl FuseAdapter {
@@ -79,6 +81,7 @@ impl FuseAdapter {
             reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
             dir_handles: Arc::new(Mutex::new(HashMap::new())),
             next_dir_fh: AtomicU64::new(1),
+            passthrough: Arc::default(),
         }
     }
 
@@ -255,6 +258,8 @@ impl Filesystem for FuseAdapter {
         }
         let _ = config.set_max_background(MAX_BACKGROUND);
         let _ = config.set_congestion_threshold(CONGESTION_THRESHOLD);
+        self.passthrough
+            .init(self.fs.passthrough_possible(), config);
         Ok(())
     }
 
@@ -420,14 +425,19 @@ impl Filesystem for FuseAdapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = wants_write(flags);
         let opener = write.then(|| tgid(req.pid()));
-        let fs = self.fs.clone();
+        let (fs, pt) = (self.fs.clone(), self.passthrough.clone());
         self.spawn(async move {
             match fs.open(core_ino(ino), write).await {
                 Ok(o) => {
                     if let Some(p) = opener {
                         fs.set_opener(o.fh, p).await;
                     }
-                    reply.opened(kernel_fh(o.fh), fopen_flags(&o))
+                    pt.reply(
+                        reply,
+                        kernel_fh(o.fh),
+                        fopen_flags(&o),
+                        o.backing.as_deref(),
+                    )
                 }
                 Err(e) => reply.error(reply_error("open", ino, &e)),
             }
@@ -518,6 +528,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
+        self.passthrough.release(fh);
         self.spawn(async move {
             fs.release(core_fh(fh)).await;
             reply.ok();
@@ -806,6 +817,7 @@ mod tests {
             fh: Fh(1),
             keep_cache,
             direct_io: false,
+            backing: None,
         };
         assert_eq!(fopen_flags(&o(true)), FopenFlags::FOPEN_KEEP_CACHE);
         assert_eq!(fopen_flags(&o(false)), FopenFlags::empty());

@@ -3,6 +3,7 @@
 //! handles SIGINT/SIGTERM, wires kernel cache invalidation, and unmounts.
 
 pub mod adapter;
+mod passthrough;
 pub mod session;
 
 pub use adapter::FuseAdapter;

@@ -359,7 +359,16 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
         ));
     }
 
-    let fs = Arc::new(Fs::new(reg, crate::fs::FsOptions::from_config(cfg)));
+    // disk tier: opened after the fork (it starts a writer thread); a dir in use is refused.
+    let disk = match (&cfg.cache.cache_dir, cfg.cache.cache_dir_size) {
+        (Some(dir), cap) if cap > 0 => {
+            Some(crate::disk::DiskCache::open(dir, cap).map_err(|e| format!("--cache-dir: {e}"))?)
+        }
+        _ => None,
+    };
+    let mut opts = crate::fs::FsOptions::from_config(cfg);
+    opts.disk = disk.clone();
+    let fs = Arc::new(Fs::new(reg, opts));
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
 
     let signals = install_signal_handlers(&rt)?;
@@ -386,6 +395,9 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
     status.mounted();
     session.run().map_err(|e| format!("FUSE session: {e}"))?;
     log::info!("unmounted");
+    if let Some(d) = &disk {
+        d.flush(); // disk tier: blocks still queued reach the disk
+    }
     rt.shutdown_timeout(SHUTDOWN_GRACE);
     Ok(())
 }

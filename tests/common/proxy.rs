@@ -33,6 +33,8 @@ pub struct ProxyRules {
     pub add_auth: Option<String>,
     /// Scripted faults for chosen requests (`super::script`), tried before the rules above.
     pub script: Vec<Arc<super::Scripted>>,
+    /// Every blob GET body gets its middle byte flipped (a corrupting source).
+    pub flip_blob_bytes: bool,
 }
 
 /// One request as the proxy saw it (header names lowercased).
@@ -51,6 +53,7 @@ pub struct ProxyCounts {
     pub cut: AtomicUsize,
     pub blob_gets: AtomicUsize,
     pub redirected: AtomicUsize,
+    pub flipped: AtomicUsize,
 }
 
 pub struct FaultProxy {
@@ -260,6 +263,16 @@ fn serve(
         None
     };
     match cut {
+        None if blob_get && ok && rules.flip_blob_bytes => {
+            let mut body = Vec::new();
+            ur.read_to_end(&mut body)?;
+            let mid = body.len() / 2;
+            if let Some(b) = body.get_mut(mid) {
+                *b ^= 0x5a;
+                counts.flipped.fetch_add(1, Ordering::SeqCst);
+            }
+            out.write_all(&body)?;
+        }
         Some(limit) => {
             counts.cut.fetch_add(1, Ordering::SeqCst);
             std::io::copy(&mut (&mut ur).take(limit as u64), &mut out)?;
