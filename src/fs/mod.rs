@@ -125,6 +125,7 @@ impl Fs {
             meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone()),
             layers: Layers::new(
                 blobs.clone(),
+                reg.clone(),
                 opts.checkpoint_spacing,
                 opts.cache_dir.clone(),
             ),
