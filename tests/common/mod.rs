@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+mod gate;
+#[allow(unused_imports)]
+pub use gate::*;
 mod images;
 pub use images::*;
 mod proxy;
