@@ -21,6 +21,12 @@ use crate::registry::Registry;
 /// caps, plus the 1 MiB of framing slack a compressed chunk may have over what it holds.
 const MAX_EXACT: u64 = toc::MAX_TOC + (1 << 20);
 
+/// Indexing passes over layer streams that run at once. A pass inflates on one core, and holds a
+/// span being filled plus the chunk it reads (2 x `--chunk-size`): two keep a 2-core machine busy
+/// (a lookup in an image waits for the layers above its answer, which start first) and keep an
+/// image of 50 layers from holding 100 chunks at once, within the memory bound.
+pub(super) const MAX_PASSES: usize = 2;
+
 /// What building an index needs; cheap to clone into the background task that builds it.
 #[derive(Clone)]
 pub(super) struct Builder {
@@ -34,6 +40,8 @@ pub(super) struct Builder {
     pub checkpoint_spacing: u64,
     /// Where indexes persist across mounts.
     pub cache_dir: Option<PathBuf>,
+    /// Turns for passes over layer streams ([`MAX_PASSES`]).
+    pub passes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Builder {
@@ -93,6 +101,19 @@ impl Builder {
         Ok(Format::sniff(&head))
     }
 
+    /// The last bytes of a layer, where a TOC footer would be: 64 bytes hold both eStargz's
+    /// 51-byte footer and zstd:chunked's 64-byte one. None for a layer too small for either.
+    async fn tail(&self, repo: &str, layer: &LayerRef) -> FsResult<Option<Bytes>> {
+        if layer.size <= toc::ESTARGZ_FOOTER {
+            return Ok(None);
+        }
+        let len = toc::ZSTD_CHUNKED_FOOTER.min(layer.size);
+        Ok(Some(
+            self.exact(repo, layer, layer.size - len, layer.size)
+                .await?,
+        ))
+    }
+
     /// From `--cache-dir` when it holds this layer's index, else built (and stored there).
     pub(super) async fn load_or_build_index(
         &self,
@@ -138,20 +159,21 @@ impl Builder {
     }
 
     /// The index of an eStargz or zstd:chunked layer from its TOC alone, or None for other
-    /// layers. Fetches only the footer and the TOC.
+    /// layers. `tail` is the layer's [`Self::tail`]; fetches only the TOC.
     async fn toc_index(
         &self,
         repo: &str,
         layer: &LayerRef,
         format: Format,
+        tail: Option<&[u8]>,
     ) -> FsResult<Option<LayerIndex>> {
         let what = format!("layer {repo}@{}", layer.digest);
+        let footer_of =
+            |len: u64| tail.and_then(|t| t.get(t.len().checked_sub(usize::try_from(len).ok()?)?..));
         let (json, codec, toc_start, want_digest, digest_of_json) = match format {
             Format::Gzip if layer.size > toc::ESTARGZ_FOOTER => {
-                let footer = self
-                    .exact(repo, layer, layer.size - toc::ESTARGZ_FOOTER, layer.size)
-                    .await?;
-                let Some(off) = toc::estargz_toc_offset(&footer) else {
+                let Some(off) = footer_of(toc::ESTARGZ_FOOTER).and_then(toc::estargz_toc_offset)
+                else {
                     return Ok(None);
                 };
                 if off >= layer.size - toc::ESTARGZ_FOOTER {
@@ -176,23 +198,11 @@ impl Builder {
                 (json, Codec::Gzip, off, want, true)
             }
             Format::Zstd => {
-                let footer = if layer.size > toc::ZSTD_CHUNKED_FOOTER {
-                    Some(
-                        self.exact(
-                            repo,
-                            layer,
-                            layer.size - toc::ZSTD_CHUNKED_FOOTER,
-                            layer.size,
-                        )
-                        .await?,
-                    )
-                } else {
-                    None
-                };
-                let Some((off, len)) = toc::zstd_chunked_toc(
-                    layer.annotation(toc::ZSTD_MANIFEST_POSITION),
-                    footer.as_deref(),
-                ) else {
+                let footer = footer_of(toc::ZSTD_CHUNKED_FOOTER)
+                    .filter(|f| f.len() as u64 == toc::ZSTD_CHUNKED_FOOTER);
+                let Some((off, len)) =
+                    toc::zstd_chunked_toc(layer.annotation(toc::ZSTD_MANIFEST_POSITION), footer)
+                else {
                     return Ok(None);
                 };
                 if len == 0 || off.checked_add(len).is_none_or(|e| e > layer.size) {
@@ -248,14 +258,31 @@ impl Builder {
         progress: &Arc<Progress>,
     ) -> FsResult<Arc<LayerIndex>> {
         let what = format!("layer {repo}@{}", layer.digest);
-        let format = self.sniff(repo, layer).await?;
-        if let Some(idx) = self.toc_index(repo, layer, format).await? {
+        // One round trip before the stream starts, not three: the head (the format), the tail
+        // (a TOC footer) and the config (the diff_id the stream is checked against) at once.
+        let (format, tail, diff_id) = tokio::join!(
+            self.sniff(repo, layer),
+            self.tail(repo, layer),
+            self.diff_id(repo, layer)
+        );
+        let format = format?;
+        if let Some(idx) = self
+            .toc_index(repo, layer, format, tail?.as_deref())
+            .await?
+        {
             return Ok(Arc::new(idx));
         }
         let diff_id = match format {
-            Format::Gzip | Format::Zstd => self.diff_id(repo, layer).await?,
+            Format::Gzip | Format::Zstd => diff_id?,
             _ => None,
         };
+        // At most MAX_PASSES passes at once (each holds a span being filled and the chunk it
+        // reads); the others wait their turn, in the order they were asked for.
+        let _turn = self
+            .passes
+            .acquire()
+            .await
+            .map_err(|_| FsError::io(format!("{what}: indexing stopped")))?;
         let reader = self.blobs.cursor(layer.blob(repo));
         let tee = SpanTee::new(
             self.blobs.cache().clone(),

@@ -144,6 +144,7 @@ impl Layers {
                 reg,
                 checkpoint_spacing,
                 cache_dir,
+                passes: Arc::new(tokio::sync::Semaphore::new(super::build::MAX_PASSES)),
             },
             indexes: Mutex::new(lru::LruCache::new(n)),
             merged: Mutex::new(lru::LruCache::new(n)),
@@ -241,8 +242,9 @@ impl Layers {
             .get_or_insert(image.clone(), || Arc::new(OnceCell::new()))
             .clone();
         cell.get_or_try_init(|| async {
-            // Every layer's pass runs at once; the tree waits for all of them.
-            for r in &layers {
+            // Every layer's index is asked for at once, the top one first (a lookup's answer
+            // waits for the layers above it); the tree waits for all of them.
+            for r in layers.iter().rev() {
                 self.progress(repo, r);
             }
             let mut indexes = Vec::new();
@@ -282,8 +284,14 @@ impl Layers {
         if !shown(path) {
             return None;
         }
-        let all: Vec<Arc<Progress>> = layers.iter().map(|l| self.progress(repo, l)).collect();
-        for (i, p) in all.iter().enumerate().rev() {
+        // Asked for from the top: the answer waits for the layers above it.
+        let all: Vec<(usize, Arc<Progress>)> = layers
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, l)| (i, self.progress(repo, l)))
+            .collect();
+        for (i, p) in all {
             let step = p
                 .wait(|st| match &st.end {
                     Some(Err(_)) => Some(Step::AskTree),
