@@ -18,10 +18,11 @@ use crate::sync::lock;
 #[derive(Default)]
 pub struct State {
     /// Entries and paths (`entries`, `by_path`; no `dirs` or `nlink` yet), `format`, restart
-    /// points and span digests published so far. Emptied when the pass ends.
+    /// points and span digests published so far. Emptied when the pass takes it to finish it.
     pub partial: LayerIndex,
-    /// The pass has started: `partial.format` is the layer's format.
-    pub streaming: bool,
+    /// The format of the stream the pass reads, once it has started (kept when `partial` is
+    /// taken: a reader between that and the end must not see the default format).
+    pub streaming: Option<Format>,
     /// The finished index, or why there is none.
     pub end: Option<FsResult<Arc<LayerIndex>>>,
 }
@@ -66,7 +67,7 @@ impl Progress {
         self.change(|st| {
             st.partial.format = format;
             st.partial.layer = layer.to_string();
-            st.streaming = true;
+            st.streaming = Some(format);
         });
     }
 

@@ -359,7 +359,7 @@ impl Layers {
         let streaming = p
             .wait(|st| match st.end {
                 Some(_) => Some(None),
-                None => st.streaming.then_some(Some(st.partial.format)),
+                None => st.streaming.map(Some),
             })
             .await
             .flatten();
