@@ -148,23 +148,7 @@ impl Drop for FinishOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::EntryKind;
-
-    fn entry(path: &str) -> TarEntry {
-        TarEntry {
-            path: path.to_string(),
-            kind: EntryKind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            size: 1,
-            link: None,
-            dev: (0, 0),
-            xattrs: vec![],
-            offset: 512,
-        }
-    }
+    use crate::layer::entry::file_entry;
 
     #[tokio::test(flavor = "multi_thread")]
     async fn waiters_see_entries_as_they_come_and_the_end() {
@@ -174,8 +158,8 @@ mod tests {
             tokio::spawn(async move { p.wait(|st| st.partial.by_path.get("b").copied()).await })
         };
         p.start(Format::Tar, "sha256:x");
-        p.add(entry("a"));
-        p.add(entry("b"));
+        p.add(file_entry("a", 1));
+        p.add(file_entry("b", 1));
         // "b" is the second entry ("a" is first; no implied parents).
         assert_eq!(waiter.await.unwrap(), Some(1));
         // A question the finished pass cannot answer: None, not a hang.
