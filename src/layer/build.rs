@@ -258,6 +258,14 @@ impl Builder {
         progress: &Arc<Progress>,
     ) -> FsResult<Arc<LayerIndex>> {
         let what = format!("layer {repo}@{}", layer.digest);
+        // At most MAX_PASSES passes at once (each holds a span being filled and the chunk it
+        // reads); the others wait their turn, in the order they asked (the semaphore is fair,
+        // and an image's layers ask top first).
+        let _turn = self
+            .passes
+            .acquire()
+            .await
+            .map_err(|_| FsError::io(format!("{what}: indexing stopped")))?;
         // One round trip before the stream starts, not three: the head (the format), the tail
         // (a TOC footer) and the config (the diff_id the stream is checked against) at once.
         let (format, tail, diff_id) = tokio::join!(
@@ -276,13 +284,7 @@ impl Builder {
             Format::Gzip | Format::Zstd => diff_id?,
             _ => None,
         };
-        // At most MAX_PASSES passes at once (each holds a span being filled and the chunk it
-        // reads); the others wait their turn, in the order they were asked for.
-        let _turn = self
-            .passes
-            .acquire()
-            .await
-            .map_err(|_| FsError::io(format!("{what}: indexing stopped")))?;
+
         let reader = self.blobs.cursor(layer.blob(repo));
         let tee = SpanTee::new(
             self.blobs.cache().clone(),
