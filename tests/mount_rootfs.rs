@@ -604,6 +604,9 @@ fn cache_dir_keeps_indexes_across_mounts() {
             std::fs::read(m.p("cached/img/tags/v1/rootfs/etc/os-release")).unwrap(),
             b"ID=cached\n"
         );
+        // A listing waits for the whole index, which is stored before it is published (the
+        // file alone may be answered early, before the pass ends and stores the index).
+        assert!(ls(&m.p("cached/img/tags/v1/rootfs")).contains(&"etc".to_string()));
         assert!(
             m.stat("blob_bytes") >= compressed,
             "the first mount reads the whole layer once"

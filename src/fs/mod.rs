@@ -159,6 +159,7 @@ impl Fs {
                 .resolving_tags_by_get(opts.resolve_tags_by_get),
             layers: Layers::new(
                 blobs.clone(),
+                reg.clone(),
                 opts.checkpoint_spacing,
                 opts.cache_dir.clone(),
             ),

@@ -58,6 +58,24 @@ pub(crate) fn parent_of(path: &str) -> (&str, &str) {
     }
 }
 
+/// A regular file entry of `size` bytes at `path`, for tests.
+#[cfg(test)]
+pub(crate) fn file_entry(path: &str, size: u64) -> TarEntry {
+    TarEntry {
+        path: path.to_string(),
+        kind: EntryKind::File,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        size,
+        link: None,
+        dev: (0, 0),
+        xattrs: vec![],
+        offset: 512,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,48 @@ fn remove_below(nodes: &mut BTreeMap<String, (usize, usize)>, dir: &str) {
     }
 }
 
+/// Whether `path` can be shown in a merged tree at all: no component is a whiteout name and it
+/// is not one of eStargz's bookkeeping files (both are hidden by [`Merged::build`]).
+pub fn shown(path: &str) -> bool {
+    !path.is_empty()
+        && !path.split('/').any(|c| c.starts_with(WHITEOUT))
+        && !ESTARGZ_FILES.contains(&path)
+}
+
+/// Whether `layer`, which has no entry at `path`, hides the entry `path` of the layers below
+/// it, exactly as [`Merged::build`] applies a layer: a whiteout of `path` or of one of its
+/// ancestors, an opaque marker in one of its ancestor directories (the root included), or a
+/// non-directory at one of its ancestors. Costs one map lookup per path component.
+pub fn hides(layer: &LayerIndex, path: &str) -> bool {
+    let mut cur = path;
+    loop {
+        let (dir, name) = parent_of(cur);
+        let join = |n: &str| {
+            if dir.is_empty() {
+                n.to_string()
+            } else {
+                format!("{dir}/{n}")
+            }
+        };
+        if layer
+            .by_path
+            .contains_key(&join(&format!("{WHITEOUT}{name}")))
+            || layer.by_path.contains_key(&join(OPAQUE))
+        {
+            return true;
+        }
+        if dir.is_empty() {
+            return false;
+        }
+        if let Some(&i) = layer.by_path.get(dir) {
+            if layer.entries[i].kind != EntryKind::Dir {
+                return true;
+            }
+        }
+        cur = dir;
+    }
+}
+
 impl Merged {
     /// Apply `layers` bottom to top.
     pub fn build(layers: &[&LayerIndex]) -> Merged {
@@ -170,6 +212,47 @@ mod tests {
         assert!(!all.keys().any(|k| k.contains(".wh.")));
         assert_eq!(all["d"].0, 1);
         assert_eq!(m.dirs["o"].keys().collect::<Vec<_>>(), vec!["new"]);
+    }
+
+    /// `hides` agrees with `Merged::build` on every path of the lower layer: a path is in the
+    /// merged tree from the lower layer exactly when the upper one neither has nor hides it.
+    #[test]
+    fn hides_agrees_with_the_merge() {
+        let l0 = tar_of(&[
+            ("a/keep", F, b"1", None),
+            ("a/gone", F, b"2", None),
+            ("a/sub/deep", F, b"2", None),
+            ("w/x/y", F, b"2", None),
+            ("o/hidden", F, b"3", None),
+            ("o/sub/hidden", F, b"3", None),
+            ("d/x", F, b"x", None),
+            ("d/y/z", F, b"x", None),
+            ("top", F, b"x", None),
+            ("stargz.index.json", F, b"{}", None),
+        ]);
+        let l1 = tar_of(&[
+            ("a/.wh.gone", F, b"", None),
+            ("a/.wh.sub", F, b"", None),
+            (".wh.w", F, b"", None),
+            ("o/.wh..wh..opq", F, b"", None),
+            ("d", F, b"now a file", None),
+        ]);
+        let (i0, i1) = (
+            LayerIndex::build(&l0[..]).unwrap(),
+            LayerIndex::build(&l1[..]).unwrap(),
+        );
+        let merged = nodes(&Merged::build(&[&i0, &i1]));
+        for path in i0.by_path.keys() {
+            let from_lower = merged.get(path).is_some_and(|&(l, _)| l == 0);
+            let early = shown(path) && !i1.by_path.contains_key(path) && !hides(&i1, path);
+            assert_eq!(early, from_lower, "{path}");
+        }
+        // An opaque root hides everything below.
+        let l2 = tar_of(&[(".wh..wh..opq", F, b"", None)]);
+        let i2 = LayerIndex::build(&l2[..]).unwrap();
+        assert!(hides(&i2, "top") && hides(&i2, "a/keep"));
+        assert!(!shown(".wh.x") && !shown("a/.wh.x/y") && !shown("stargz.index.json"));
+        assert!(shown("a/stargz.index.json"));
     }
 
     #[test]

@@ -10,16 +10,22 @@
 //! - `merge`: the merged root filesystem of an image.
 //! - `store`: the `--cache-dir` index store.
 //! - `span`: the uncompressed stream in spans, recorded and checked (`SpanTee`, `check_span`).
-//! - `reader`: [`Layers`], indexes built once and files read through the cache.
+//! - `progress`: an index while its pass runs (entries, restart points, span digests so far).
+//! - `build`: building an index (store, TOC by exact ranges, or one pass over the blob).
+//! - `reader`: [`Layers`], indexes built once in the background, lookups answered early, and
+//!   files read through the cache.
 //!
 //! Dependencies run one way: `entry` <- `index` <- {`tar`, `gzip`, `zstd`, `toc`, `merge`,
-//! `store`, `span`} <- `reader`. Format code returns `std::io::Error`; `reader` turns that into
+//! `store`} <- `progress` <- `span` <- `build` <- `reader` (which `build` uses only for
+//! `LayerRef`). Format code returns `std::io::Error`; `reader` turns that into
 //! `FsError` (errnos are chosen in `crate::error`).
 
+mod build;
 mod entry;
 pub mod gzip;
 mod index;
 mod merge;
+mod progress;
 mod reader;
 mod span;
 pub mod store;

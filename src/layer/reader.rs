@@ -1,10 +1,11 @@
-//! Random access into layer blobs over the one blob read path: [`Layers`] builds each layer's
-//! index once (from its TOC, by
-//! reading tar headers, or by decompressing with checkpoints), keeps indexes and merged root
+//! Random access into layer blobs: [`Layers`] has each layer's index built once, in the
+//! background ([`super::build`]), and answers from it while it is being built where the rule of
+//! progressive indexing allows (a lookup found in a layer with every layer above it indexed; a
+//! read of such a file from the spans already passed). It keeps indexes and merged root
 //! filesystems in bounded LRUs, and reads a file's bytes: Range reads at its offset in a plain
-//! tar, its own chunks in eStargz / zstd:chunked, and decompression from the nearest checkpoint
-//! or frame in gzip and zstd layers. The uncompressed stream is cached in chunk-sized spans
-//! ([`ChunkKey::Span`]). Everything goes through [`Blobs`], the one blob read path.
+//! tar, its own chunks in eStargz / zstd:chunked (exact ranges), and decompression from the
+//! nearest checkpoint or frame in gzip and zstd layers. The uncompressed stream is cached in
+//! chunk-sized spans ([`ChunkKey::Span`]).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -13,15 +14,17 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::OnceCell;
 
-use super::span::{check_span, SpanTee};
-use super::{
-    gzip, store, toc, zstd as zframes, Codec, Format, FrameStart, LayerIndex, Merged, TarEntry,
-};
+use super::build::Builder;
+use super::merge::{hides, shown};
+use super::progress::{FinishOnDrop, Progress};
+use super::span::check_span;
+use super::{gzip, toc, zstd as zframes, Format, FrameStart, LayerIndex, Merged, TarEntry};
 use crate::blob::{gather, BlobCursor, BlobRef, Blobs};
 use crate::cache::{ChunkCache, ChunkKey};
 use crate::digest::Digest;
 use crate::error::{FsError, FsResult};
 use crate::manifest::Descriptor;
+use crate::registry::Registry;
 use crate::sync::lock;
 
 /// (layer, config) pairs remembered as checked: a few bytes each; past this a pair is checked
@@ -75,14 +78,14 @@ impl LayerRef {
         }
     }
 
-    fn annotation(&self, key: &str) -> Option<&str> {
+    pub(super) fn annotation(&self, key: &str) -> Option<&str> {
         self.toc_annotations
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
     }
 
-    fn blob(&self, repo: &str) -> BlobRef {
+    pub(super) fn blob(&self, repo: &str) -> BlobRef {
         BlobRef {
             repo: repo.to_string(),
             digest: self.digest.clone(),
@@ -102,31 +105,47 @@ type Cells<T> = Mutex<lru::LruCache<Digest, Arc<OnceCell<Arc<T>>>>>;
 
 /// Layer indexes and merged trees, built once each, and reads of the files they describe.
 pub struct Layers {
-    blobs: Arc<Blobs>,
+    builder: Builder,
     /// Bytes of uncompressed stream per cached span (the chunk size).
     span: u64,
-    /// Uncompressed bytes between gzip checkpoints.
-    checkpoint_spacing: u64,
-    /// Where indexes persist across mounts.
-    cache_dir: Option<PathBuf>,
-    indexes: Cells<LayerIndex>,
+    /// Each layer's index, finished or being built.
+    indexes: Mutex<lru::LruCache<Digest, Arc<Progress>>>,
     merged: Cells<MergedView>,
     /// (layer, config, position) pairs whose diff_id was checked against the shared index.
     bound: Mutex<lru::LruCache<(Digest, Digest, usize), ()>>,
 }
 
-fn io_err(e: std::io::Error, what: &str) -> FsError {
+pub(super) fn io_err(e: std::io::Error, what: &str) -> FsError {
     FsError::io(format!("{what}: {e}"))
 }
 
+/// What one layer says of a path, top to bottom (see [`Layers::find_early`]).
+enum Step<T> {
+    Found(T),
+    /// Hidden by this layer, or its pass failed: the merged tree answers.
+    AskTree,
+    /// Not in this layer and not hidden by it: ask the layer below.
+    Below,
+}
+
 impl Layers {
-    pub fn new(blobs: Arc<Blobs>, checkpoint_spacing: u64, cache_dir: Option<PathBuf>) -> Self {
+    pub fn new(
+        blobs: Arc<Blobs>,
+        reg: Arc<dyn Registry>,
+        checkpoint_spacing: u64,
+        cache_dir: Option<PathBuf>,
+    ) -> Self {
         let n = std::num::NonZeroUsize::new(MAX_LAYER_INDEXES).expect("non-zero");
         Layers {
             span: blobs.chunk_size(),
-            blobs,
-            checkpoint_spacing,
-            cache_dir,
+            builder: Builder {
+                span: blobs.chunk_size(),
+                blobs,
+                reg,
+                checkpoint_spacing,
+                cache_dir,
+                passes: Arc::new(tokio::sync::Semaphore::new(super::build::MAX_PASSES)),
+            },
             indexes: Mutex::new(lru::LruCache::new(n)),
             merged: Mutex::new(lru::LruCache::new(n)),
             bound: Mutex::new(lru::LruCache::new(
@@ -136,36 +155,51 @@ impl Layers {
     }
 
     fn cache(&self) -> &Arc<ChunkCache> {
-        self.blobs.cache()
+        self.builder.blobs.cache()
     }
 
     async fn bytes(&self, repo: &str, layer: &LayerRef, start: u64, end: u64) -> FsResult<Bytes> {
-        self.blobs
-            .read(&layer.blob(repo), start, end, None)
-            .await
-            .map_err(|e| FsError::registry(e, format!("reading layer {repo}@{}", layer.digest)))
+        self.builder.bytes(repo, layer, start, end).await
     }
 
-    /// How a layer's bytes are compressed, by magic number (media types can lie). Asked once,
-    /// when the index is built; the index keeps it.
-    async fn sniff(&self, repo: &str, layer: &LayerRef) -> FsResult<Format> {
-        if layer.size < 4 {
-            return Ok(Format::Tar);
+    /// The progress of a layer's index; the first ask starts building it in the background
+    /// (from `--cache-dir`, a TOC, or one pass over the blob), so that every lookup, read or
+    /// listing after it shares that one pass.
+    fn progress(&self, repo: &str, layer: &LayerRef) -> Arc<Progress> {
+        let mut fresh = None;
+        let p = lock(&self.indexes)
+            .get_or_insert(layer.digest.clone(), || {
+                let p = Arc::new(Progress::default());
+                fresh = Some(p.clone());
+                p
+            })
+            .clone();
+        if let Some(p) = fresh {
+            let (builder, repo, layer) = (self.builder.clone(), repo.to_string(), layer.clone());
+            tokio::spawn(async move {
+                let guard = FinishOnDrop(p);
+                let r = builder.load_or_build_index(&repo, &layer, &guard.0).await;
+                guard.0.finish(r);
+            });
         }
-        let head = self.bytes(repo, layer, 0, 4).await?;
-        Ok(Format::sniff(&head))
+        p
     }
 
     /// The index of a layer, built once (concurrent callers share the pass), and checked
-    /// against the diff_id that this caller's image config names.
+    /// against the diff_id that this caller's image config names. A failed pass is forgotten,
+    /// so that the next ask tries again.
     pub async fn index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
-        let cell = lock(&self.indexes)
-            .get_or_insert(layer.digest.clone(), || Arc::new(OnceCell::new()))
-            .clone();
-        let idx = cell
-            .get_or_try_init(|| self.load_or_build_index(repo, layer))
-            .await
-            .cloned()?;
+        let p = self.progress(repo, layer);
+        let idx = match p.done().await {
+            Ok(idx) => idx,
+            Err(e) => {
+                let mut map = lock(&self.indexes);
+                if map.peek(&layer.digest).is_some_and(|q| Arc::ptr_eq(q, &p)) {
+                    map.pop(&layer.digest);
+                }
+                return Err(e);
+            }
+        };
         self.check_binding(repo, layer, &idx).await?;
         Ok(idx)
     }
@@ -184,7 +218,7 @@ impl Layers {
         if lock(&self.bound).contains(&key) {
             return Ok(());
         }
-        if let Some(want) = self.diff_id(repo, layer).await? {
+        if let Some(want) = self.builder.diff_id(repo, layer).await? {
             if want != actual {
                 return Err(FsError::bad_input(format!(
                     "layer {repo}@{}: its uncompressed content hashes to {actual}, not to the \
@@ -195,230 +229,6 @@ impl Layers {
         }
         lock(&self.bound).put(key, ());
         Ok(())
-    }
-
-    /// From `--cache-dir` when it holds this layer's index, else built (and stored there).
-    async fn load_or_build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
-        if let Some(dir) = &self.cache_dir {
-            if let Some(idx) = store::load(dir, &layer.digest).await {
-                // A stored full-pass index is used only if it was checked against the diff_id
-                // the config names now (a stored index without one is rebuilt, and checked).
-                let stream = matches!(idx.format, Format::Gzip | Format::Zstd);
-                if stream && idx.span_size != self.span {
-                    // Its span digests were recorded at another --chunk-size: rebuild.
-                    log::info!(
-                        "rebuilding the stored index of layer {}: it was made with {}-byte \
-                         spans, this mount uses {}",
-                        layer.digest,
-                        idx.span_size,
-                        self.span
-                    );
-                } else if !stream
-                    || self
-                        .diff_id(repo, layer)
-                        .await?
-                        .is_none_or(|want| idx.diff_id.as_deref() == Some(want.as_str()))
-                {
-                    return Ok(Arc::new(idx));
-                } else {
-                    log::warn!(
-                        "ignoring the stored index of layer {}: it was not checked against the \
-                         config's diff_id",
-                        layer.digest
-                    );
-                }
-            }
-        }
-        let idx = self.build_index(repo, layer).await?;
-        if let Some(dir) = &self.cache_dir {
-            store::store(dir, &layer.digest, &idx).await;
-        }
-        Ok(idx)
-    }
-
-    /// The index of an eStargz or zstd:chunked layer from its TOC alone, or None for other
-    /// layers. Fetches only the footer and the TOC.
-    async fn toc_index(
-        &self,
-        repo: &str,
-        layer: &LayerRef,
-        format: Format,
-    ) -> FsResult<Option<LayerIndex>> {
-        let what = format!("layer {repo}@{}", layer.digest);
-        let (json, codec, toc_start, want_digest, digest_of_json) = match format {
-            Format::Gzip if layer.size > toc::ESTARGZ_FOOTER => {
-                let footer = self
-                    .bytes(repo, layer, layer.size - toc::ESTARGZ_FOOTER, layer.size)
-                    .await?;
-                let Some(off) = toc::estargz_toc_offset(&footer) else {
-                    return Ok(None);
-                };
-                if off >= layer.size - toc::ESTARGZ_FOOTER {
-                    return Err(FsError::io(format!(
-                        "{what}: eStargz footer points past the TOC"
-                    )));
-                }
-                if layer.size - toc::ESTARGZ_FOOTER - off > toc::MAX_TOC {
-                    return Err(FsError::io(format!(
-                        "{what}: eStargz TOC region is larger than {} bytes",
-                        toc::MAX_TOC
-                    )));
-                }
-                let region = self
-                    .bytes(repo, layer, off, layer.size - toc::ESTARGZ_FOOTER)
-                    .await?;
-                let json = toc::estargz_toc_json(&region)
-                    .map_err(|e| io_err(e, &format!("{what}: eStargz TOC")))?;
-                let want = layer
-                    .annotation(toc::ESTARGZ_TOC_DIGEST)
-                    .map(str::to_string);
-                (json, Codec::Gzip, off, want, true)
-            }
-            Format::Zstd => {
-                let footer = if layer.size > toc::ZSTD_CHUNKED_FOOTER {
-                    Some(
-                        self.bytes(
-                            repo,
-                            layer,
-                            layer.size - toc::ZSTD_CHUNKED_FOOTER,
-                            layer.size,
-                        )
-                        .await?,
-                    )
-                } else {
-                    None
-                };
-                let Some((off, len)) = toc::zstd_chunked_toc(
-                    layer.annotation(toc::ZSTD_MANIFEST_POSITION),
-                    footer.as_deref(),
-                ) else {
-                    return Ok(None);
-                };
-                if len == 0 || off.checked_add(len).is_none_or(|e| e > layer.size) {
-                    return Err(FsError::io(format!(
-                        "{what}: zstd:chunked TOC position is outside the layer"
-                    )));
-                }
-                if len > toc::MAX_TOC {
-                    return Err(FsError::io(format!(
-                        "{what}: zstd:chunked TOC is larger than {} bytes",
-                        toc::MAX_TOC
-                    )));
-                }
-                let frame = self.bytes(repo, layer, off, off + len).await?;
-                // The checksum annotation is the digest of the compressed TOC.
-                if let Some(want) = layer.annotation(toc::ZSTD_MANIFEST_CHECKSUM) {
-                    if crate::digest::verify(want, &frame).is_err() {
-                        return Err(FsError::io(format!(
-                            "{what}: the zstd:chunked TOC does not match {want}"
-                        )));
-                    }
-                }
-                let json = toc::zstd_chunked_toc_json(&frame)
-                    .map_err(|e| io_err(e, &format!("{what}: zstd:chunked TOC")))?;
-                (json, Codec::Zstd, off.saturating_sub(8), None, false)
-            }
-            _ => return Ok(None),
-        };
-        if let (Some(want), true) = (want_digest, digest_of_json) {
-            if crate::digest::verify(&want, &json).is_err() {
-                return Err(FsError::io(format!(
-                    "{what}: the eStargz TOC does not match {want}"
-                )));
-            }
-        }
-        let idx = toc::index_from_toc(&json, codec, toc_start).map_err(|e| io_err(e, &what))?;
-        log::info!(
-            "indexed {what} from its {} TOC alone: {} entries",
-            if codec == Codec::Gzip {
-                "eStargz"
-            } else {
-                "zstd:chunked"
-            },
-            idx.entries.len()
-        );
-        Ok(Some(idx))
-    }
-
-    async fn build_index(&self, repo: &str, layer: &LayerRef) -> FsResult<Arc<LayerIndex>> {
-        let what = format!("layer {repo}@{}", layer.digest);
-        let format = self.sniff(repo, layer).await?;
-        if let Some(idx) = self.toc_index(repo, layer, format).await? {
-            return Ok(Arc::new(idx));
-        }
-        let diff_id = match format {
-            Format::Gzip | Format::Zstd => self.diff_id(repo, layer).await?,
-            _ => None,
-        };
-        let reader = self.blobs.cursor(layer.blob(repo));
-        let tee = SpanTee::new(self.cache().clone(), layer.digest.clone(), self.span);
-        let spacing = self.checkpoint_spacing;
-        let layer_digest = layer.digest.clone();
-        let started = std::time::Instant::now();
-        let index = tokio::task::spawn_blocking(move || -> std::io::Result<LayerIndex> {
-            match format {
-                Format::Gzip => {
-                    let indexer = gzip::Indexer::new(reader, spacing)?;
-                    let (mut idx, indexer) = tee.index(indexer, diff_id)?;
-                    idx.checkpoints = indexer.checkpoints;
-                    idx.format = Format::Gzip;
-                    Ok(idx)
-                }
-                Format::Zstd => {
-                    let indexer = zframes::FrameIndexer::new(reader, spacing);
-                    let (mut idx, indexer) = tee.index(indexer, diff_id)?;
-                    idx.zstd_frames = indexer.frames;
-                    idx.format = Format::Zstd;
-                    Ok(idx)
-                }
-                // Tar, and anything else sniff never answers.
-                _ => {
-                    let mut archive = ::tar::Archive::new(reader);
-                    let mut idx = LayerIndex::from_entries(archive.entries_with_seek()?)?;
-                    idx.layer = layer_digest.to_string();
-                    Ok(idx)
-                }
-            }
-        })
-        .await
-        .map_err(|e| FsError::io(format!("{what}: indexing task failed: {e}")))?
-        .map_err(|e| io_err(e, &format!("{what}: cannot index ({format:?})")))?;
-        log::info!(
-            "indexed {what}: {} entries, {} checkpoints, about {} KiB of index memory, in {:?}",
-            index.entries.len(),
-            index.checkpoints.len(),
-            index.memory() / 1024,
-            started.elapsed()
-        );
-        Ok(Arc::new(index))
-    }
-
-    /// The config's diff_id for a layer: None when there is no config or it names none. A
-    /// config that cannot be read, is larger than [`MAX_CONFIG`], or is not JSON is an error
-    /// (the layer's tree is EIO), never a silently skipped check.
-    async fn diff_id(&self, repo: &str, layer: &LayerRef) -> FsResult<Option<String>> {
-        let Some((digest, size)) = layer.config.clone() else {
-            return Ok(None);
-        };
-        if size == 0 {
-            return Ok(None);
-        }
-        let config = BlobRef {
-            repo: repo.to_string(),
-            digest,
-            size,
-        };
-        let what = || format!("layer {repo}@{}: reading the image config", layer.digest);
-        let body = self
-            .blobs
-            .read_whole(&config, MAX_CONFIG)
-            .await
-            .map_err(|e| FsError::registry(e, what()))?;
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| FsError::io(format!("{}: not JSON: {e}", what())))?;
-        Ok(v["rootfs"]["diff_ids"][layer.pos]
-            .as_str()
-            .map(str::to_string))
     }
 
     /// The merged tree of the image manifest `image`, made of `layers` (built once).
@@ -432,6 +242,11 @@ impl Layers {
             .get_or_insert(image.clone(), || Arc::new(OnceCell::new()))
             .clone();
         cell.get_or_try_init(|| async {
+            // Every layer's index is asked for at once, the top one first (a lookup's answer
+            // waits for the layers above it); the tree waits for all of them.
+            for r in layers.iter().rev() {
+                self.progress(repo, r);
+            }
             let mut indexes = Vec::new();
             for r in &layers {
                 indexes.push(self.index(repo, r).await?);
@@ -447,7 +262,90 @@ impl Layers {
         .cloned()
     }
 
-    /// Bytes `offset..end` of entry `index` (`entry`) of a layer.
+    /// The merged tree of `image`, if it is built already.
+    pub fn merged_ready(&self, image: &Digest) -> Option<Arc<MergedView>> {
+        lock(&self.merged).get(image).and_then(|c| c.get().cloned())
+    }
+
+    /// A path of the merged tree of `layers`, found before that tree is built (progressive
+    /// indexing). Walking the layers from the top, the first that has `path` answers with
+    /// `make(layer position, its index, entry index)` (called under the progress lock, with
+    /// the layer's finished or partial index), provided every layer above it is fully indexed
+    /// and none of them hides the path. Waits only for the layers above the one that answers.
+    /// None when the merged tree must answer: the path is hidden or absent (ENOENT waits for
+    /// the whole tree), a layer failed, or it is not a name the tree shows.
+    pub async fn find_early<T>(
+        &self,
+        repo: &str,
+        layers: &[LayerRef],
+        path: &str,
+        make: impl Fn(usize, &LayerIndex, usize) -> T,
+    ) -> Option<T> {
+        if !shown(path) {
+            return None;
+        }
+        // Asked for from the top: the answer waits for the layers above it.
+        let all: Vec<(usize, Arc<Progress>)> = layers
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, l)| (i, self.progress(repo, l)))
+            .collect();
+        for (i, p) in all {
+            let step = p
+                .wait(|st| match &st.end {
+                    Some(Err(_)) => Some(Step::AskTree),
+                    Some(Ok(idx)) => Some(match idx.by_path.get(path) {
+                        Some(&ei) => Step::Found(make(i, idx, ei)),
+                        None if hides(idx, path) => Step::AskTree,
+                        None => Step::Below,
+                    }),
+                    None => st
+                        .partial
+                        .by_path
+                        .get(path)
+                        .map(|&ei| Step::Found(make(i, &st.partial, ei))),
+                })
+                .await?;
+            match step {
+                Step::Found(t) => return Some(t),
+                Step::AskTree => return None,
+                Step::Below => {}
+            }
+        }
+        None
+    }
+
+    /// `path` in one layer's own tree: answered as soon as the pass has seen it; its absence
+    /// (None) waits for the whole index.
+    pub async fn find_in_layer<T>(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        path: &str,
+        make: impl Fn(&LayerIndex, usize) -> T,
+    ) -> FsResult<Option<T>> {
+        let p = self.progress(repo, layer);
+        let early = p
+            .wait(|st| match &st.end {
+                Some(_) => Some(None),
+                None => st
+                    .partial
+                    .by_path
+                    .get(path)
+                    .map(|&ei| Some(make(&st.partial, ei))),
+            })
+            .await
+            .flatten();
+        if early.is_some() {
+            return Ok(early);
+        }
+        let idx = self.index(repo, layer).await?;
+        Ok(idx.by_path.get(path).map(|&ei| make(&idx, ei)))
+    }
+
+    /// Bytes `offset..end` of entry `index` (`entry`) of a layer. A file found while the
+    /// layer's pass runs is read from what the pass has passed (waiting for it to get there).
     pub async fn read(
         &self,
         repo: &str,
@@ -457,12 +355,26 @@ impl Layers {
         offset: u64,
         end: u64,
     ) -> FsResult<Bytes> {
-        let idx = self.index(repo, layer).await?;
-        if let Some(chunks) = idx.toc_chunks.get(&index) {
-            return self
-                .read_toc_chunks(repo, layer, entry, chunks, offset, end)
-                .await;
-        }
+        let p = self.progress(repo, layer);
+        let streaming = p
+            .wait(|st| match st.end {
+                Some(_) => Some(None),
+                None => st.streaming.map(Some),
+            })
+            .await
+            .flatten();
+        let format = match streaming {
+            Some(format) => format,
+            None => {
+                let idx = self.index(repo, layer).await?;
+                if let Some(chunks) = idx.toc_chunks.get(&index) {
+                    return self
+                        .read_toc_chunks(repo, layer, entry, chunks, offset, end)
+                        .await;
+                }
+                idx.format.stream()
+            }
+        };
         let (Some(start), Some(stop)) = (
             entry.offset.checked_add(offset),
             entry.offset.checked_add(end),
@@ -472,9 +384,9 @@ impl Layers {
                 layer.digest, entry.path
             )));
         };
-        match idx.format.stream() {
+        match format {
             Format::Gzip | Format::Zstd => {
-                self.read_uncompressed(repo, layer, idx.format.stream(), start, stop)
+                self.read_uncompressed(repo, layer, format, start, stop)
                     .await
             }
             _ => self.bytes(repo, layer, start, stop).await,
@@ -525,7 +437,7 @@ impl Layers {
             let data = self
                 .cache()
                 .get_or_fetch(key, || async {
-                    let raw = self.bytes(repo, layer, start, stop).await?;
+                    let raw = self.builder.exact(repo, layer, start, stop).await?;
                     let mut data = toc::decompress_chunk(codec, &raw, len).map_err(|e| {
                         FsError::io(format!("layer {}: chunk at {start}: {e}", layer.digest))
                     })?;
@@ -579,13 +491,19 @@ impl Layers {
             start,
             end,
             self.span,
-            |index| {
+            |index| async move {
                 let key = ChunkKey::Span {
                     digest: layer.digest.clone(),
                     index,
                 };
+                if let Some(data) = self.cache().get(&key) {
+                    return Ok(data);
+                }
+                // Waits for the pass to get past this span (it is then cached, usually).
+                let idx = self.seek_index(repo, layer, index).await?;
                 self.cache()
-                    .get_or_fetch(key, move || self.seek_span(repo, layer, format, index))
+                    .get_or_fetch(key, move || self.seek_span(repo, layer, format, index, idx))
+                    .await
             },
             |_| {
                 FsError::io(format!(
@@ -597,23 +515,64 @@ impl Layers {
         .await
     }
 
+    /// What seeking to span `want` needs: the finished index, or, while the pass runs and has
+    /// passed that span, the restart points before it and the digests of the spans up to it
+    /// (waiting for the pass to get there).
+    async fn seek_index(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        want: u64,
+    ) -> FsResult<Arc<LayerIndex>> {
+        let p = self.progress(repo, layer);
+        let span = self.span;
+        let partial = p
+            .wait(|st| {
+                if st.end.is_some() {
+                    return Some(None);
+                }
+                let ps = &st.partial;
+                let w = usize::try_from(want)
+                    .ok()
+                    .filter(|&w| w < ps.span_digests.len())?;
+                let at = want.saturating_mul(span);
+                Some(Some(Arc::new(LayerIndex {
+                    format: ps.format,
+                    checkpoints: gzip::nearest(&ps.checkpoints, at)
+                        .cloned()
+                        .into_iter()
+                        .collect(),
+                    zstd_frames: ps.zstd_frames.clone(),
+                    span_digests: ps.span_digests[..=w].to_vec(),
+                    span_size: span,
+                    ..Default::default()
+                })))
+            })
+            .await
+            .flatten();
+        match partial {
+            Some(idx) => Ok(idx),
+            None => self.index(repo, layer).await,
+        }
+    }
+
     /// Span `want` of a gzip or zstd layer, decompressed from the nearest gzip checkpoint or
-    /// zstd frame start before it only.
+    /// zstd frame start before it only (from `index`, see [`Self::seek_index`]).
     async fn seek_span(
         &self,
         repo: &str,
         layer: &LayerRef,
         format: Format,
         want: u64,
+        index: Arc<LayerIndex>,
     ) -> FsResult<Bytes> {
-        let index = self.index(repo, layer).await?;
         if format == Format::Zstd && index.zstd_frames.len() < 2 {
             // One frame: nothing to seek to; decompress from the start, caching spans.
-            return self.unzstd_to(repo, layer, want).await;
+            return self.unzstd_to(repo, layer, want, index).await;
         }
         let span = self.span;
         let start = want * span;
-        let mut reader = self.blobs.cursor(layer.blob(repo));
+        let mut reader = self.builder.blobs.cursor(layer.blob(repo));
         let what = format!("decompressing layer {repo}@{}", layer.digest);
         tokio::task::spawn_blocking(move || -> FsResult<Bytes> {
             let io = |e: std::io::Error| io_err(e, &what);
@@ -647,9 +606,14 @@ impl Layers {
 
     /// Decompress a single-frame zstd layer from its start up to span `want`, caching every
     /// span passed.
-    async fn unzstd_to(&self, repo: &str, layer: &LayerRef, want: u64) -> FsResult<Bytes> {
-        let idx = self.index(repo, layer).await?;
-        let reader = self.blobs.cursor(layer.blob(repo));
+    async fn unzstd_to(
+        &self,
+        repo: &str,
+        layer: &LayerRef,
+        want: u64,
+        idx: Arc<LayerIndex>,
+    ) -> FsResult<Bytes> {
+        let reader = self.builder.blobs.cursor(layer.blob(repo));
         let (cache, digest, span) = (self.cache().clone(), layer.digest.clone(), self.span);
         let what = format!("decompressing layer {repo}@{}", layer.digest);
         tokio::task::spawn_blocking(move || -> FsResult<Bytes> {
@@ -749,7 +713,7 @@ mod tests {
             crate::blob::EngineConfig::plain(CHUNK),
         ));
         Setup {
-            layers: Layers::new(blobs.clone(), 64 * 1024, None),
+            layers: Layers::new(blobs.clone(), reg.clone(), 64 * 1024, None),
             reg,
             blobs,
         }
@@ -889,7 +853,12 @@ mod tests {
             crate::manifest::OCI_LAYER_GZIP,
             &diff_id,
         );
-        let stored = Layers::new(first.blobs.clone(), 64 * 1024, Some(dir.path().into()));
+        let stored = Layers::new(
+            first.blobs.clone(),
+            first.reg.clone(),
+            64 * 1024,
+            Some(dir.path().into()),
+        );
         stored.index("r", &l).await.unwrap();
         // Same registry and cache dir, twice the chunk (and span) size.
         let cache = Arc::new(ChunkCache::new(64 << 20));
@@ -899,7 +868,12 @@ mod tests {
             crate::blob::EngineConfig::plain(2 * CHUNK),
         ));
         let again = Setup {
-            layers: Layers::new(blobs.clone(), 64 * 1024, Some(dir.path().into())),
+            layers: Layers::new(
+                blobs.clone(),
+                first.reg.clone(),
+                64 * 1024,
+                Some(dir.path().into()),
+            ),
             reg: first.reg.clone(),
             blobs,
         };

@@ -4,10 +4,12 @@
 //! later (from a checkpoint or frame start, where the gzip CRC cannot be checked) to the digest
 //! recorded in the verified pass.
 //!
-//! Spans are inserted into the cache while the pass runs, but nothing reads them before the pass
-//! has ended: every span read first asks for the layer's index, which is the result of this pass.
-//! A pass that fails (diff_id mismatch, corrupt or truncated stream) evicts the layer's entries
-//! from the cache before it returns, so no span of a failed pass is ever served.
+//! Spans are inserted into the cache while the pass runs, and published (with their digests and
+//! the restart points before them) to the layer's [`Progress`]: a read of a file found early
+//! (progressive indexing) is served from them before the pass has checked the whole stream
+//! against the diff_id. A pass that fails (diff_id mismatch, corrupt or truncated stream) evicts
+//! the layer's entries from the cache before it returns, and every later read of the layer
+//! fails: no span of a failed pass is served after the failure is known.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use sha2::{Digest as _, Sha256};
 
+use super::progress::{Progress, Restarts};
 use super::LayerIndex;
 use crate::cache::{ChunkCache, ChunkKey};
 use crate::digest::Digest;
@@ -55,7 +58,9 @@ pub struct SpanTee {
     buf: BytesMut,
     index: u64,
     hasher: crate::digest::StreamingDigest,
-    span_digests: Vec<[u8; 32]>,
+    /// Digests of spans finished since the last publication.
+    pending: Vec<[u8; 32]>,
+    progress: Arc<Progress>,
 }
 
 /// A reader whose output a [`SpanTee`] records.
@@ -65,7 +70,7 @@ struct Teed<'a, R> {
 }
 
 impl SpanTee {
-    pub fn new(cache: Arc<ChunkCache>, digest: Digest, span: u64) -> Self {
+    pub fn new(cache: Arc<ChunkCache>, digest: Digest, span: u64, progress: Arc<Progress>) -> Self {
         SpanTee {
             cache,
             digest,
@@ -73,14 +78,15 @@ impl SpanTee {
             buf: BytesMut::new(),
             index: 0,
             hasher: Default::default(),
-            span_digests: Vec::new(),
+            pending: Vec::new(),
+            progress,
         }
     }
 
     /// Index the stream `inner`, read it to its end, and check it against `diff_id`.
     /// Returns the index (with its span digests and the diff_id it was checked against) and
     /// the inner reader. On any error the spans cached so far are evicted.
-    pub fn index<R: Read>(
+    pub fn index<R: Read + Restarts>(
         mut self,
         inner: R,
         diff_id: Option<String>,
@@ -93,14 +99,19 @@ impl SpanTee {
         result
     }
 
-    fn pass<R: Read>(
+    fn pass<R: Read + Restarts>(
         &mut self,
         inner: R,
         diff_id: Option<String>,
     ) -> std::io::Result<(LayerIndex, R)> {
+        let progress = self.progress.clone();
         let mut teed = Teed { inner, tee: self };
-        let mut idx = LayerIndex::build(&mut teed)?;
+        {
+            let mut archive = ::tar::Archive::new(&mut teed);
+            LayerIndex::scan(archive.entries()?, |e| progress.add(e))?;
+        }
         std::io::copy(&mut teed, &mut std::io::sink())?;
+        teed.publish();
         let inner = teed.inner;
         let actual = std::mem::take(&mut self.hasher).finish();
         match &diff_id {
@@ -117,8 +128,9 @@ impl SpanTee {
         }
         // What the stream hashes to, whether or not the config named it: a later image that
         // shares this layer is checked against it (`Layers::index`).
+        let mut idx = progress.take_partial();
+        idx.finish();
         idx.diff_id = Some(actual);
-        idx.span_digests = std::mem::take(&mut self.span_digests);
         idx.span_size = self.span;
         idx.layer = self.digest.to_string();
         Ok((idx, inner))
@@ -127,7 +139,7 @@ impl SpanTee {
     fn flush_span(&mut self) {
         if !self.buf.is_empty() {
             let data = std::mem::take(&mut self.buf).freeze();
-            self.span_digests.push(Sha256::digest(&data).into());
+            self.pending.push(Sha256::digest(&data).into());
             self.cache.insert(
                 ChunkKey::Span {
                     digest: self.digest.clone(),
@@ -154,12 +166,24 @@ impl SpanTee {
     }
 }
 
-impl<R: Read> Read for Teed<'_, R> {
+impl<R: Restarts> Teed<'_, R> {
+    /// Publish the spans finished so far, with the restart points recorded before them.
+    fn publish(&mut self) {
+        self.tee
+            .progress
+            .spans(&mut self.tee.pending, Some(&self.inner));
+    }
+}
+
+impl<R: Read + Restarts> Read for Teed<'_, R> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(out)?;
         self.tee.record(&out[..n]);
         if n == 0 {
             self.tee.flush_span();
+        }
+        if !self.tee.pending.is_empty() {
+            self.publish();
         }
         Ok(n)
     }
@@ -170,13 +194,17 @@ mod tests {
     use super::*;
     use crate::layer::tar::tar_of;
 
+    impl Restarts for &[u8] {
+        fn restarts_into(&self, _: &mut LayerIndex) {}
+    }
+
     fn tee_index(
         stream: &[u8],
         diff_id: Option<String>,
     ) -> (Arc<ChunkCache>, std::io::Result<LayerIndex>) {
         let cache = Arc::new(ChunkCache::new(1 << 20));
         let d = Digest::from(format!("sha256:{}", "1".repeat(64)));
-        let r = SpanTee::new(cache.clone(), d, 512)
+        let r = SpanTee::new(cache.clone(), d, 512, Default::default())
             .index(stream, diff_id)
             .map(|(idx, _)| idx);
         (cache, r)

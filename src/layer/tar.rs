@@ -20,6 +20,17 @@ impl LayerIndex {
     /// Index the entries of an archive (from `entries()` or `entries_with_seek()`).
     pub fn from_entries<R: Read>(entries: tar::Entries<'_, R>) -> std::io::Result<LayerIndex> {
         let mut idx = LayerIndex::default();
+        Self::scan(entries, |e| idx.add(e))?;
+        idx.finish();
+        Ok(idx)
+    }
+
+    /// Hand each entry of an archive to `add`, in archive order, as soon as its header is read
+    /// (a progressive index publishes them while the rest of the stream is still coming).
+    pub fn scan<R: Read>(
+        entries: tar::Entries<'_, R>,
+        mut add: impl FnMut(TarEntry),
+    ) -> std::io::Result<()> {
         for entry in entries {
             let mut entry = entry?;
             let path = normalise(&entry.path_bytes());
@@ -70,7 +81,7 @@ impl LayerIndex {
             if path.is_empty() {
                 continue; // the root itself ("./")
             }
-            idx.add(TarEntry {
+            add(TarEntry {
                 path,
                 kind,
                 mode,
@@ -84,8 +95,7 @@ impl LayerIndex {
                 offset,
             });
         }
-        idx.finish();
-        Ok(idx)
+        Ok(())
     }
 }
 

@@ -7,6 +7,9 @@
 mod delay_proxy;
 #[allow(unused_imports)]
 pub use delay_proxy::*;
+mod gate;
+#[allow(unused_imports)]
+pub use gate::*;
 mod images;
 pub use images::*;
 mod dated;

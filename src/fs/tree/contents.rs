@@ -81,6 +81,15 @@ pub(crate) fn tree_attr(ino: Ino, node: &Node) -> Option<Attr> {
     }
 }
 
+/// The path of `name` in the tree directory at `dir` ("" = the tree's root).
+fn child_path(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
 fn tree_node(
     repo: &str,
     view: &View,
@@ -116,6 +125,15 @@ fn tree_node(
 impl Fs {
     /// The merged tree of the image manifest `image`.
     async fn merged_view(&self, repo: &str, image: &Digest) -> FsResult<Arc<MergedView>> {
+        if let Some(mv) = self.layers.merged_ready(image) {
+            return Ok(mv);
+        }
+        let refs = self.image_layers(repo, image).await?;
+        self.layers.merged(repo, image, refs).await
+    }
+
+    /// The layers of the image manifest `image`, bottom first.
+    async fn image_layers(&self, repo: &str, image: &Digest) -> FsResult<Vec<LayerRef>> {
         let m = self.meta.manifest(repo, image).await?;
         let Parsed::Image { config, layers } = &m.parsed else {
             return Err(FsError::io(format!("{image} is not an image manifest")));
@@ -130,17 +148,48 @@ impl Fs {
             }
             refs.push(LayerRef::new(l, Some(config), pos));
         }
-        self.layers.merged(repo, image, refs).await
+        Ok(refs)
+    }
+
+    /// One name in a tree directory: a map lookup, never the whole listing. Under `rootfs/`
+    /// the name is answered early when the rule of progressive indexing allows (see
+    /// docs/SEMANTICS.md); its absence waits for the merged tree.
+    pub(super) async fn find_in_tree(&self, d: &TreeDir, name: &str) -> FsResult<Option<Node>> {
+        let path = child_path(&d.path, name);
+        match &d.view {
+            View::Layer(l) => {
+                let make =
+                    |idx: &LayerIndex, ei| tree_node(&d.repo, &d.view, l, idx, ei, path.clone());
+                self.layers.find_in_layer(&d.repo, l, &path, make).await
+            }
+            View::Rootfs { image } => {
+                let mv = match self.layers.merged_ready(image) {
+                    Some(mv) => mv,
+                    None => {
+                        let refs = self.image_layers(&d.repo, image).await?;
+                        let make = |li: usize, idx: &LayerIndex, ei| {
+                            tree_node(&d.repo, &d.view, &refs[li], idx, ei, path.clone())
+                        };
+                        if let Some(n) = self.layers.find_early(&d.repo, &refs, &path, make).await {
+                            return Ok(Some(n));
+                        }
+                        self.layers.merged(&d.repo, image, refs).await?
+                    }
+                };
+                Ok(mv
+                    .merged
+                    .dirs
+                    .get(&d.path)
+                    .and_then(|children| children.get(name))
+                    .map(|&(li, ei)| {
+                        tree_node(&d.repo, &d.view, &mv.layers[li], &mv.indexes[li], ei, path)
+                    }))
+            }
+        }
     }
 
     pub(super) async fn tree_children(&self, d: &TreeDir) -> FsResult<Vec<(String, Node)>> {
-        let child_path = |name: &str| {
-            if d.path.is_empty() {
-                name.to_string()
-            } else {
-                format!("{}/{name}", d.path)
-            }
-        };
+        let child_path = |name: &str| child_path(&d.path, name);
         let mut out = Vec::new();
         match &d.view {
             View::Layer(l) => {

@@ -80,6 +80,8 @@ impl Fs {
             Node::Tags { repo } => self.find_tag(repo, name).await,
             Node::Uploads { repo } => Ok(self.find_upload(repo, name)),
             Node::BlobsAlgo { repo } => self.find_blob(repo, name).await,
+            // One map lookup in the layer index or merged tree, never the whole listing.
+            Node::TreeDir(d) => self.find_in_tree(d, name).await,
             _ => Ok(self
                 .children(node)
                 .await?
