@@ -12,6 +12,9 @@ pub use proxy::*;
 mod stub;
 #[allow(unused_imports)]
 pub use stub::*;
+mod system;
+#[allow(unused_imports)]
+pub use system::*;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
