@@ -106,7 +106,12 @@ impl SystemMount {
 
     /// The mountpoint (`rel` below it).
     pub fn at(&self, rel: &str) -> PathBuf {
-        self.dir.path().join("mnt").join(rel)
+        let mnt = self.dir.path().join("mnt");
+        if rel.is_empty() {
+            mnt
+        } else {
+            mnt.join(rel)
+        }
     }
 
     pub fn log_text(&self) -> String {
