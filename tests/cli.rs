@@ -246,6 +246,17 @@ fn nonempty_directories_and_mounts_are_refused_unless_nonempty() {
 fn a_dead_mount_is_named_as_such() {
     let s = seeded();
     let mut m = TestMount::new(&s.reg.addr(), &[]);
+    // regfs stats its own mountpoint once after mounting (to find its readahead knob); killed
+    // during that stat it would wait forever for its own answer. Let it finish first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !m.log_text().contains("read_ahead_kb") {
+        assert!(
+            Instant::now() < deadline,
+            "no readahead line:\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // SIGKILL leaves the mount behind with nobody serving it.
     m.child.as_mut().unwrap().kill().unwrap();
     m.child.as_mut().unwrap().wait().unwrap();

@@ -8,6 +8,10 @@ use std::process::{Command, Stdio};
 /// One line of /proc/self/mountinfo, the fields regfs looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The device (major, minor) of the mount's st_dev: what /sys/class/bdi/MAJOR:MINOR is
+    /// named after, known without a stat through the mount (which a FUSE daemon must not do to
+    /// its own mount: killed meanwhile, it would wait forever for its own answer).
+    pub device: (u32, u32),
     pub mount_point: PathBuf,
     pub fstype: String,
     pub source: String,
@@ -19,9 +23,12 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     text.lines()
         .filter_map(|line| {
             let (before, after) = line.split_once(" - ")?;
-            let mount_point = before.split(' ').nth(4)?;
+            let fields: Vec<&str> = before.split(' ').collect();
+            let (major, minor) = fields.get(2)?.split_once(':')?;
+            let mount_point = fields.get(4)?;
             let mut after = after.split(' ');
             Some(MountEntry {
+                device: (major.parse().ok()?, minor.parse().ok()?),
                 mount_point: PathBuf::from(unescape_octal(mount_point)),
                 fstype: after.next()?.to_string(),
                 source: unescape_octal(after.next().unwrap_or("")),
@@ -67,23 +74,32 @@ pub fn mount_at(path: &Path) -> Option<MountEntry> {
 /// is already a mount point or holds entries.
 pub fn check(mp: &Path, nonempty: bool) -> Result<PathBuf, String> {
     let shown = mp.display();
-    match std::fs::metadata(mp) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(format!("{shown} is not a directory")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
-            return Err(format!(
-                "{shown} is a FUSE mount whose process has ended ({e}); \
-                 unmount it first: fusermount3 -u {shown}"
-            ))
+    let dead = |e: &std::io::Error| {
+        format!(
+            "{shown} is a FUSE mount whose process has ended ({e}); unmount it first: \
+             fusermount3 -u {shown}"
+        )
+    };
+    let failed = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::NotConnected {
+            dead(&e)
+        } else {
+            format!("mountpoint {shown}: {e}")
         }
-        Err(e) => return Err(format!("mountpoint {shown}: {e}")),
+    };
+    if !std::fs::metadata(mp).map_err(failed)?.is_dir() {
+        return Err(format!("{shown} is not a directory"));
     }
-    let canonical = mp
-        .canonicalize()
-        .map_err(|e| format!("mountpoint {shown}: {e}"))?;
+    let canonical = mp.canonicalize().map_err(failed)?;
     if nonempty {
         return Ok(canonical);
     }
+    // Listing asks the filesystem itself: a dead FUSE mount may still answer stat from the
+    // kernel's attribute cache, never a listing.
+    let has_entries = std::fs::read_dir(&canonical)
+        .map_err(failed)?
+        .next()
+        .is_some();
     if let Some(m) = mount_at(&canonical) {
         return Err(format!(
             "{shown} is already a mount point ({} {}); unmount it first, or give -o nonempty \
@@ -91,10 +107,6 @@ pub fn check(mp: &Path, nonempty: bool) -> Result<PathBuf, String> {
             m.fstype, m.source
         ));
     }
-    let has_entries = std::fs::read_dir(&canonical)
-        .map_err(|e| format!("mountpoint {shown}: {e}"))?
-        .next()
-        .is_some();
     if has_entries {
         return Err(format!(
             "{shown} is not empty; mount on an empty directory, or give -o nonempty to hide its \
@@ -141,6 +153,7 @@ garbage
         assert_eq!(v[1].mount_point, PathBuf::from("/tmp/a b"));
         assert_eq!(v[1].fstype, "fuse.regfs");
         assert_eq!(v[1].source, "localhost:5000");
+        assert_eq!(v[1].device, (0, 52));
         assert_eq!(v[2].source, "tmp\\fs");
         assert_eq!(unescape_octal("\\012\\11\\999"), "\n\\11\\999");
     }
