@@ -191,7 +191,7 @@ pub fn expand_args(cmd: &Command, args: Vec<OsString>) -> Result<Vec<OsString>, 
                 }
             }
         } else if let Some(v) = s.strip_prefix("-o").filter(|_| !s.starts_with("--")) {
-            OsString::from(v)
+            OsString::from(v.strip_prefix('=').unwrap_or(v)) // -oLIST or -o=LIST, as clap reads them
         } else if s == "--" {
             out.push(arg);
             out.extend(it.by_ref());
@@ -278,6 +278,10 @@ mod tests {
         assert_eq!(
             expand(&["-ocache-size=1G,mirror=a,mirror=b", "r", "/m"]).unwrap(),
             ["--cache-size=1G", "--mirror=a", "--mirror=b", "r", "/m"]
+        );
+        assert_eq!(
+            expand(&["-o=insecure,ro"]).unwrap(),
+            ["--insecure", "-o", "ro"]
         );
         // Switches: name, name=true, name=false (dropped).
         assert_eq!(expand(&["-o", "insecure=yes"]).unwrap(), ["--insecure"]);
