@@ -113,7 +113,8 @@ pub struct MountConfig {
     pub foreground: bool,
     /// Where the daemon logs (default: discarded).
     pub log_file: Option<PathBuf>,
-    /// The source name shown in /proc/mounts (default `regfs:<host>`).
+    /// The source name shown in /proc/mounts: the REGISTRY argument as given (an fstab line's
+    /// source, so mount(8) and findmnt match the two), unless `-o fsname=` says otherwise.
     pub fsname: String,
     /// `-o allow_other`: every user may use the mount.
     pub allow_other: bool,
@@ -123,6 +124,12 @@ pub struct MountConfig {
     pub default_permissions: bool,
     /// `-o auto_unmount`: unmount when the process dies.
     pub auto_unmount: bool,
+    /// `-o ro`: mount read-only (the kernel answers EROFS to every write).
+    pub read_only: bool,
+    /// `-o noexec`: no file of the mount may be executed.
+    pub noexec: bool,
+    /// `-o nonempty`: mount over a non-empty directory or an existing mount.
+    pub nonempty: bool,
 }
 
 /// The chunk cache, readahead, layer indexes and metadata TTLs.
@@ -317,7 +324,7 @@ impl TryFrom<Cli> for Config {
         }
         let retry_budget = parse_flag("--retry-budget", &cli.retry_budget, parse_duration)?;
         let platform = parse_platform(&cli.platform)?;
-        let mount = mount_config(&cli, &host)?;
+        let mount = mount_config(&cli)?;
         let mirrors = cli
             .mirror
             .iter()
@@ -404,32 +411,53 @@ impl Config {
     }
 }
 
-/// The mount part: the mountpoint, the process mode and the `-o` options.
-fn mount_config(cli: &Cli, host: &str) -> Result<MountConfig, String> {
+/// The mount part: the mountpoint, the process mode and the `-o` mount options (the `-o` items
+/// that name flags became flags before clap parsed: [`crate::mount_options`]).
+fn mount_config(cli: &Cli) -> Result<MountConfig, String> {
+    use crate::mount_options::{parse_mount_option, split_items, MountOpt};
     let mut m = MountConfig {
         mountpoint: cli.mountpoint.clone(),
         foreground: cli.foreground,
         log_file: cli.log_file.clone(),
-        fsname: format!("regfs:{host}"),
+        fsname: default_fsname(&cli.registry),
         allow_other: false,
         allow_root: false,
         default_permissions: false,
         auto_unmount: false,
+        read_only: false,
+        noexec: false,
+        nonempty: false,
     };
-    for opt in cli.options.iter().flat_map(|o| o.split(',')) {
-        match opt.trim() {
-            "" => {}
-            "allow_other" => m.allow_other = true,
-            "allow_root" => m.allow_root = true,
-            "default_permissions" => m.default_permissions = true,
-            "auto_unmount" => m.auto_unmount = true,
-            // Always nosuid/nodev; accept the user saying so.
-            "nosuid" | "nodev" => {}
-            o if o.starts_with("fsname=") => m.fsname = o["fsname=".len()..].to_string(),
-            o => return Err(format!("unknown mount option -o {o}")),
+    for opt in cli.options.iter().flat_map(|o| split_items(o)) {
+        match parse_mount_option(opt)? {
+            MountOpt::AllowOther => m.allow_other = true,
+            MountOpt::AllowRoot => m.allow_root = true,
+            MountOpt::DefaultPermissions => m.default_permissions = true,
+            MountOpt::AutoUnmount => m.auto_unmount = true,
+            MountOpt::FsName(name) => m.fsname = name,
+            MountOpt::ReadOnly(ro) => m.read_only = ro,
+            MountOpt::NoExec(noexec) => m.noexec = noexec,
+            MountOpt::NonEmpty => m.nonempty = true,
+            MountOpt::Ignored(_) => {}
         }
     }
     Ok(m)
+}
+
+/// The REGISTRY argument as the mount's source name, with the characters the kernel's option
+/// string cannot carry (commas, whitespace) replaced.
+fn default_fsname(registry: &str) -> String {
+    registry
+        .trim()
+        .chars()
+        .map(|c| {
+            if c == ',' || c.is_whitespace() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -481,10 +509,9 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        use clap::Parser;
         let mut v = vec!["regfs"];
         v.extend_from_slice(args);
-        Config::try_from(Cli::try_parse_from(v).unwrap())
+        Config::try_from(Cli::try_parse_args(v).unwrap())
     }
 
     #[test]
@@ -538,10 +565,11 @@ mod tests {
         assert_eq!(c.connection.retry_budget, DEFAULT_RETRY_BUDGET);
         assert_eq!(c.connection.credentials, CredentialsSource::ConfigFiles);
         assert!(!c.connection.insecure);
-        assert_eq!(c.mount.fsname, "regfs:ghcr.io");
+        assert_eq!(c.mount.fsname, "ghcr.io");
         assert!(!c.mount.foreground);
         assert!(!(c.mount.allow_other || c.mount.allow_root));
         assert!(!(c.mount.default_permissions || c.mount.auto_unmount));
+        assert!(!(c.mount.read_only || c.mount.noexec || c.mount.nonempty));
         let p = crate::cli::default_platform();
         assert_eq!(parse_platform(&p).unwrap(), c.platform);
     }
@@ -597,7 +625,7 @@ mod tests {
         assert_eq!(c.mount.mountpoint, PathBuf::from("/mnt/x"));
         assert!(c.mount.foreground);
         assert_eq!(c.mount.log_file, Some(PathBuf::from("/tmp/l")));
-        assert_eq!(c.mount.fsname, "regfs:reg.example:8443");
+        assert_eq!(c.mount.fsname, "https://reg.example:8443");
         assert!(!c.mount.allow_other);
         assert!(c.mount.allow_root && c.mount.default_permissions && c.mount.auto_unmount);
         assert_eq!(c.cache.cache_size, 1 << 30);
@@ -621,6 +649,38 @@ mod tests {
         );
         assert_eq!(o.cache_dir, Some(PathBuf::from("/tmp/c")));
         assert_eq!(o.platform, c.platform);
+    }
+
+    /// What mount(8) hands regfs for an fstab line (mount.fuse3 adds `dev,suid` and `rw`).
+    #[test]
+    fn fstab_options_land_in_the_config() {
+        let c = parse(&[
+            "localhost:5000",
+            "/mnt/reg",
+            "-o",
+            "rw,_netdev,nofail,x-systemd.automount,cache_size=512MiB,metadata_ttl=10s,dev,suid",
+        ])
+        .unwrap();
+        assert_eq!(c.cache.cache_size, 512 << 20);
+        assert_eq!(c.cache.metadata_ttl, Duration::from_secs(10));
+        assert!(!(c.mount.read_only || c.mount.noexec || c.mount.nonempty));
+        assert_eq!(c.mount.fsname, "localhost:5000");
+        let c = parse(&[
+            "r:1",
+            "/m",
+            "-o",
+            "ro,noexec,nonempty,allow-other",
+            "-o",
+            "rw",
+        ])
+        .unwrap();
+        assert!(!c.mount.read_only, "the last of ro/rw wins");
+        assert!(c.mount.noexec && c.mount.nonempty && c.mount.allow_other);
+        assert!(parse(&["r:1", "/m", "-o", "ro"]).unwrap().mount.read_only);
+        assert!(parse(&["r:1", "/m", "-o", "chunk_size=1k"])
+            .unwrap_err()
+            .starts_with("--chunk-size"));
+        assert_eq!(default_fsname(" a,b c "), "a_b_c");
     }
 
     #[test]
@@ -692,7 +752,7 @@ mod tests {
         assert!(err(&["--cache-size", "lots"]).starts_with("--cache-size: "));
         assert!(err(&["--cache-dir-size", "lots"]).starts_with("--cache-dir-size: "));
         assert!(err(&["--metadata-ttl", "1d"]).starts_with("--metadata-ttl: "));
-        assert_eq!(err(&["-o", "suid"]), "unknown mount option -o suid");
+        assert_eq!(err(&["-o", "bogus"]), "unknown mount option -o bogus");
         assert!(err(&["--platform", "linux"]).starts_with("bad --platform"));
         assert!(parse(&["localhost/v2", "/mnt"]).is_err());
     }

@@ -14,6 +14,7 @@ pub mod fs;
 pub mod fuse;
 pub mod layer;
 pub mod manifest;
+pub mod mount_options;
 pub mod push;
 pub mod registry;
 pub mod sync;

@@ -1,10 +1,10 @@
-//! The `regfs` command: parse the flags into a [`Config`], then mount and serve
-//! ([`regfs::fuse::session::run`]). Bad flags exit with status 2; everything later with 1.
+//! The `regfs` command: parse the flags (and `-o` options) into a [`Config`], then mount and serve
+//! ([`regfs::fuse::session::run`]); or print a generated file (`--generate`, for install.sh).
+//! Bad flags exit with status 2; everything later with 1.
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use regfs::cli::Cli;
+use regfs::cli::{Cli, Invocation};
 use regfs::config::Config;
 
 fn main() -> ExitCode {
@@ -15,7 +15,20 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
-    match Config::try_from(Cli::parse()) {
+    let cli = match Cli::invocation(std::env::args_os()) {
+        Ok(Invocation::Mount(cli)) => cli,
+        Ok(Invocation::Generate(what)) => {
+            return match regfs::cli::generate(what, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("regfs: --generate: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Err(e) => e.exit(),
+    };
+    match Config::try_from(*cli) {
         Ok(cfg) => regfs::fuse::session::run(&cfg),
         Err(e) => {
             eprintln!("regfs: {e}");

@@ -1,5 +1,6 @@
 //! Running a mount: the checks made before forking, daemonizing, the tokio runtime, mounting with
-//! the options the user chose, SIGINT/SIGTERM handling, kernel cache invalidation, unmounting.
+//! the options the user chose, SIGINT/SIGTERM handling (a busy mount is detached lazily), kernel
+//! cache invalidation, unmounting.
 //!
 //! Daemonizing follows mountpoint-s3: fork before any thread or tokio runtime exists; the parent
 //! waits on a pipe until the child reports "mounted" or an error, so the command returns only once
@@ -7,7 +8,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +53,7 @@ pub fn run(cfg: &Config) -> ExitCode {
             Err(e) => return fail(&e),
         }
     }
-    init_logging();
+    init_logging(&startup.mountpoint);
 
     match serve(cfg, startup, &mut status) {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,27 +72,82 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+fn init_logging(mountpoint: &Path) {
+    let inner = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
-        .init();
+        .build();
+    let max = inner.filter();
+    let logger = Logger {
+        inner,
+        mountpoint: mountpoint.to_path_buf(),
+    };
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
+        log::set_max_level(max);
+    }
 }
+
+/// env_logger, less one false alarm: when its session ends, fuser unmounts again even if the
+/// kernel already did (`fusermount3 -u`, `umount`), and warns that this second try failed. That
+/// warning becomes a debug line when the mountpoint is no longer a regfs mount; when it still
+/// is, the failure is real and stays a warning.
+struct Logger {
+    inner: env_logger::Logger,
+    mountpoint: PathBuf,
+}
+
+impl Logger {
+    fn is_redundant_unmount_warning(&self, r: &log::Record) -> bool {
+        r.level() == log::Level::Warn
+            && r.target().starts_with("fuser")
+            && r.args().to_string().starts_with("Failed to umount")
+            && super::mountpoint::mount_at(&self.mountpoint).is_none_or(|m| m.fstype != FSTYPE)
+    }
+}
+
+impl log::Log for Logger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        self.inner.enabled(m)
+    }
+
+    fn log(&self, r: &log::Record) {
+        if self.is_redundant_unmount_warning(r) {
+            self.inner.log(
+                &log::Record::builder()
+                    .level(log::Level::Debug)
+                    .target(r.target())
+                    .args(format_args!(
+                        "{} (the kernel had already unmounted)",
+                        r.args()
+                    ))
+                    .build(),
+            );
+        } else {
+            self.inner.log(r);
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush()
+    }
+}
+
+/// The filesystem type of a regfs mount in the mount table (`fuse.` + the subtype).
+const FSTYPE: &str = "fuse.regfs";
+/// The kernel option that names the subtype.
+const SUBTYPE: &str = "subtype=regfs";
 
 /// What is read before forking: everything that needs the terminal (a password on stdin) or
 /// whose failure should reach the user directly.
 struct Startup {
     credentials: Option<Credentials>,
     ca_cert_pem: Option<Vec<u8>>,
+    /// The mountpoint's canonical path (as the mount table shows it).
+    mountpoint: PathBuf,
 }
 
 impl Startup {
     fn prepare(cfg: &Config) -> Result<Startup, String> {
-        let mp = &cfg.mount.mountpoint;
-        match std::fs::metadata(mp) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(format!("{} is not a directory", mp.display())),
-            Err(e) => return Err(format!("mountpoint {}: {e}", mp.display())),
-        }
+        let mountpoint = super::mountpoint::check(&cfg.mount.mountpoint, cfg.mount.nonempty)?;
         if let Some(d) = &cfg.cache.cache_dir {
             std::fs::create_dir_all(d).map_err(|e| format!("--cache-dir {}: {e}", d.display()))?;
         }
@@ -105,6 +161,7 @@ impl Startup {
         Ok(Startup {
             credentials,
             ca_cert_pem,
+            mountpoint,
         })
     }
 }
@@ -229,10 +286,14 @@ fn implies_default_permissions(m: &MountConfig) -> bool {
 
 /// The mount options: always nosuid and nodev, plus what the user asked for (default_permissions
 /// whenever allow_other is given: [`implies_default_permissions`]).
+///
+/// The subtype goes as a kernel option, not as fuser's `Subtype`: fuser's own mount(2) (as root)
+/// drops `Subtype`, and the mount table would say `fuse` instead of [`FSTYPE`]; fusermount3 (other
+/// users) reads `subtype=` from either.
 fn mount_options(m: &MountConfig) -> Vec<MountOption> {
     let mut opts = vec![
         MountOption::FSName(m.fsname.clone()),
-        MountOption::Subtype("regfs".into()),
+        MountOption::CUSTOM(SUBTYPE.into()),
         MountOption::NoSuid,
         MountOption::NoDev,
     ];
@@ -241,6 +302,12 @@ fn mount_options(m: &MountConfig) -> Vec<MountOption> {
     }
     if m.auto_unmount {
         opts.push(MountOption::AutoUnmount);
+    }
+    if m.read_only {
+        opts.push(MountOption::RO);
+    }
+    if m.noexec {
+        opts.push(MountOption::NoExec);
     }
     opts
 }
@@ -292,8 +359,16 @@ fn install_signal_handlers(rt: &Runtime) -> Result<(Signal, Signal), String> {
     .map_err(|e| format!("installing signal handlers: {e}"))
 }
 
-/// On the first SIGINT or SIGTERM, unmount; the session then returns from `run`.
-fn unmount_on_signal(rt: &Runtime, signals: (Signal, Signal), unmounter: fuser::SessionUnmounter) {
+/// On the first SIGINT or SIGTERM, unmount; the session then returns from `run`. A plain unmount
+/// fails while anything uses the mount (an open file, a working directory, a `stat` in flight),
+/// and fuser gives the mount up before trying: then the mount is detached lazily
+/// ([`super::mountpoint::lazy_unmount`]) and the session ends once its last user lets go.
+fn unmount_on_signal(
+    rt: &Runtime,
+    signals: (Signal, Signal),
+    unmounter: fuser::SessionUnmounter,
+    mountpoint: PathBuf,
+) {
     let (mut int, mut term) = signals;
     let mut unmounter = unmounter;
     rt.spawn(async move {
@@ -302,7 +377,19 @@ fn unmount_on_signal(rt: &Runtime, signals: (Signal, Signal), unmounter: fuser::
             _ = term.recv() => {}
         }
         log::info!("signal received, unmounting");
-        let _ = tokio::task::spawn_blocking(move || unmounter.unmount()).await;
+        let done = tokio::task::spawn_blocking(move || {
+            let Err(e) = unmounter.unmount() else {
+                return;
+            };
+            log::warn!(
+                "unmounting {}: {e}; detaching it lazily instead (it goes once nothing uses it)",
+                mountpoint.display()
+            );
+            if let Err(e) = super::mountpoint::lazy_unmount(&mountpoint) {
+                log::error!("{e}");
+            }
+        });
+        let _ = done.await;
     });
 }
 
@@ -390,7 +477,12 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
         .map_err(|e| format!("spawning a thread: {e}"))?;
 
     install_invalidator(&fs, session.notifier(), rt.handle().clone());
-    unmount_on_signal(&rt, signals, session.unmount_callable());
+    unmount_on_signal(
+        &rt,
+        signals,
+        session.unmount_callable(),
+        startup.mountpoint.clone(),
+    );
 
     status.mounted();
     session.run().map_err(|e| format!("FUSE session: {e}"))?;
@@ -408,10 +500,9 @@ mod tests {
     use crate::config::Config;
 
     fn mount(args: &[&str]) -> MountConfig {
-        use clap::Parser;
         let mut v = vec!["regfs", "localhost:5000", "/mnt"];
         v.extend_from_slice(args);
-        Config::try_from(crate::cli::Cli::try_parse_from(v).unwrap())
+        Config::try_from(crate::cli::Cli::try_parse_args(v).unwrap())
             .unwrap()
             .mount
     }
@@ -422,8 +513,8 @@ mod tests {
         assert_eq!(
             mount_options(&m),
             vec![
-                MountOption::FSName("regfs:localhost:5000".into()),
-                MountOption::Subtype("regfs".into()),
+                MountOption::FSName("localhost:5000".into()),
+                MountOption::CUSTOM(SUBTYPE.into()),
                 MountOption::NoSuid,
                 MountOption::NoDev,
             ]
@@ -441,7 +532,7 @@ mod tests {
             mount_options(&m),
             vec![
                 MountOption::FSName("mine".into()),
-                MountOption::Subtype("regfs".into()),
+                MountOption::CUSTOM(SUBTYPE.into()),
                 MountOption::NoSuid,
                 MountOption::NoDev,
                 MountOption::DefaultPermissions,
@@ -451,10 +542,27 @@ mod tests {
     }
 
     #[test]
+    fn ro_and_noexec_reach_the_mount() {
+        let opts = mount_options(&mount(&["-o", "ro,noexec,_netdev,nofail,dev,suid"]));
+        assert_eq!(
+            opts,
+            vec![
+                MountOption::FSName("localhost:5000".into()),
+                MountOption::CUSTOM(SUBTYPE.into()),
+                MountOption::NoSuid,
+                MountOption::NoDev,
+                MountOption::RO,
+                MountOption::NoExec,
+            ]
+        );
+        assert!(!mount_options(&mount(&["-o", "ro,rw"])).contains(&MountOption::RO));
+    }
+
+    #[test]
     fn allow_other_implies_default_permissions() {
         let base = vec![
-            MountOption::FSName("regfs:localhost:5000".into()),
-            MountOption::Subtype("regfs".into()),
+            MountOption::FSName("localhost:5000".into()),
+            MountOption::CUSTOM(SUBTYPE.into()),
             MountOption::NoSuid,
             MountOption::NoDev,
             MountOption::DefaultPermissions,

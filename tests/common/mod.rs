@@ -24,6 +24,9 @@ pub use stub::*;
 mod script;
 #[allow(unused_imports)]
 pub use script::*;
+mod system;
+#[allow(unused_imports)]
+pub use system::*;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
