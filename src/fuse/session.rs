@@ -333,12 +333,17 @@ fn fuse_config(m: &MountConfig) -> fuser::Config {
 
 /// Raise the kernel's readahead for the mount to [`READAHEAD_KB`], best effort.
 fn raise_readahead(mountpoint: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(mountpoint) else {
+    // The device comes from the mount table, never from a stat through the mount: a stat is
+    // served by this very process, and if it were killed meanwhile the thread would wait for
+    // its own answer forever.
+    let Some(entry) = super::mountpoint::mount_at(mountpoint) else {
+        log::debug!(
+            "could not raise readahead: {} not in the mount table",
+            mountpoint.display()
+        );
         return;
     };
-    let dev = meta.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let (major, minor) = entry.device;
     let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     match std::fs::write(&path, READAHEAD_KB.to_string()) {
         Ok(()) => log::debug!("{path} = {READAHEAD_KB}"),
@@ -469,8 +474,8 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
     let mut session = fuser::Session::new(adapter, mountpoint, &fuse_config(&cfg.mount))
         .map_err(|e| format!("mounting on {}: {e}", mountpoint.display()))?;
     log::info!("mounted {} on {}", conn.base_url, mountpoint.display());
-    // stat() of the mountpoint is served by this session, so ask from another thread.
-    let mp = mountpoint.clone();
+    // Off the session's thread; the canonical path is what the mount table lists.
+    let mp = startup.mountpoint.clone();
     std::thread::Builder::new()
         .name("regfs-readahead".into())
         .spawn(move || raise_readahead(&mp))
