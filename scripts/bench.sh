@@ -344,10 +344,10 @@ w_cached() {
         return
     fi
     digest=$(eval echo "\$blob_$name")
-    mount_cold "$net" --cache-dir "$work/cache-$net" --cache-dir-size $((mib * 2))MiB
+    mount_cold "$net" --cache-dir "$work/cache-$net"
     cat "$mnt/bench/$name/tags/v1/layers/00-"*.* >/dev/null
     regfs_unmount "$mnt"
-    mount_cold "$net" --cache-dir "$work/cache-$net" --cache-dir-size $((mib * 2))MiB
+    mount_cold "$net" --cache-dir "$work/cache-$net"
     file=$(echo "$mnt/bench/$name/tags/v1/layers/00-"*.*)
     m_start; cat "$file" >/dev/null; m_end
     regfs_unmount "$mnt"

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use lru::LruCache;
 
 use crate::digest::Digest;
@@ -63,11 +63,20 @@ pub struct ChunkCache {
     capacity: u64,
     lru: Mutex<Lru>,
     inflight: Mutex<HashMap<ChunkKey, Arc<Flight>>>,
+    /// Buffers of evicted chunks, for reuse ([`ChunkCache::buffer`]).
+    pool: Mutex<Vec<BytesMut>>,
     // ctl: hit and miss counters for `.regfs/stats` (a hit: `get` found the chunk; a miss: a
     // fetch ran).
     hits: AtomicU64,
     misses: AtomicU64,
 }
+
+/// Buffers kept for reuse: 16 chunk buffers (16 MiB at the default chunk size) outside the byte
+/// cap, enough to cover the fetches a sequential reader has streaming at once.
+const POOLED_BUFFERS: usize = 16;
+
+/// Smaller buffers are not worth keeping (slices of network reads, small documents).
+const POOLED_MIN: usize = 64 << 10;
 
 /// The error of a failed fetch, shared by every reader that waited on it (type-erased, because
 /// callers use their own error types; each reader gets a clone of its own).
@@ -213,6 +222,7 @@ impl ChunkCache {
                 reserved: 0,
             }),
             inflight: Mutex::new(HashMap::new()),
+            pool: Mutex::new(Vec::new()),
             hits: AtomicU64::new(0),   // ctl
             misses: AtomicU64::new(0), // ctl
         }
@@ -238,31 +248,78 @@ impl ChunkCache {
     }
 
     pub fn insert(&self, key: ChunkKey, data: Bytes) {
-        let mut lru = crate::sync::lock(&self.lru);
-        if data.len() as u64 > self.capacity {
-            return; // would evict everything and still not fit
-        }
-        lru.bytes += data.len() as u64;
-        if let Some(old) = lru.map.put(key, data) {
-            lru.bytes -= old.len() as u64;
-        }
-        Self::shrink(&mut lru, self.capacity);
+        let evicted = {
+            let mut lru = crate::sync::lock(&self.lru);
+            if data.len() as u64 > self.capacity {
+                return; // would evict everything and still not fit
+            }
+            lru.bytes += data.len() as u64;
+            if let Some(old) = lru.map.put(key, data) {
+                lru.bytes -= old.len() as u64;
+            }
+            Self::shrink(&mut lru, self.capacity)
+        };
+        self.recycle(evicted);
     }
 
     /// Evict least recently used chunks until cached plus reserved bytes fit `capacity`.
-    fn shrink(lru: &mut Lru, capacity: u64) {
+    fn shrink(lru: &mut Lru, capacity: u64) -> Vec<Bytes> {
+        let mut evicted = Vec::new();
         while lru.bytes + lru.reserved > capacity {
             match lru.map.pop_lru() {
-                Some((_, v)) => lru.bytes -= v.len() as u64,
+                Some((_, v)) => {
+                    lru.bytes -= v.len() as u64;
+                    evicted.push(v);
+                }
                 None => break,
             }
         }
+        evicted
     }
 
     fn reserve(&self, n: u64) {
-        let mut lru = crate::sync::lock(&self.lru);
-        lru.reserved += n;
-        Self::shrink(&mut lru, self.capacity);
+        let evicted = {
+            let mut lru = crate::sync::lock(&self.lru);
+            lru.reserved += n;
+            Self::shrink(&mut lru, self.capacity)
+        };
+        self.recycle(evicted);
+    }
+
+    /// Keep the buffers of evicted chunks that nobody else holds, for the next fetch to fill
+    /// ([`ChunkCache::buffer`]): a sequential reader then reuses memory whose pages are already
+    /// mapped instead of faulting in and zeroing a fresh megabyte per chunk. Taken after the
+    /// LRU lock is released (the pool's lock is a leaf too).
+    fn recycle(&self, evicted: Vec<Bytes>) {
+        evicted.into_iter().for_each(|b| self.recycle_one(b));
+    }
+
+    /// Keep `b`'s buffer for reuse if nobody else holds it (a read's reply, once sent).
+    pub fn recycle_one(&self, b: Bytes) {
+        let Ok(mut buf) = b.try_into_mut() else {
+            return; // still held elsewhere (cached, or a reader's slice)
+        };
+        if buf.capacity() < POOLED_MIN {
+            return;
+        }
+        buf.clear();
+        let mut pool = crate::sync::lock(&self.pool);
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(buf);
+        }
+    }
+
+    /// An empty buffer of at least `len` bytes: a recycled one when one is big enough.
+    pub fn buffer(&self, len: usize) -> BytesMut {
+        let recycled = {
+            let mut pool = crate::sync::lock(&self.pool);
+            // Only a close fit: the cache counts lengths, so a much larger buffer holding a
+            // small chunk would be memory past the cap.
+            pool.iter()
+                .position(|b| b.capacity() >= len && b.capacity() / 2 <= len)
+                .map(|i| pool.swap_remove(i))
+        };
+        recycled.unwrap_or_else(|| BytesMut::with_capacity(len))
     }
 
     fn unreserve(&self, n: u64) {

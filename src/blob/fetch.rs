@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::{BlobRef, Blobs};
-use crate::cache::{Claim, Fetching, SharedError};
+use crate::cache::{ChunkCache, Claim, Fetching, SharedError};
 use crate::disk::{BlockKey, DiskCache, MapCheck};
 use crate::error::RegistryError;
 use crate::registry::Registry;
@@ -125,13 +125,18 @@ impl Blobs {
             counter: self.prefetching.clone(),
             held,
         };
-        let (reg, disk) = (self.reg.clone(), self.disk.clone());
+        let src = Source {
+            reg: self.reg.clone(),
+            disk: self.disk.clone(),
+            cache: self.cache.clone(),
+        };
         let blob = blob.clone();
         tokio::spawn(async move {
             let _release = release;
-            match disk {
-                None => fetch_run(reg, None, blob, bs, first, run).await,
-                Some(disk) => from_disk_then_registry(reg, disk, blob, bs, run).await,
+            if src.disk.is_some() {
+                from_disk_then_registry(&src, blob, bs, run).await
+            } else {
+                fetch_run(&src, blob, bs, first, run).await
             }
         });
     }
@@ -178,13 +183,10 @@ fn block_key(blob: &BlobRef, bs: u64, index: u64) -> BlockKey {
 
 /// With a disk tier: blocks held on disk land at once (read and checked off the runtime's
 /// threads); the rest are fetched in contiguous runs, in parallel.
-async fn from_disk_then_registry(
-    reg: Arc<dyn Registry>,
-    disk: Arc<DiskCache>,
-    blob: BlobRef,
-    bs: u64,
-    run: Vec<Fetching>,
-) {
+async fn from_disk_then_registry(src: &Source, blob: BlobRef, bs: u64, run: Vec<Fetching>) {
+    let Some(disk) = src.disk.clone() else {
+        return;
+    };
     let keys: Vec<BlockKey> = run
         .iter()
         .map(|f| block_key(&blob, bs, block_index(f)))
@@ -211,20 +213,20 @@ async fn from_disk_then_registry(
     }
     let fetches = runs.into_iter().map(|r| {
         let first = block_index(&r[0]);
-        fetch_run(reg.clone(), Some(disk.clone()), blob.clone(), bs, first, r)
+        fetch_run(src, blob.clone(), bs, first, r)
     });
     futures_util::future::join_all(fetches).await;
 }
 
-/// One Range request for blocks `first..first + run.len()`, landed block by block.
-async fn fetch_run(
+/// Where a run's bytes come from and go.
+struct Source {
     reg: Arc<dyn Registry>,
     disk: Option<Arc<DiskCache>>,
-    blob: BlobRef,
-    bs: u64,
-    first: u64,
-    run: Vec<Fetching>,
-) {
+    cache: Arc<ChunkCache>,
+}
+
+/// One Range request for blocks `first..first + run.len()`, landed block by block.
+async fn fetch_run(src: &Source, blob: BlobRef, bs: u64, first: u64, run: Vec<Fetching>) {
     let start = first * bs;
     let end = (first + run.len() as u64)
         .saturating_mul(bs)
@@ -240,14 +242,16 @@ async fn fetch_run(
     }
     let mut asm = Assembler {
         blob: &blob,
-        disk: disk.as_deref(),
+        cache: &src.cache,
+        disk: src.disk.as_deref(),
         bs,
         next: first,
         waiting: run.into(),
         cur: BytesMut::new(),
         failed: None,
     };
-    let r = reg
+    let r = src
+        .reg
         .blob_range_into(&blob.repo, &blob.digest, start, end, &mut |piece| {
             asm.push(piece)
         })
@@ -272,6 +276,7 @@ fn fail_all(waiting: VecDeque<Fetching>, e: &RegistryError) {
 /// Cuts a streamed body into blocks and lands each one as soon as it is whole.
 struct Assembler<'a> {
     blob: &'a BlobRef,
+    cache: &'a ChunkCache,
     disk: Option<&'a DiskCache>,
     bs: u64,
     /// The block being filled.
@@ -293,7 +298,7 @@ impl Assembler<'_> {
                 self.land(piece.slice(..take));
             } else {
                 if self.cur.capacity() == 0 {
-                    self.cur.reserve(want);
+                    self.cur = self.cache.buffer(want);
                 }
                 self.cur.extend_from_slice(&piece[..take]);
                 if self.cur.len() == want {

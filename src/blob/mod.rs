@@ -65,8 +65,25 @@ pub async fn gather<E, F, Fut>(
     offset: u64,
     end: u64,
     chunk: u64,
+    get: F,
+    short: impl Fn(u64) -> E,
+) -> Result<Bytes, E>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<Bytes, E>>,
+{
+    gather_with(offset, end, chunk, get, short, BytesMut::with_capacity).await
+}
+
+/// [`gather`], with the buffer for joined pieces from `alloc` (a recycled one, see
+/// [`ChunkCache::buffer`]).
+pub async fn gather_with<E, F, Fut>(
+    offset: u64,
+    end: u64,
+    chunk: u64,
     mut get: F,
     short: impl Fn(u64) -> E,
+    alloc: impl FnOnce(usize) -> BytesMut,
 ) -> Result<Bytes, E>
 where
     F: FnMut(u64) -> Fut,
@@ -74,6 +91,7 @@ where
 {
     let spans: Vec<ChunkSpan> = chunk_spans(offset, end, chunk).collect();
     let mut out = BytesMut::new();
+    let mut alloc = Some(alloc);
     for s in &spans {
         let data = get(s.index).await?;
         if data.len() < s.to {
@@ -82,9 +100,9 @@ where
         if spans.len() == 1 {
             return Ok(data.slice(s.from..s.to));
         }
-        if out.is_empty() {
+        if let Some(alloc) = alloc.take() {
             // Sizes can come from a descriptor: never reserve more than a bounded guess.
-            out.reserve((end - offset).min(MAX_GATHER_RESERVE) as usize);
+            out = alloc((end - offset).min(MAX_GATHER_RESERVE) as usize);
         }
         out.extend_from_slice(&data[s.from..s.to]);
     }
@@ -245,7 +263,7 @@ impl Blobs {
                 self.start(blob, a / bs, (b - 1) / bs + 1, true);
             }
         }
-        gather(
+        gather_with(
             offset,
             end,
             bs,
@@ -262,6 +280,7 @@ impl Blobs {
                     blob.repo, blob.digest
                 ))
             },
+            |n| self.cache.buffer(n),
         )
         .await
     }

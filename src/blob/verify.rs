@@ -201,6 +201,15 @@ impl Verifier {
         let next = self.hasher.bytes;
         let end = offset.saturating_add(data.len() as u64);
         if offset > next {
+            // A piece already stashed at this offset that is as long covers this one (a
+            // re-read): keep it, never lose the bytes between a shorter piece's end and its.
+            if self
+                .pending
+                .get(&offset)
+                .is_some_and(|old| old.len() >= data.len())
+            {
+                return Checked::Pending;
+            }
             if offset - next >= VERIFY_WINDOW
                 || self.pending_bytes.saturating_add(data.len()) > MAX_PENDING_VERIFY
                 || !self.budget.take(data.len())
@@ -317,10 +326,14 @@ impl Send {
     /// Queue the piece (waits only when the hasher is [`FEED_DEPTH`] pieces behind); for the
     /// piece that completes the blob, wait for the verdict.
     pub async fn run(self) -> Checked {
-        if self.tx.send(self.piece).await.is_err() {
+        let Send { tx, piece, verdict } = self;
+        if tx.send(piece).await.is_err() {
             return Checked::Pending;
         }
-        match self.verdict {
+        // Our sender goes before we wait: if the hasher can never finish (a piece it needs will
+        // not come), the channel closes once every read has sent, and the wait ends Pending.
+        drop(tx);
+        match verdict {
             // The hasher dropped the sender: it gave up, so there is no verdict.
             Some(rx) => rx.await.unwrap_or(Checked::Pending),
             None => Checked::Pending,
@@ -431,6 +444,8 @@ async fn hash_task(
     while let Some(p) = rx.recv().await {
         waiting.extend(p.verdict);
         let outcome = v.feed(p.offset, &p.data);
+        // The reply has usually gone by now: its buffer is free for the next fetch.
+        verdicts.cache.recycle_one(p.data);
         if outcome != Checked::Pending {
             let sums = v.take_block_sums();
             verdicts.record(&digest, v.size, &outcome, sums);
@@ -455,6 +470,17 @@ mod tests {
     fn blob(data: &[u8]) -> (Digest, Vec<Bytes>) {
         let d = Digest::from(crate::digest::sha256_digest(data));
         (d, data.chunks(4).map(Bytes::copy_from_slice).collect())
+    }
+
+    #[test]
+    fn a_shorter_re_read_never_replaces_a_stashed_piece() {
+        let data = b"0123456789abcdef";
+        let (d, _) = blob(data);
+        let mut v = Verifier::new(d, 16, budget());
+        let b = |r: std::ops::Range<usize>| Bytes::copy_from_slice(&data[r]);
+        assert_eq!(v.feed(8, &b(8..16)), Checked::Pending);
+        assert_eq!(v.feed(8, &b(8..10)), Checked::Pending);
+        assert_eq!(v.feed(0, &b(0..8)), Checked::Verified);
     }
 
     #[test]

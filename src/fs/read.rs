@@ -174,6 +174,17 @@ impl Fs {
         }
     }
 
+    /// Bytes the chunk cache holds now.
+    pub fn cache_bytes(&self) -> u64 {
+        self.blobs.cache().used_bytes()
+    }
+
+    /// Give a read's bytes back once the reply is sent: a buffer nobody else holds is reused
+    /// by the next fetch (no page faults for fresh memory).
+    pub fn recycle(&self, data: Bytes) {
+        self.blobs.cache().recycle_one(data);
+    }
+
     /// `readlink` of a symlink in a tree.
     pub async fn readlink(&self, ino: Ino) -> FsResult<Bytes> {
         match &*self.inodes.node(ino)? {

@@ -461,7 +461,8 @@ impl Filesystem for FuseAdapter {
             match fs.read(core_fh(fh), offset, size).await {
                 Ok(data) => {
                     fs.note_served(core_ino(ino), data.len());
-                    reply.data(&data)
+                    reply.data(&data);
+                    fs.recycle(data);
                 }
                 Err(e) => reply.error(reply_error(
                     &format!("read off={offset} len={size}"),

@@ -36,6 +36,8 @@ pub struct FakeRegistry {
     uploads: Mutex<HashMap<String, (String, Vec<u8>)>>,
     next_upload: std::sync::atomic::AtomicU64,
     stats: RequestStats,
+    /// Every blob Range asked for, in order: (start, end inclusive).
+    ranges: Mutex<Vec<(u64, u64)>>,
 }
 
 impl FakeRegistry {
@@ -44,6 +46,11 @@ impl FakeRegistry {
     }
 
     /// Make `_catalog` answer 401, as Docker Hub and GHCR do.
+    /// Every blob Range asked for so far, in order (start, end inclusive).
+    pub fn blob_ranges(&self) -> Vec<(u64, u64)> {
+        self.ranges.lock().unwrap().clone()
+    }
+
     pub fn disable_catalog(&self) {
         self.no_catalog
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -234,6 +241,7 @@ impl Registry for FakeRegistry {
         end: u64,
     ) -> RegistryResult<Bytes> {
         RequestStats::inc(&self.stats.blob_gets);
+        self.ranges.lock().unwrap().push((start, end));
         let _in_flight = self.in_flight().await;
         let blob = self.blob(repo, digest)?;
         if start >= blob.len() as u64 || end < start {
