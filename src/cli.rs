@@ -210,7 +210,7 @@ const MOUNT_HELP: &str = "Mount options and fstab:
     umount /mnt/reg
   _netdev, nofail, noauto, auto, user, users, defaults, x-systemd.*, comment=, dev, suid and the atime options are accepted and ignored; regfs always mounts nosuid,nodev. ro mounts read-only (writes fail with EROFS); noexec forbids running its files.
   A mountpoint that is not empty, or already a mount, is refused unless -o nonempty is given.
-  systemd: an fstab line becomes a .mount unit; add x-systemd.automount to mount on first access. The README shows .mount and .automount units.";
+  systemd: an fstab line becomes a .mount unit; add x-systemd.automount to mount on first access. docs/SYSTEMD.md shows .mount and .automount units.";
 
 /// [`MOUNT_HELP`] as a roff section.
 fn mount_help_roff() -> String {

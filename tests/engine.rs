@@ -2,6 +2,8 @@
 //! reader's requests grow; many readers of one blob share its fetches and get the right bytes.
 //! Default options (1 MiB chunks, 32 MiB readahead), the in-memory fake registry.
 
+mod common;
+
 use std::sync::Arc;
 
 use regfs::digest::digest_hex;
@@ -12,15 +14,7 @@ use regfs::registry::Registry;
 const MIB: u64 = 1 << 20;
 
 fn blob(len: u64, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::pseudo_random(len as usize, seed)
 }
 
 async fn walk(fs: &Fs, path: &str) -> Ino {
@@ -37,7 +31,10 @@ fn setup(len: u64) -> (Arc<FakeRegistry>, Fs, Vec<u8>, String) {
     let data = blob(len, len);
     let digest = reg.add_blob("e/one", data.clone());
     // A manifest makes the repository exist (the catalog lists repositories with manifests).
-    let config = reg.add_blob("e/one", br#"{"architecture":"amd64","os":"linux"}"#.to_vec());
+    let config = reg.add_blob(
+        "e/one",
+        br#"{"architecture":"amd64","os":"linux"}"#.to_vec(),
+    );
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",

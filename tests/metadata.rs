@@ -361,7 +361,13 @@ fn real_registry_tag_resolves_in_one_request_and_listing_overlaps() {
         assert_eq!(list_path(&fs, "lots/tags").await.len(), 20);
         let s = snap(&*client);
         assert!(s.max_requests_in_flight > 1, "{s:?}");
-        assert!(s.max_requests_in_flight <= TAG_CONCURRENCY as u64, "{s:?}");
+        // Bounded: 8 tags at once, each a manifest GET then its config. A config's request
+        // counts as in flight until its body has ended, which is just after its reader woke
+        // with the bytes (the engine streams), so a tag may overlap the one before by a hair.
+        assert!(
+            s.max_requests_in_flight <= 2 * TAG_CONCURRENCY as u64,
+            "{s:?}"
+        );
         assert_eq!(s.manifest_heads, 0);
         assert_eq!(visit_every_tag(&fs).await, expected_times());
         assert_eq!(

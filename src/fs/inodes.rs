@@ -28,7 +28,13 @@
 //!    - `blob::Blobs::verified`.
 //!    - `layer::Layers`: `indexes`, `merged`, `bound` (LRUs of once-cells; the cells are awaited
 //!      after the lock is released).
-//!    - `cache::ChunkCache`: `inflight`, `lru` (`inflight` is released before `lru` is taken).
+//!    - `cache::ChunkCache`: `inflight`, `lru`, `pool` (each released before another is taken;
+//!      evicted buffers are recycled into `pool` after `lru` is released), and each `Flight`'s
+//!      `landing` (set, then waiters are woken with no lock held).
+//!    - `layer`: each layer's `Progress` state (entries published by the index pass).
+//!    - `disk::DiskCache`: `lru`, `maps` and the passthrough table (the writer thread never holds
+//!      one while taking another, nor across file I/O).
+//!    - `registry::mirror`: each mirror's `down_until`.
 //!    - `fuse::adapter`: `dir_handles` (directory listings being paged).
 //!    - `registry::http`: `scheme` (the auth scheme learned from the challenge) and `tokens`
 //!      (Bearer tokens per scope); the request counters are atomics.
@@ -36,8 +42,9 @@
 //!      request waits at its gate with no lock held).
 //!
 //! Not locks, but waited on the same way: the adapter's read `Semaphore` (a permit is held for
-//! the whole read, no std lock with it), and a `tokio::sync::OnceCell` being initialised (a chunk
-//! fetch, a layer index build, a merged tree), which is awaited with no std lock held.
+//! the whole read, no std lock with it), a chunk fetch in flight (`cache::Flight::wait`), a
+//! handle's hashing task (its bounded channel and verdict), and a `tokio::sync::OnceCell` being
+//! initialised (a layer index build, a merged tree): all awaited with no std lock held.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
