@@ -404,3 +404,93 @@ fn real_mount_lists_a_pre_1970_mtime_and_keeps_working() {
     assert!(common::ls(&m.path()).contains(&"hostile".to_string()));
     assert!(m.child.as_ref().is_some());
 }
+
+/// A plain tar layer: the index pass reads the whole blob, checks it against its digest and
+/// records its chunk map, so a file's bytes fetched later (its chunks evicted meanwhile) from a
+/// registry that now corrupts them are EIO, never wrong bytes; and a blob that does not hash to
+/// its digest has no tree at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_tar_layer_is_checked_whole_and_its_later_chunks_against_the_map() {
+    use regfs::registry::faulty::{Fault, FaultyRegistry, Op};
+    let reg = Arc::new(FakeRegistry::new());
+    let faulty = Arc::new(FaultyRegistry::new(reg.clone()));
+    let fs = Fs::new(
+        faulty.clone() as Arc<dyn Registry>,
+        FsOptions {
+            chunk_size: CHUNK,
+            cache_size: 64 * CHUNK, // the 160-chunk file cannot stay cached
+            readahead: 0,
+            ..FsOptions::default()
+        },
+    );
+    let big = common::pseudo_random(160 * CHUNK as usize, 5);
+    let tar = common::make_tar(&[("data/big", &big), ("data/small", b"s")]);
+    const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+    image(
+        &reg,
+        "plain",
+        "v1",
+        &[(tar.clone(), TAR, None)],
+        &[sha256_digest(&tar)],
+        None,
+    );
+    assert_eq!(
+        names(&fs, "plain/tags/v1/rootfs/data").await.unwrap(),
+        ["big", "small"]
+    );
+    assert_eq!(
+        read_all(&fs, "plain/tags/v1/rootfs/data/big")
+            .await
+            .unwrap(),
+        big
+    );
+    // The registry turns bad: every chunk it serves from now on is flipped.
+    for _ in 0..400 {
+        faulty.inject(Op::BlobRange, Fault::Corrupt);
+    }
+    assert_eq!(
+        read_all(&fs, "plain/tags/v1/rootfs/data/big").await,
+        Err(EIO)
+    );
+
+    // A plain tar blob that does not hash to its digest: the layer is EIO, other images work.
+    let reg = Arc::new(FakeRegistry::new());
+    let faulty = Arc::new(FaultyRegistry::new(reg.clone()));
+    let fs = Fs::new(
+        faulty.clone() as Arc<dyn Registry>,
+        FsOptions {
+            chunk_size: CHUNK,
+            cache_size: 256 * CHUNK,
+            readahead: 0,
+            ..FsOptions::default()
+        },
+    );
+    image(
+        &reg,
+        "plain",
+        "v1",
+        &[(tar.clone(), TAR, None)],
+        &[sha256_digest(&tar)],
+        None,
+    );
+    let good = common::make_tar(&[("ok", b"fine")]);
+    image(
+        &reg,
+        "plain",
+        "good",
+        &[(good.clone(), TAR, None)],
+        &[sha256_digest(&good)],
+        None,
+    );
+    // The config is fetched clean first; then every range of the layer blob comes flipped.
+    walk(&fs, "plain/tags/v1").await.unwrap();
+    walk(&fs, "plain/tags/good").await.unwrap();
+    for _ in 0..400 {
+        faulty.inject_for(Op::BlobRange, &sha256_digest(&tar), Fault::Corrupt);
+    }
+    assert_eq!(names(&fs, "plain/tags/v1/rootfs").await, Err(EIO));
+    assert_eq!(
+        read_all(&fs, "plain/tags/good/rootfs/ok").await.unwrap(),
+        b"fine"
+    );
+}

@@ -129,6 +129,7 @@ impl Blobs {
             reg: self.reg.clone(),
             disk: self.disk.clone(),
             cache: self.cache.clone(),
+            maps: self.maps.clone(),
         };
         let blob = blob.clone();
         tokio::spawn(async move {
@@ -223,6 +224,7 @@ struct Source {
     reg: Arc<dyn Registry>,
     disk: Option<Arc<DiskCache>>,
     cache: Arc<ChunkCache>,
+    maps: Arc<super::ChunkMaps>,
 }
 
 /// One Range request for blocks `first..first + run.len()`, landed block by block.
@@ -240,8 +242,12 @@ async fn fetch_run(src: &Source, blob: BlobRef, bs: u64, first: u64, run: Vec<Fe
         fail_all(run.into(), &e);
         return;
     }
+    let map = crate::sync::lock(&src.maps)
+        .get(&(blob.digest.clone(), blob.size, bs))
+        .cloned();
     let mut asm = Assembler {
         blob: &blob,
+        map: map.as_deref().map(Vec::as_slice),
         cache: &src.cache,
         disk: src.disk.as_deref(),
         bs,
@@ -276,6 +282,8 @@ fn fail_all(waiting: VecDeque<Fetching>, e: &RegistryError) {
 /// Cuts a streamed body into blocks and lands each one as soon as it is whole.
 struct Assembler<'a> {
     blob: &'a BlobRef,
+    /// The blob's verified chunk map in memory, if it has one.
+    map: Option<&'a [[u8; 32]]>,
     cache: &'a ChunkCache,
     disk: Option<&'a DiskCache>,
     bs: u64,
@@ -320,6 +328,21 @@ impl Assembler<'_> {
         let whole = block.len() as u64 == self.blob.size && self.blob.digest.is_sha256();
         if whole {
             if let Err(e) = crate::digest::verify(&self.blob.digest, &block) {
+                f.fail(Arc::new(e.clone()));
+                self.failed = Some(e);
+                return;
+            }
+        }
+        if let Some(map) = self.map {
+            let sum = crate::disk::block_sha256(&block);
+            if usize::try_from(index).ok().and_then(|i| map.get(i)) != Some(&sum) {
+                let e = RegistryError::DigestMismatch {
+                    expected: format!(
+                        "{} block {index} as its verified chunk map says",
+                        self.blob.digest
+                    ),
+                    actual: crate::digest::sha256_digest(&block),
+                };
                 f.fail(Arc::new(e.clone()));
                 self.failed = Some(e);
                 return;

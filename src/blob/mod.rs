@@ -25,7 +25,9 @@ use crate::disk::DiskCache;
 use crate::error::{RegistryError, RegistryResult};
 use crate::registry::Registry;
 
-pub use verify::{Checked, HashFeed, Verdicts, Verifier, VerifyBudget, MAX_PENDING_VERIFY_TOTAL};
+pub use verify::{
+    Checked, HashFeed, StreamHasher, Verdicts, Verifier, VerifyBudget, MAX_PENDING_VERIFY_TOTAL,
+};
 pub use window::Readahead;
 
 /// What [`gather`] reserves up front at most; a longer range grows as it fills (its length may
@@ -156,7 +158,18 @@ pub struct Blobs {
     budget: Arc<VerifyBudget>,
     /// The blocks kept in --cache-dir across mounts, and the chunk maps (the disk tier).
     disk: Option<Arc<DiskCache>>,
+    /// Verified chunk maps kept in memory (see [`Blobs::record_map`]).
+    maps: Arc<ChunkMaps>,
 }
+
+/// Chunk maps in memory: the sha256 of every block of a blob proven whole, checked against
+/// every block of it fetched since. Recorded by a plain tar layer's index pass (which reads
+/// the whole blob anyway), so its files, read later straight from blob blocks, are checked.
+/// At most [`MAX_MEMORY_MAPS`] blobs (32 bytes per MiB each), least recently recorded dropped.
+pub(crate) type ChunkMaps = Mutex<lru::LruCache<(Digest, u64, u64), Arc<Vec<[u8; 32]>>>>;
+
+/// Blobs whose chunk maps are kept in memory: 256 maps of 1 GiB blobs at 1 MiB blocks are 8 MiB.
+const MAX_MEMORY_MAPS: usize = 256;
 
 impl Blobs {
     /// Use a disk tier under the memory cache.
@@ -179,7 +192,21 @@ impl Blobs {
             verified: Arc::new(Mutex::new(HashSet::new())),
             budget: Arc::new(VerifyBudget::new(MAX_PENDING_VERIFY_TOTAL)),
             disk: None,
+            maps: Arc::new(Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_MEMORY_MAPS).expect("not zero"),
+            ))),
         }
+    }
+
+    /// Record a verified chunk map for a blob proven whole (`sums`: the sha256 of each block
+    /// of `--chunk-size`): every block of it fetched from now on is checked against it before
+    /// anyone sees it; with a disk tier, in later mounts too.
+    pub fn record_map(&self, digest: &Digest, size: u64, sums: Vec<[u8; 32]>) {
+        let bs = self.cfg.block_size;
+        if let Some(disk) = &self.disk {
+            disk.record_map(digest, size, bs, sums.clone());
+        }
+        crate::sync::lock(&self.maps).put((digest.clone(), size, bs), Arc::new(sums));
     }
 
     pub fn chunk_size(&self) -> u64 {

@@ -97,6 +97,45 @@ pub struct Verifier {
     blocks: Option<BlockSums>,
 }
 
+/// The sha256 of a whole stream and of each of its blocks, in one pass (a plain tar layer's
+/// index pass, which reads the blob in order anyway).
+pub struct StreamHasher {
+    whole: StreamingDigest,
+    blocks: BlockSums,
+}
+
+impl StreamHasher {
+    pub fn new(block_size: u64) -> Self {
+        StreamHasher {
+            whole: StreamingDigest::default(),
+            blocks: BlockSums {
+                size: block_size.max(1),
+                current: Default::default(),
+                filled: 0,
+                done: Vec::new(),
+            },
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        self.whole.update(data);
+        self.blocks.update(data);
+    }
+
+    /// Bytes hashed so far.
+    pub fn bytes(&self) -> u64 {
+        self.whole.bytes
+    }
+
+    /// The stream's digest (`sha256:...`) and its blocks' sha256s.
+    pub fn finish(mut self) -> (String, Vec<[u8; 32]>) {
+        if self.blocks.filled > 0 {
+            self.blocks.finish_block();
+        }
+        (self.whole.finish(), self.blocks.done)
+    }
+}
+
 /// disk tier: sha256 of each `size`-byte block of a stream, in order.
 struct BlockSums {
     size: u64,

@@ -293,6 +293,7 @@ impl Builder {
             progress.clone(),
         );
         let spacing = self.checkpoint_spacing;
+        let (blobs, blob) = (self.blobs.clone(), layer.blob(repo));
         // From here on, entries are published as the pass sees them.
         progress.start(format.stream(), layer.digest.as_str());
         let progress = progress.clone();
@@ -313,10 +314,30 @@ impl Builder {
                     idx.format = Format::Zstd;
                     Ok(idx)
                 }
-                // Tar, and anything else sniff never answers.
+                // Tar, and anything else sniff never answers. The pass reads the whole blob (no
+                // seeking over file data) and hashes it: a plain tar's files are read straight
+                // from blob blocks later, and only a blob proven whole gives the chunk map that
+                // checks each of those blocks (memory, and the disk tier).
                 _ => {
-                    let mut archive = ::tar::Archive::new(reader);
-                    LayerIndex::scan(archive.entries_with_seek()?, |e| progress.add(e))?;
+                    let mut hashing = HashingReader {
+                        inner: reader,
+                        hasher: crate::blob::StreamHasher::new(blobs.chunk_size()),
+                    };
+                    {
+                        let mut archive = ::tar::Archive::new(&mut hashing);
+                        LayerIndex::scan(archive.entries()?, |e| progress.add(e))?;
+                    }
+                    std::io::copy(&mut hashing, &mut std::io::sink())?;
+                    let (got, sums) = hashing.hasher.finish();
+                    if blob.digest.is_sha256() {
+                        if got != blob.digest.as_str() {
+                            blobs.evict(&blob.digest);
+                            return Err(std::io::Error::other(format!(
+                                "the layer's content hashes to {got}, not its digest"
+                            )));
+                        }
+                        blobs.record_map(&blob.digest, blob.size, sums);
+                    }
                     let mut idx = progress.take_partial();
                     idx.finish();
                     idx.format = Format::Tar;
@@ -363,5 +384,19 @@ impl Builder {
         Ok(v["rootfs"]["diff_ids"][layer.pos]
             .as_str()
             .map(str::to_string))
+    }
+}
+
+/// A reader that hashes what passes through it (the plain tar pass).
+struct HashingReader<R> {
+    inner: R,
+    hasher: crate::blob::StreamHasher,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
