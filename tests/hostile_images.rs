@@ -412,17 +412,20 @@ fn real_mount_lists_a_pre_1970_mtime_and_keeps_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_tar_layer_is_checked_whole_and_its_later_chunks_against_the_map() {
     use regfs::registry::faulty::{Fault, FaultyRegistry, Op};
-    let reg = Arc::new(FakeRegistry::new());
-    let faulty = Arc::new(FaultyRegistry::new(reg.clone()));
-    let fs = Fs::new(
-        faulty.clone() as Arc<dyn Registry>,
-        FsOptions {
+    // A core over a registry that can turn bad, caching `chunks` chunks, without readahead.
+    let setup = |chunks: u64| {
+        let reg = Arc::new(FakeRegistry::new());
+        let faulty = Arc::new(FaultyRegistry::new(reg.clone()));
+        let options = FsOptions {
             chunk_size: CHUNK,
-            cache_size: 64 * CHUNK, // the 160-chunk file cannot stay cached
+            cache_size: chunks * CHUNK,
             readahead: 0,
             ..FsOptions::default()
-        },
-    );
+        };
+        let fs = Fs::new(faulty.clone() as Arc<dyn Registry>, options);
+        (reg, faulty, fs)
+    };
+    let (reg, faulty, fs) = setup(64); // the 160-chunk file cannot stay cached
     let big = common::pseudo_random(160 * CHUNK as usize, 5);
     let tar = common::make_tar(&[("data/big", &big), ("data/small", b"s")]);
     const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -454,17 +457,7 @@ async fn a_plain_tar_layer_is_checked_whole_and_its_later_chunks_against_the_map
     );
 
     // A plain tar blob that does not hash to its digest: the layer is EIO, other images work.
-    let reg = Arc::new(FakeRegistry::new());
-    let faulty = Arc::new(FaultyRegistry::new(reg.clone()));
-    let fs = Fs::new(
-        faulty.clone() as Arc<dyn Registry>,
-        FsOptions {
-            chunk_size: CHUNK,
-            cache_size: 256 * CHUNK,
-            readahead: 0,
-            ..FsOptions::default()
-        },
-    );
+    let (reg, faulty, fs) = setup(256);
     image(
         &reg,
         "plain",

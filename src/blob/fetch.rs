@@ -357,7 +357,8 @@ impl Assembler<'_> {
             }
             // A blob verified once has a chunk map: every block fetched since is checked
             // against it before anyone sees it, and a bad one is never cached.
-            if disk.check(&key, &block) == MapCheck::Mismatch {
+            // (Checked once: a blob with a map in memory was checked against it above.)
+            if self.map.is_none() && disk.check(&key, &block) == MapCheck::Mismatch {
                 let e = RegistryError::DigestMismatch {
                     expected: format!(
                         "{} block {index} as its verified chunk map says",
