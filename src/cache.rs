@@ -71,8 +71,9 @@ pub struct ChunkCache {
     misses: AtomicU64,
 }
 
-/// Buffers kept for reuse: 16 chunk buffers (16 MiB at the default chunk size) outside the byte
-/// cap, enough to cover the fetches a sequential reader has streaming at once.
+/// Buffers kept for reuse: 16 chunk buffers (16 MiB at the default chunk size, a sixteenth of
+/// the default cache) outside the byte cap, enough to cover the fetches a sequential reader has
+/// streaming at once. Never more than a sixteenth of the cap in all.
 const POOLED_BUFFERS: usize = 16;
 
 /// Smaller buffers are not worth keeping (slices of network reads, small documents).
@@ -304,7 +305,11 @@ impl ChunkCache {
         }
         buf.clear();
         let mut pool = crate::sync::lock(&self.pool);
-        if pool.len() < POOLED_BUFFERS {
+        // At most POOLED_BUFFERS, and at most a sixteenth of the cap in all: the pool is
+        // memory outside the cap, so a small cache keeps a small pool.
+        let held: usize = pool.iter().map(BytesMut::capacity).sum();
+        let room = usize::try_from(self.capacity / 16).unwrap_or(usize::MAX);
+        if pool.len() < POOLED_BUFFERS && held.saturating_add(buf.capacity()) <= room {
             pool.push(buf);
         }
     }
