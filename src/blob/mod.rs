@@ -119,6 +119,10 @@ pub struct BlobRef {
     pub size: u64,
 }
 
+/// Fetches of one chunk that may be abandoned in a row before a reader gives up: a fetch's task
+/// is dropped only when the runtime shuts down, so this never fails a working mount.
+const MAX_ABANDONED: u32 = 3;
+
 /// How the engine fetches: block size, request size, readahead and its budget.
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
@@ -232,6 +236,9 @@ impl Blobs {
 
     /// Block `index` of a blob: cached, in flight, or fetched now (alone).
     pub async fn chunk(&self, blob: &BlobRef, index: u64) -> RegistryResult<Bytes> {
+        // A fetch is abandoned only when its task is dropped: the runtime is shutting down (a
+        // blocking layer pass may still be asking). Claiming again then spins, so give up.
+        let mut abandoned = 0;
         loop {
             let flight = match self.cache.claim(&Self::key(blob, index)) {
                 Claim::Ready(b) => return Ok(b),
@@ -244,7 +251,13 @@ impl Blobs {
                 }
             };
             match flight.wait().await {
-                None => continue, // its fetcher went away: claim again
+                None if abandoned < MAX_ABANDONED => abandoned += 1, // claim again
+                None => {
+                    return Err(RegistryError::Transport(format!(
+                    "{}@{}: chunk {index}: its fetch was dropped {abandoned} times (shutting down)",
+                    blob.repo, blob.digest
+                )))
+                }
                 Some(Ok(b)) => return Ok(b),
                 Some(Err(e)) => return Err(fetch::registry_error(&e)),
             }

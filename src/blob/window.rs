@@ -67,10 +67,9 @@ impl Readahead {
             return None;
         }
         let to = self.next.saturating_add(self.window).min(size);
-        // From where the reader is, not from the end of the last request: a prefetch held back
-        // by the shared budget left blocks unrequested, and asking for cached or in-flight
-        // blocks again costs only a lookup each.
-        let from = self.next;
+        // From the end of the last request: blocks before it were asked for already (asking
+        // again from the reader's position would refetch those a small cache has evicted).
+        let from = self.ahead_to;
         self.ahead_to = to;
         self.window = self.window.saturating_mul(2).min(self.max);
         (to > from).then_some((from, to))
@@ -125,7 +124,7 @@ mod tests {
         // Never past the end of the blob.
         let mut r = Readahead::new(M, 16 * M);
         assert_eq!(r.on_read(0, 100, 3 * M), Some((100, M + 100)));
-        assert_eq!(r.on_read(100, M, 3 * M), Some((M, 3 * M)));
+        assert_eq!(r.on_read(100, M, 3 * M), Some((M + 100, 3 * M)));
         assert_eq!(r.on_read(M, 3 * M, 3 * M), None);
     }
 }
