@@ -23,7 +23,9 @@
 # --handshake: the proxy charges each new connection one RTT (off by default, as in the figures
 # issue 9 started from).
 # --profile: perf record (999 Hz, flat) of the daemon during the loopback `seq` read; the
-# report (by library, and the top symbols) is printed and recorded with the table.
+# report (by library, and the top symbols) is printed and recorded with the table. Env:
+# BENCH_PERF adds `perf record` flags (e.g. "-g --call-graph dwarf -F 299"); BENCH_PERF_KEEP=FILE
+# keeps the raw profile for `perf report -i FILE`; BENCH_PERF_SCOPE=-a profiles the whole machine.
 # --quick: smaller sizes (256 MiB loopback, 64 MiB at RTT, smaller layers) for a fast check.
 # Each row: time, throughput, bytes fetched (or sent), requests (from user.regfs.stats), the
 # daemon's CPU (utime+stime from /proc/PID/stat) and peak RSS (VmHWM).
@@ -166,7 +168,7 @@ timed() {
     RT=$(elapsed "$a" "$(now)")
 }
 
-rows=()
+rows=() notes=()
 FS=$'\t' # between the fields of a row (a reference may hold a '|')
 # row WORKLOAD NET SIZE_BYTES REFERENCE REF_SECONDS TARGET MET: one line of the table, from the
 # last m_end (SIZE_BYTES 0: no throughput; REF_SECONDS -: none).
@@ -192,18 +194,29 @@ w_seq() {
     file=$(echo "$mnt/bench/$name/tags/v1/layers/00-"*.*)
     local perf_pid=
     if [ $profile = 1 ] && [ "$net" = lo ]; then
-        perf record -q -F 999 -p "$REGFS_PID" -o "$work/perf.data" 2>"$work/perf.log" &
+        # BENCH_PERF: extra `perf record` flags (say "-g --call-graph dwarf -F 299").
+        # shellcheck disable=SC2086
+        perf record -q -F 999 ${BENCH_PERF:-} ${BENCH_PERF_SCOPE:--p $REGFS_PID} -o "$work/perf.data" 2>"$work/perf.log" &
         perf_pid=$!
         sleep 0.5 # perf attaches
     fi
+    local reg0 reg1 reg2 reg3
+    reg0=$(cpu_seconds "$REGISTRY_PID")
     m_start; cat "$file" >/dev/null; m_end
+    reg1=$(cpu_seconds "$REGISTRY_PID")
     if [ -n "$perf_pid" ]; then
         kill -INT "$perf_pid"
         wait "$perf_pid" || true
         profile_report >"$work/profile.txt"
+        # BENCH_PERF_KEEP=FILE: keep the raw profile (for `perf report -i FILE`).
+        [ -z "${BENCH_PERF_KEEP:-}" ] || cp "$work/perf.data" "$BENCH_PERF_KEEP"
     fi
     regfs_unmount "$mnt"
+    reg2=$(cpu_seconds "$REGISTRY_PID")
     timed curl -fsS -o /dev/null "$(blob_url "$net" "$name" "$digest")"
+    reg3=$(cpu_seconds "$REGISTRY_PID")
+    # The registry's own CPU for each (two cores serve the registry, regfs and the reader).
+    notes+=("seq $net: docker-registry CPU $(awk -v a="$reg0" -v b="$reg1" 'BEGIN { printf "%.2f", b - a }') s serving regfs's ranges, $(awk -v a="$reg2" -v b="$reg3" 'BEGIN { printf "%.2f", b - a }') s serving curl's one GET")
     row seq "$net" $((mib << 20)) "curl, one stream" "$RT" "$target" "$(met "$(awk -v r="$RT" -v t="$T" 'BEGIN { print r / t }')" '>=' "$min")"
     if [ "$net" = lo ]; then
         # The daemon's CPU per GiB, beside sha256 alone (openssl, SHA-NI) on the same bytes.
@@ -394,6 +407,7 @@ echo
 echo "wan = ${rtt_ms} ms RTT, ${window} window per connection and direction${handshake:+, a new connection costs one RTT} (examples/delay_proxy.rs)."
 echo "Workloads took ${total_s} s ($load). regfs flags: ${flags[*]:-defaults}."
 echo "speed vs ref = ref s / regfs s (> 1: regfs is faster)."
+for n in "${notes[@]}"; do echo "$n."; done
 [ -f "$work/profile.txt" ] && { echo; cat "$work/profile.txt"; }
 
 if [ $record = 1 ]; then
@@ -407,6 +421,7 @@ if [ $record = 1 ]; then
         echo "Command: \`$cmdline\`; wan = ${rtt_ms} ms RTT, ${window} window${handshake:+, handshake}; regfs flags: ${flags[*]:-defaults}; workloads took ${total_s} s ($load)."
         echo
         cat "$out"
+        [ ${#notes[@]} = 0 ] || { echo; for n in "${notes[@]}"; do echo "$n."; done; }
         [ -f "$work/profile.txt" ] && { echo; cat "$work/profile.txt"; }
     } >>docs/BENCHMARKS.md
     echo "recorded in docs/BENCHMARKS.md"

@@ -98,6 +98,8 @@ work_cleanup() {
     [ -n "${REGFS_PID:-}" ] && kill "$REGFS_PID" 2>/dev/null || true
     [ -n "${PROXY_PID:-}" ] && kill "$PROXY_PID" 2>/dev/null || true
     [ -n "${REGISTRY_PID:-}" ] && kill "$REGISTRY_PID" 2>/dev/null || true
+    # REGFS_KEEP_LOGS=DIR: keep the daemon logs (regfs*.log) of this run there.
+    if [ -n "${REGFS_KEEP_LOGS:-}" ]; then mkdir -p "$REGFS_KEEP_LOGS" && cp "$work"/regfs*.log "$REGFS_KEEP_LOGS"/ 2>/dev/null || true; fi
     if ! mountpoint -q "$mnt"; then rm -rf "$work"; fi
 }
 

@@ -97,6 +97,10 @@ pub struct Flight {
     /// A leaf lock (see `fs::inodes`): taken alone, briefly, never across an `.await`.
     landing: Mutex<Option<Landing>>,
     landed: tokio::sync::Notify,
+    /// Its blob was found bad (and dropped) while this fetch was under way: what it brings was
+    /// asked for before the verdict, so it is neither cached nor handed out (see
+    /// [`ChunkCache::evict_digest`]).
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 impl Flight {
@@ -155,8 +159,23 @@ impl Fetching {
         self.flight.clone()
     }
 
-    /// Cache `data` under the key and hand it to every waiter.
+    /// Its blob was dropped while this fetch was under way (see [`Flight::poisoned`]): the
+    /// fetcher should not keep what it brings anywhere either (the disk tier).
+    pub fn is_poisoned(&self) -> bool {
+        self.flight.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// Cache `data` under the key and hand it to every waiter. A poisoned fetch caches nothing
+    /// and is abandoned instead: its waiters claim the key again and fetch it afresh, after the
+    /// verdict.
     pub fn fulfil(mut self, data: Bytes) {
+        if self.is_poisoned() {
+            self.release();
+            self.cache.retire(&self.key, &self.flight);
+            self.answered = true;
+            self.flight.land(Landing::Abandoned);
+            return;
+        }
         self.release();
         self.cache.insert(self.key.clone(), data.clone());
         self.answer(Landing::Done(Ok(data)));
@@ -426,7 +445,8 @@ impl ChunkCache {
         }
     }
 
-    /// Drop every chunk made from `digest`, of every kind (after a digest mismatch, a delete).
+    /// Drop every chunk made from `digest`, of every kind (after a digest mismatch, a delete),
+    /// and poison its fetches in flight: bytes asked for before the verdict are never cached.
     pub fn evict_digest(&self, digest: &str) {
         let mut lru = crate::sync::lock(&self.lru);
         let keys: Vec<ChunkKey> = lru
@@ -438,6 +458,13 @@ impl ChunkCache {
         for k in keys {
             if let Some(v) = lru.map.pop(&k) {
                 lru.bytes -= v.len() as u64;
+            }
+        }
+        drop(lru); // lock order: never `inflight` under `lru`'s guard
+        let inflight = crate::sync::lock(&self.inflight);
+        for (k, f) in inflight.iter() {
+            if k.digest().as_str() == digest {
+                f.poisoned.store(true, Ordering::SeqCst);
             }
         }
     }
@@ -554,6 +581,31 @@ mod tests {
             assert_eq!(&t.await.unwrap()[..], b"x");
         }
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_fetch_in_flight_when_its_blob_is_dropped_caches_nothing() {
+        let c = Arc::new(ChunkCache::new(1 << 20));
+        let Claim::Fetch(f) = c.claim(&key("bad", 0)) else {
+            panic!("nothing cached yet")
+        };
+        let Claim::Wait(w) = c.claim(&key("bad", 0)) else {
+            panic!("in flight")
+        };
+        let Claim::Fetch(other) = c.claim(&key("good", 0)) else {
+            panic!("nothing cached yet")
+        };
+        c.evict_digest("bad"); // the blob's verdict comes in while the fetch streams
+        assert!(f.is_poisoned() && !other.is_poisoned());
+        f.fulfil(Bytes::from_static(b"asked for before the verdict"));
+        assert!(w.wait().await.is_none(), "the waiter claims again");
+        assert!(c.get(&key("bad", 0)).is_none(), "nothing cached");
+        assert!(
+            matches!(c.claim(&key("bad", 0)), Claim::Fetch(_)),
+            "fetched afresh"
+        );
+        other.fulfil(Bytes::from_static(b"fine"));
+        assert!(c.get(&key("good", 0)).is_some());
     }
 
     #[tokio::test]

@@ -296,7 +296,9 @@ struct Assembler<'a> {
 }
 
 impl Assembler<'_> {
-    fn push(&mut self, mut piece: Bytes) {
+    /// Take the next piece of the body; `Break` once no block can use more of it (a block
+    /// failed its check, or every block has landed).
+    fn push(&mut self, mut piece: Bytes) -> std::ops::ControlFlow<()> {
         while !piece.is_empty() && self.failed.is_none() && !self.waiting.is_empty() {
             let want = block_len(self.blob.size, self.bs, self.next) as usize;
             let need = want - self.cur.len();
@@ -316,6 +318,10 @@ impl Assembler<'_> {
             }
             piece = piece.slice(take..);
         }
+        if self.failed.is_some() || self.waiting.is_empty() {
+            return std::ops::ControlFlow::Break(());
+        }
+        std::ops::ControlFlow::Continue(())
     }
 
     fn land(&mut self, block: Bytes) {
@@ -370,7 +376,10 @@ impl Assembler<'_> {
                 self.failed = Some(e);
                 return;
             }
-            disk.put(&key, block.clone());
+            // Asked for before its blob was found bad: kept nowhere (fulfil caches nothing).
+            if !f.is_poisoned() {
+                disk.put(&key, block.clone());
+            }
         }
         f.fulfil(block);
     }

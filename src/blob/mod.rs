@@ -327,10 +327,23 @@ impl Blobs {
 
     /// A blocking `Read + Seek` over a blob for the layer readers (run it on a blocking thread).
     pub fn cursor(self: &Arc<Self>, blob: BlobRef) -> BlobCursor {
+        self.cursor_with(blob, self.readahead())
+    }
+
+    /// [`Blobs::cursor`] for a reader that will read the whole blob from its start (an index
+    /// pass): its window starts at the largest, so the first round trip already asks for
+    /// `--readahead` bytes in parallel requests instead of doubling from one block, one round
+    /// trip per doubling (five over a WAN before the window is full).
+    pub fn stream_cursor(self: &Arc<Self>, blob: BlobRef) -> BlobCursor {
+        let max = self.cfg.max_window;
+        self.cursor_with(blob, Readahead::new(max.max(self.cfg.block_size), max))
+    }
+
+    fn cursor_with(self: &Arc<Self>, blob: BlobRef, ra: Readahead) -> BlobCursor {
         BlobCursor {
             rt: tokio::runtime::Handle::current(),
             blobs: self.clone(),
-            ra: self.readahead(),
+            ra,
             blob,
             pos: 0,
             cur: Bytes::new(),
@@ -349,6 +362,7 @@ impl Blobs {
             HashFeed::start(
                 blob.digest.clone(),
                 blob.size,
+                self.cfg.block_size,
                 self.budget.clone(),
                 Verdicts {
                     verified: self.verified.clone(),

@@ -85,9 +85,12 @@ pub struct Verifier {
     digest: Digest,
     size: u64,
     hasher: StreamingDigest,
-    pending: BTreeMap<u64, Bytes>,
+    /// Stashed pieces by offset, each with what it is counted as (see [`Verifier::sharing`]).
+    pending: BTreeMap<u64, (Bytes, usize)>,
     pending_bytes: usize,
     budget: Arc<VerifyBudget>,
+    /// Pieces at least this long are stashed as they are, not copied.
+    share_from: usize,
     /// Gave up (data too far out of order) or already finished.
     done: bool,
     /// The blob failed verification: every later read through this handle fails too, so a
@@ -181,10 +184,22 @@ impl Verifier {
             pending: BTreeMap::new(),
             pending_bytes: 0,
             budget,
+            share_from: usize::MAX,
             done: false,
             failed: None,
             blocks: None,
         }
+    }
+
+    /// Stash pieces of at least half a block of `block_size` without copying them, counted
+    /// at twice their length: such a piece holds at most that much memory (a slice of one
+    /// cached block, or a read's own buffer, which the pool sizes within twice its length).
+    /// Out-of-order 1 MiB kernel readahead pieces are then never copied; small ones still are.
+    pub fn sharing(mut self, block_size: u64) -> Self {
+        self.share_from = usize::try_from(block_size.div_ceil(2))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        self
     }
 
     /// disk tier: also hash each `block_size` piece (see [`Verifier::take_block_sums`]).
@@ -245,23 +260,29 @@ impl Verifier {
             if self
                 .pending
                 .get(&offset)
-                .is_some_and(|old| old.len() >= data.len())
+                .is_some_and(|(old, _)| old.len() >= data.len())
             {
                 return Checked::Pending;
             }
+            // A short piece is copied: a slice would keep its whole chunk alive while it
+            // waits here. A long one is kept as it is and counted at twice its length.
+            let (piece, cost) = if data.len() >= self.share_from {
+                (data.clone(), data.len().saturating_mul(2))
+            } else {
+                (Bytes::copy_from_slice(data), data.len())
+            };
             if offset - next >= VERIFY_WINDOW
-                || self.pending_bytes.saturating_add(data.len()) > MAX_PENDING_VERIFY
-                || !self.budget.take(data.len())
+                || self.pending_bytes.saturating_add(cost) > MAX_PENDING_VERIFY
+                || !self.budget.take(cost)
             {
                 return self.give_up();
             }
-            self.pending_bytes += data.len();
-            // A copy: a slice would keep its whole chunk alive while it waits here.
+            self.pending_bytes += cost;
             self.pending
-                .insert(offset, Bytes::copy_from_slice(data))
-                .inspect(|old| {
-                    self.pending_bytes -= old.len();
-                    self.budget.give(old.len());
+                .insert(offset, (piece, cost))
+                .inspect(|(_, old)| {
+                    self.pending_bytes -= old;
+                    self.budget.give(*old);
                 });
             return Checked::Pending;
         }
@@ -274,11 +295,11 @@ impl Verifier {
             if off > next {
                 break;
             }
-            let Some((_, piece)) = self.pending.pop_first() else {
+            let Some((_, (piece, cost))) = self.pending.pop_first() else {
                 break;
             };
-            self.pending_bytes -= piece.len();
-            self.budget.give(piece.len());
+            self.pending_bytes -= cost;
+            self.budget.give(cost);
             let pend = off + piece.len() as u64;
             if pend > next {
                 self.absorb(&piece[(next - off) as usize..]);
@@ -381,16 +402,18 @@ impl Send {
 }
 
 impl HashFeed {
-    /// Start the hashing task for one handle reading `digest` (`size` bytes).
+    /// Start the hashing task for one handle reading `digest` (`size` bytes, read in blocks of
+    /// `block_size` through the cache).
     pub fn start(
         digest: Digest,
         size: u64,
+        block_size: u64,
         budget: Arc<VerifyBudget>,
         verdicts: Verdicts,
     ) -> HashFeed {
         let (tx, rx) = mpsc::channel(FEED_DEPTH);
         let failed = Arc::new(OnceLock::new());
-        let v = Verifier::new(digest, size, budget);
+        let v = Verifier::new(digest, size, budget).sharing(block_size);
         let v = match &verdicts.disk {
             Some((_, bs)) => v.with_block_sums(*bs),
             None => v,
@@ -582,13 +605,35 @@ mod tests {
     }
 
     #[test]
+    fn long_stashed_pieces_are_kept_as_they_are_and_counted_twice() {
+        let data: Vec<u8> = (0..64u32).map(|i| i as u8).collect();
+        let d = Digest::from(crate::digest::sha256_digest(&data));
+        let shared = Arc::new(VerifyBudget::new(1 << 20));
+        // Blocks of 16 bytes: pieces of 8 or more are shared.
+        let mut v = Verifier::new(d, 64, shared.clone()).sharing(16);
+        let whole = Bytes::from(data.clone());
+        let long = whole.slice(16..32);
+        assert_eq!(v.feed(16, &long), Checked::Pending);
+        let (_, (piece, cost)) = v.pending.first_key_value().unwrap();
+        assert_eq!(piece.as_ptr(), long.as_ptr(), "not copied");
+        assert_eq!(*cost, 32);
+        assert_eq!(shared.used(), 32);
+        assert_eq!(v.feed(40, &whole.slice(40..44)), Checked::Pending); // short: copied
+        assert_eq!(shared.used(), 36);
+        assert_eq!(v.feed(32, &whole.slice(32..40)), Checked::Pending);
+        assert_eq!(v.feed(44, &whole.slice(44..64)), Checked::Pending);
+        assert_eq!(v.feed(0, &whole.slice(0..16)), Checked::Verified);
+        assert_eq!(shared.used(), 0, "every stashed piece gave its budget back");
+    }
+
+    #[test]
     fn stashed_pieces_are_copies_and_share_one_budget() {
         let (d, _) = blob(b"x");
         let shared = Arc::new(VerifyBudget::new(10));
         let chunk = Bytes::from(vec![1u8; 4 << 20]);
         let mut a = Verifier::new(d.clone(), u64::MAX, shared.clone());
         a.feed(4096, &chunk.slice(4096..4104)); // 8 bytes of a 4 MiB chunk
-        let (_, piece) = a.pending.first_key_value().unwrap();
+        let (_, (piece, _)) = a.pending.first_key_value().unwrap();
         assert_ne!(
             piece.as_ptr(),
             chunk[4096..].as_ptr(),

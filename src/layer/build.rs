@@ -285,7 +285,7 @@ impl Builder {
             _ => None,
         };
 
-        let reader = self.blobs.cursor(layer.blob(repo));
+        let reader = self.blobs.stream_cursor(layer.blob(repo));
         let tee = SpanTee::new(
             self.blobs.cache().clone(),
             layer.digest.clone(),

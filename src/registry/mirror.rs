@@ -224,7 +224,7 @@ impl Registry for MirrorRegistry {
         digest: &str,
         start: u64,
         end: u64,
-        sink: &mut (dyn FnMut(Bytes) + Send),
+        sink: &mut super::Sink<'_>,
     ) -> RegistryResult<()> {
         // Streamed from the first source that answers; when a mirror fails mid-body, the next
         // source goes on from the byte where it stopped (what arrived was handed on already).

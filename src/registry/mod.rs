@@ -40,6 +40,9 @@ pub struct ManifestHead {
 }
 
 /// The operations the filesystem needs from a registry.
+/// Where [`Registry::blob_range_into`] hands each piece of a body; `Break` stops the body.
+pub type Sink<'a> = dyn FnMut(Bytes) -> std::ops::ControlFlow<()> + Send + 'a;
+
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     /// Every repository name, all pages. `Err(NotFound|Unauthorized|Denied)` means the registry does
@@ -64,14 +67,15 @@ pub trait Registry: Send + Sync + 'static {
     ) -> RegistryResult<Bytes>;
     /// Bytes `start..=end` of a blob, handed to `sink` in order as they arrive (so a reader can
     /// use the first bytes before the last ones came). Ok once exactly that many bytes were
-    /// delivered. The default fetches the whole range with [`Registry::blob_range`] first.
+    /// delivered, or as soon as `sink` says `Break` (it wants nothing more: the body is dropped
+    /// unread). The default fetches the whole range with [`Registry::blob_range`] first.
     async fn blob_range_into(
         &self,
         repo: &str,
         digest: &str,
         start: u64,
         end: u64,
-        sink: &mut (dyn FnMut(Bytes) + Send),
+        sink: &mut Sink<'_>,
     ) -> RegistryResult<()> {
         let data = self.blob_range(repo, digest, start, end).await?;
         if Some(data.len() as u64) != end.checked_sub(start).map(|n| n + 1) {
@@ -80,7 +84,7 @@ pub trait Registry: Send + Sync + 'static {
                 data.len()
             )));
         }
-        sink(data);
+        let _ = sink(data);
         Ok(())
     }
     /// PUT a manifest under `reference` (tag or digest). Returns its digest.

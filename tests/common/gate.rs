@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 use regfs::error::RegistryResult;
-use regfs::registry::{ManifestBlob, ManifestHead, Registry, RequestStats, UploadSession};
+use regfs::registry::{ManifestBlob, ManifestHead, Registry, RequestStats, Sink, UploadSession};
 
 /// See the module doc.
 pub struct GatedRegistry {
@@ -100,6 +100,37 @@ impl Registry for GatedRegistry {
             .push((digest.to_string(), start, start + data.len() as u64));
         Ok(data)
     }
+    /// Streamed like a real body: the bytes before the gate arrive at once, the rest once it
+    /// opens (a body whose tail is still on its way).
+    async fn blob_range_into(
+        &self,
+        repo: &str,
+        digest: &str,
+        start: u64,
+        end: u64,
+        sink: &mut Sink<'_>,
+    ) -> RegistryResult<()> {
+        let gate_from = match &*self.gated.lock().unwrap() {
+            Some((d, from, to)) if d == digest && end >= *from && start < *to => Some(*from),
+            _ => None,
+        };
+        let mut at = start;
+        if let Some(from) = gate_from.filter(|f| *f > start) {
+            let head = self.inner.blob_range(repo, digest, start, from - 1).await?;
+            self.served
+                .lock()
+                .unwrap()
+                .push((digest.to_string(), start, from));
+            at = from;
+            if sink(head).is_break() {
+                return Ok(());
+            }
+        }
+        let rest = self.blob_range(repo, digest, at, end).await?;
+        let _ = sink(rest);
+        Ok(())
+    }
+
     async fn put_manifest(
         &self,
         repo: &str,

@@ -310,7 +310,8 @@ impl Registry for HttpRegistry {
         let want = end.saturating_sub(start).saturating_add(1);
         let mut buf = BytesMut::with_capacity(want.min(64 << 20) as usize);
         self.blob_range_into(repo, digest, start, end, &mut |piece: Bytes| {
-            buf.extend_from_slice(&piece)
+            buf.extend_from_slice(&piece);
+            std::ops::ControlFlow::Continue(())
         })
         .await?;
         Ok(buf.freeze())
@@ -322,7 +323,7 @@ impl Registry for HttpRegistry {
         digest: &str,
         start: u64,
         end: u64,
-        sink: &mut (dyn FnMut(Bytes) + Send),
+        sink: &mut super::Sink<'_>,
     ) -> RegistryResult<()> {
         check_repo(repo)?;
         check_digest(digest)?;
@@ -342,8 +343,10 @@ impl Registry for HttpRegistry {
                 .blob_range_once(repo, digest, from, end, &mut got, sink, &mut budget)
                 .await;
             match r {
-                Ok(()) if got == want => break,
-                Ok(()) => {
+                // The sink wants nothing more (its blocks failed a check): stop here.
+                Ok(std::ops::ControlFlow::Break(())) => break,
+                Ok(_) if got == want => break,
+                Ok(_) => {
                     let why = format!("body cut after {got} of {want} bytes");
                     if !budget.pause(None, &why, &what).await {
                         return Err(RegistryError::Protocol(format!(

@@ -54,8 +54,8 @@ fn upload_req(
 
 impl HttpRegistry {
     /// One GET of bytes `from..=end` of a blob, handed to `sink` piece by piece as they arrive
-    /// (`got` counts them). Ok when the body ended (maybe short: the caller resumes); a
-    /// transport error mid-body keeps what came.
+    /// (`got` counts them). Ok when the body ended (maybe short: the caller resumes), or
+    /// `Break` when the sink wanted no more; a transport error mid-body keeps what came.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn blob_range_once(
         &self,
@@ -64,9 +64,9 @@ impl HttpRegistry {
         from: u64,
         end: u64,
         got: &mut u64,
-        sink: &mut (dyn FnMut(Bytes) + Send),
+        sink: &mut crate::registry::Sink<'_>,
         budget: &mut Budget,
-    ) -> RegistryResult<()> {
+    ) -> RegistryResult<std::ops::ControlFlow<()>> {
         let mut headers = HeaderMap::new();
         headers.insert(
             reqwest::header::RANGE,
@@ -128,11 +128,14 @@ impl HttpRegistry {
                 *got += take as u64;
                 // Counted as they arrive: a reader may have its block before the body ends.
                 RequestStats::add(&self.stats.blob_bytes, take as u64);
-                sink(piece.slice(..take));
+                if sink(piece.slice(..take)).is_break() {
+                    // Dropping the stream closes the connection mid-body.
+                    return Ok(std::ops::ControlFlow::Break(()));
+                }
             }
         }
         // Dropping the stream here closes a 200 full-body answer early.
-        Ok(())
+        Ok(std::ops::ControlFlow::Continue(()))
     }
 
     /// One PATCH of bytes `start..=end`; on success the session moves past `end`.

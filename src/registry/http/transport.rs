@@ -353,8 +353,14 @@ impl HttpRegistry {
         let mut url = req.url.clone();
         let mut hops = 0;
         loop {
+            // Every request and its answer at trace level (RUST_LOG=regfs=trace), for timing a
+            // workload's round trips; the path only, never headers.
+            log::trace!("-> {} {}", req.method, url.path());
             let resp = match self.build(req, &url).send().await {
-                Ok(r) => r,
+                Ok(r) => {
+                    log::trace!("<- {} {}", r.status().as_u16(), url.path());
+                    r
+                }
                 Err(e) => {
                     let err = transport(e, &req.what);
                     if retrying && budget.pause(None, &err.to_string(), &req.what).await {
