@@ -200,10 +200,13 @@ w_seq() {
         perf_pid=$!
         sleep 0.5 # perf attaches
     fi
-    local reg0 reg1 reg2 reg3
-    reg0=$(cpu_seconds "$REGISTRY_PID")
+    local reg0 reg1 reg2 reg3 flt0 flt1
+    reg0=$(cpu_seconds "$REGISTRY_PID") flt0=$(minor_faults "$REGFS_PID")
+    if [ -n "${BENCH_STRACE:-}" ]; then strace -f ${BENCH_STRACE_FLAGS:--c} -e trace=memory -p "$REGFS_PID" -o "$BENCH_STRACE" & sleep 0.5; fi
     m_start; cat "$file" >/dev/null; m_end
-    reg1=$(cpu_seconds "$REGISTRY_PID")
+    reg1=$(cpu_seconds "$REGISTRY_PID") flt1=$(minor_faults "$REGFS_PID")
+    if [ -n "${BENCH_STRACE:-}" ]; then pkill -INT -f "strace -f .*-e trace=memory -p $REGFS_PID"; sleep 0.5; fi
+    notes+=("seq $net: regfs took $((flt1 - flt0)) minor page faults ($(awk -v f=$((flt1 - flt0)) -v m="$mib" 'BEGIN { printf "%.0f", f / (m * 256) * 100 }') % of the pages read)")
     if [ -n "$perf_pid" ]; then
         kill -INT "$perf_pid"
         wait "$perf_pid" || true

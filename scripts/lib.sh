@@ -116,6 +116,15 @@ cpu_seconds() {
     awk -v u="${12}" -v s="${13}" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (u + s) / hz }'
 }
 
+# minor_faults PID: minor page faults of a process so far (/proc/PID/stat field 10).
+minor_faults() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    # shellcheck disable=SC2086
+    set -- ${stat##*) }
+    echo "$8"
+}
+
 # regfs_stats MNT: the user.regfs.stats JSON of a mount ({} when unreadable).
 regfs_stats() { getfattr --only-values -n user.regfs.stats "$1" 2>/dev/null || echo '{}'; }
 

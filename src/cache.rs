@@ -64,7 +64,7 @@ pub struct ChunkCache {
     lru: Mutex<Lru>,
     inflight: Mutex<HashMap<ChunkKey, Arc<Flight>>>,
     /// Buffers of evicted chunks, for reuse ([`ChunkCache::buffer`]).
-    pool: Mutex<Vec<BytesMut>>,
+    pool: Mutex<Pool>,
     // ctl: hit and miss counters for `.regfs/stats` (a hit: `get` found the chunk; a miss: a
     // fetch ran).
     hits: AtomicU64,
@@ -75,6 +75,19 @@ pub struct ChunkCache {
 /// the default cache) outside the byte cap, enough to cover the fetches a sequential reader has
 /// streaming at once. Never more than a sixteenth of the cap in all.
 const POOLED_BUFFERS: usize = 16;
+
+/// Recycled buffers, and their bytes (capacity) in all.
+#[derive(Default)]
+struct Pool {
+    bufs: Vec<BytesMut>,
+    bytes: usize,
+}
+
+/// Whether `buf` suits `len` bytes. Only a close fit: the cache counts lengths, so a much
+/// larger buffer holding a small chunk would be memory past the cap.
+fn fits(buf: &BytesMut, len: usize) -> bool {
+    buf.capacity() >= len && buf.capacity() / 2 <= len
+}
 
 /// Smaller buffers are not worth keeping (slices of network reads, small documents).
 const POOLED_MIN: usize = 64 << 10;
@@ -139,6 +152,10 @@ pub struct Fetching {
     answered: bool,
     /// Room reserved in the cache for the bytes on their way.
     reserved: u64,
+    /// A buffer for those bytes: one that the reservation evicted from the cache (or a pooled
+    /// one), so a fetch that displaces a chunk refills that chunk's memory instead of mapping
+    /// and faulting in a fresh megabyte ([`Fetching::take_buffer`]).
+    buffer: Option<BytesMut>,
 }
 
 impl Fetching {
@@ -148,10 +165,36 @@ impl Fetching {
 
     /// Count the `n` bytes this fetch will bring against the cache's cap from now on (older
     /// chunks are evicted to make room), so memory holds while many fetches stream at once.
+    ///
+    /// The first evicted chunk whose buffer fits becomes this fetch's buffer; the others go to
+    /// the pool (or are freed). Each reservation holds at most one buffer, within the bytes it
+    /// reserved, so memory stays within the cap. (Before this, the chunks a large readahead
+    /// evicted at once overflowed the small pool and were unmapped, and the same megabytes
+    /// faulted in again moments later: 70% of a cold sequential read's pages were page faults.)
     pub fn reserve(&mut self, n: u64) {
         let n = n.min(self.cache.capacity);
-        self.cache.reserve(n);
+        let evicted = self.cache.reserve(n);
         self.reserved += n;
+        let want = usize::try_from(n).unwrap_or(usize::MAX);
+        for b in evicted {
+            let Some(buf) = ChunkCache::reusable(b) else {
+                continue;
+            };
+            if self.buffer.is_none() && fits(&buf, want) {
+                self.buffer = Some(buf);
+            } else {
+                self.cache.pool_put(buf);
+            }
+        }
+        if self.buffer.is_none() {
+            self.buffer = self.cache.pooled(want);
+        }
+    }
+
+    /// The buffer to fill with this fetch's bytes, if it has one (else use
+    /// [`ChunkCache::buffer`]).
+    pub fn take_buffer(&mut self) -> Option<BytesMut> {
+        self.buffer.take()
     }
 
     /// The flight this guard lands, for the fetcher to wait on like any reader.
@@ -214,6 +257,9 @@ impl Fetching {
 
 impl Drop for Fetching {
     fn drop(&mut self) {
+        if let Some(buf) = self.buffer.take() {
+            self.cache.pool_put(buf);
+        }
         self.release();
         if !self.answered {
             self.cache.retire(&self.key, &self.flight);
@@ -242,7 +288,7 @@ impl ChunkCache {
                 reserved: 0,
             }),
             inflight: Mutex::new(HashMap::new()),
-            pool: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool::default()),
             hits: AtomicU64::new(0),   // ctl
             misses: AtomicU64::new(0), // ctl
         }
@@ -297,13 +343,11 @@ impl ChunkCache {
         evicted
     }
 
-    fn reserve(&self, n: u64) {
-        let evicted = {
-            let mut lru = crate::sync::lock(&self.lru);
-            lru.reserved += n;
-            Self::shrink(&mut lru, self.capacity)
-        };
-        self.recycle(evicted);
+    /// Count `n` more bytes in flight against the cap; the chunks evicted to make room.
+    fn reserve(&self, n: u64) -> Vec<Bytes> {
+        let mut lru = crate::sync::lock(&self.lru);
+        lru.reserved += n;
+        Self::shrink(&mut lru, self.capacity)
     }
 
     /// Keep the buffers of evicted chunks that nobody else holds, for the next fetch to fill
@@ -314,36 +358,53 @@ impl ChunkCache {
         evicted.into_iter().for_each(|b| self.recycle_one(b));
     }
 
-    /// Keep `b`'s buffer for reuse if nobody else holds it (a read's reply, once sent).
+    /// Keep `b`'s buffer for reuse if nobody else holds it (a read's reply, once sent): at
+    /// most [`POOLED_BUFFERS`], and at most a sixteenth of the cap in all (the pool is memory
+    /// outside the cap, so a small cache keeps a small pool).
     pub fn recycle_one(&self, b: Bytes) {
-        let Ok(mut buf) = b.try_into_mut() else {
-            return; // still held elsewhere (cached, or a reader's slice)
-        };
+        if let Some(buf) = Self::reusable(b) {
+            self.pool_put(buf);
+        }
+    }
+
+    /// `b`'s buffer, emptied, if nobody else holds it and it is worth keeping.
+    fn reusable(b: Bytes) -> Option<BytesMut> {
+        let mut buf = b.try_into_mut().ok()?; // else still held (cached, or a reader's slice)
         if buf.capacity() < POOLED_MIN {
-            return;
+            return None;
         }
         buf.clear();
-        let mut pool = crate::sync::lock(&self.pool);
-        // At most POOLED_BUFFERS, and at most a sixteenth of the cap in all: the pool is
-        // memory outside the cap, so a small cache keeps a small pool.
-        let held: usize = pool.iter().map(BytesMut::capacity).sum();
+        Some(buf)
+    }
+
+    fn pool_put(&self, buf: BytesMut) {
         let room = usize::try_from(self.capacity / 16).unwrap_or(usize::MAX);
-        if pool.len() < POOLED_BUFFERS && held.saturating_add(buf.capacity()) <= room {
-            pool.push(buf);
+        let mut pool = crate::sync::lock(&self.pool);
+        let after = pool.bytes.saturating_add(buf.capacity());
+        if pool.bufs.len() < POOLED_BUFFERS && after <= room {
+            pool.bytes = after;
+            pool.bufs.push(buf);
         }
     }
 
     /// An empty buffer of at least `len` bytes: a recycled one when one is big enough.
     pub fn buffer(&self, len: usize) -> BytesMut {
-        let recycled = {
-            let mut pool = crate::sync::lock(&self.pool);
-            // Only a close fit: the cache counts lengths, so a much larger buffer holding a
-            // small chunk would be memory past the cap.
-            pool.iter()
-                .position(|b| b.capacity() >= len && b.capacity() / 2 <= len)
-                .map(|i| pool.swap_remove(i))
-        };
-        recycled.unwrap_or_else(|| BytesMut::with_capacity(len))
+        self.pooled(len)
+            .unwrap_or_else(|| BytesMut::with_capacity(len))
+    }
+
+    /// A pooled buffer for `len` bytes, if one fits.
+    fn pooled(&self, len: usize) -> Option<BytesMut> {
+        let mut pool = crate::sync::lock(&self.pool);
+        let found = pool
+            .bufs
+            .iter()
+            .position(|b| fits(b, len))
+            .map(|i| pool.bufs.swap_remove(i));
+        if let Some(b) = &found {
+            pool.bytes = pool.bytes.saturating_sub(b.capacity());
+        }
+        found
     }
 
     fn unreserve(&self, n: u64) {
@@ -373,6 +434,7 @@ impl ChunkCache {
             flight,
             answered: false,
             reserved: 0,
+            buffer: None,
         };
         match self.get(key) {
             Some(b) => {
@@ -606,6 +668,37 @@ mod tests {
         );
         other.fulfil(Bytes::from_static(b"fine"));
         assert!(c.get(&key("good", 0)).is_some());
+    }
+
+    #[test]
+    fn a_fetch_refills_the_memory_of_the_chunk_it_displaces() {
+        const MIB: usize = 1 << 20;
+        let c = Arc::new(ChunkCache::new(2 * MIB as u64));
+        let block = |v: u8| {
+            let mut b = BytesMut::with_capacity(MIB);
+            b.resize(MIB, v);
+            b.freeze()
+        };
+        let (a, b) = (block(1), block(2));
+        let a_ptr = a.as_ptr();
+        c.insert(key("x", 0), a);
+        c.insert(key("x", 1), b);
+        let Claim::Fetch(mut f) = c.claim(&key("y", 0)) else {
+            panic!("nothing cached yet")
+        };
+        f.reserve(MIB as u64); // evicts x/0, the least recently used
+        assert!(c.get(&key("x", 0)).is_none());
+        let buf = f.take_buffer().expect("the evicted chunk's buffer");
+        assert_eq!(buf.as_ptr(), a_ptr, "the same memory, not a fresh mapping");
+        assert!(buf.is_empty() && buf.capacity() >= MIB);
+        // A chunk still held elsewhere (a reader's reply) is not reused.
+        let held = c.get(&key("x", 1)).unwrap();
+        let Claim::Fetch(mut g) = c.claim(&key("y", 1)) else {
+            panic!("nothing cached yet")
+        };
+        g.reserve(2 * MIB as u64);
+        assert!(g.take_buffer().is_none());
+        drop(held);
     }
 
     #[tokio::test]

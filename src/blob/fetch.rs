@@ -308,7 +308,12 @@ impl Assembler<'_> {
                 self.land(piece.slice(..take));
             } else {
                 if self.cur.capacity() == 0 {
-                    self.cur = self.cache.buffer(want);
+                    // The memory of the chunk this fetch displaced, when it has one.
+                    self.cur = self
+                        .waiting
+                        .front_mut()
+                        .and_then(Fetching::take_buffer)
+                        .unwrap_or_else(|| self.cache.buffer(want));
                 }
                 self.cur.extend_from_slice(&piece[..take]);
                 if self.cur.len() == want {
