@@ -27,9 +27,17 @@ impl Blobs {
     /// Make sure blocks `first..last` of a blob are cached or in flight. A prefetch claims
     /// blocks only while the prefetch budget has room, and stops at the first that does not fit.
     /// A read gets back what it must wait on for each block (cached bytes or a flight), so it
-    /// gets the outcome of the very fetch it started.
-    pub(super) fn start(&self, blob: &BlobRef, first: u64, last: u64, prefetch: bool) -> Vec<Slot> {
+    /// gets the outcome of the very fetch it started. A prefetch cut short by the budget says
+    /// where it stopped (a byte offset), for the reader's window to ask from there next time.
+    pub(super) fn start(
+        &self,
+        blob: &BlobRef,
+        first: u64,
+        last: u64,
+        prefetch: bool,
+    ) -> (Vec<Slot>, Option<u64>) {
         let mut slots = Vec::new();
+        let mut held_back = None;
         let bs = self.cfg.block_size;
         let last = last.min(blob.size.div_ceil(bs));
         let per_request = (self.cfg.max_request / bs).max(1) as usize;
@@ -79,6 +87,7 @@ impl Blobs {
                         self.spawn_run(blob, std::mem::take(&mut run), prefetch);
                     }
                     if out_of_budget {
+                        held_back = Some(index.saturating_mul(bs));
                         break;
                     }
                 }
@@ -87,7 +96,7 @@ impl Blobs {
         if !run.is_empty() {
             self.spawn_run(blob, run, prefetch);
         }
-        slots
+        (slots, held_back)
     }
 
     fn has_budget(&self, blob: &BlobRef, index: u64) -> bool {

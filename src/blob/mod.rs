@@ -292,18 +292,34 @@ impl Blobs {
         end: u64,
         ahead: Option<(u64, u64)>,
     ) -> RegistryResult<Bytes> {
+        self.read_ahead(blob, offset, end, ahead)
+            .await
+            .map(|(data, _)| data)
+    }
+
+    /// [`Blobs::read`], also saying where the prefetch stopped when the budget held it back
+    /// (give it to the reader's [`Readahead::held_back`], so the next read asks again from there
+    /// instead of leaving those blocks to be fetched one read at a time).
+    pub async fn read_ahead(
+        &self,
+        blob: &BlobRef,
+        offset: u64,
+        end: u64,
+        ahead: Option<(u64, u64)>,
+    ) -> RegistryResult<(Bytes, Option<u64>)> {
         let bs = self.cfg.block_size;
         if end <= offset {
-            return Ok(Bytes::new());
+            return Ok((Bytes::new(), None));
         }
         let first = offset / bs;
-        let mut slots = self.start(blob, first, (end - 1) / bs + 1, false);
+        let (mut slots, _) = self.start(blob, first, (end - 1) / bs + 1, false);
+        let mut held_back = None;
         if let Some((a, b)) = ahead {
             if b > a {
-                self.start(blob, a / bs, (b - 1) / bs + 1, true);
+                held_back = self.start(blob, a / bs, (b - 1) / bs + 1, true).1;
             }
         }
-        gather_with(
+        let data = gather_with(
             offset,
             end,
             bs,
@@ -322,7 +338,8 @@ impl Blobs {
             },
             |n| self.cache.buffer(n),
         )
-        .await
+        .await?;
+        Ok((data, held_back))
     }
 
     /// A blocking `Read + Seek` over a blob for the layer readers (run it on a blocking thread).
@@ -448,10 +465,14 @@ impl Read for BlobCursor {
                 (index * bs).saturating_add(bs).min(self.blob.size),
             );
             let ahead = self.ra.on_read(start, end, self.blob.size);
-            self.cur = self
+            let (cur, held_back) = self
                 .rt
-                .block_on(self.blobs.read(&self.blob, start, end, ahead))
+                .block_on(self.blobs.read_ahead(&self.blob, start, end, ahead))
                 .map_err(std::io::Error::other)?;
+            self.cur = cur;
+            if let Some(at) = held_back {
+                self.ra.held_back(at);
+            }
             self.cur_start = start;
             if self.pos >= self.cur_start + self.cur.len() as u64 {
                 return Err(std::io::Error::other(format!(

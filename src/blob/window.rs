@@ -74,6 +74,12 @@ impl Readahead {
         self.window = self.window.saturating_mul(2).min(self.max);
         (to > from).then_some((from, to))
     }
+
+    /// The prefetch asked for last stopped at byte `at` (the shared budget was spent): ask
+    /// again from there on the next read instead of past it.
+    pub fn held_back(&mut self, at: u64) {
+        self.ahead_to = self.ahead_to.min(at.max(self.next));
+    }
 }
 
 #[cfg(test)]
@@ -126,5 +132,15 @@ mod tests {
         assert_eq!(r.on_read(0, 100, 3 * M), Some((100, M + 100)));
         assert_eq!(r.on_read(100, M, 3 * M), Some((M + 100, 3 * M)));
         assert_eq!(r.on_read(M, 3 * M, 3 * M), None);
+    }
+
+    #[test]
+    fn a_prefetch_the_budget_held_back_is_asked_again() {
+        let mut r = Readahead::new(M, 16 * M);
+        assert_eq!(r.on_read(0, M, 1 << 40), Some((M, 2 * M)));
+        assert_eq!(r.on_read(M, 2 * M, 1 << 40), Some((2 * M, 4 * M)));
+        r.held_back(2 * M); // none of it fit the budget
+        let (a, _) = r.on_read(2 * M, 3 * M, 1 << 40).unwrap();
+        assert_eq!(a, 3 * M, "asked again from the reader, not past the hole");
     }
 }

@@ -149,11 +149,14 @@ impl Fs {
                     )));
                 }
                 let ctx = || format!("reading {}@{digest}", f.repo);
-                let data = self
+                let (data, held_back) = self
                     .blobs
-                    .read(&blob, offset, end, ahead)
+                    .read_ahead(&blob, offset, end, ahead)
                     .await
                     .map_err(|e| FsError::registry(e, ctx()))?;
+                if let Some(at) = held_back {
+                    lock(&handle).ra.held_back(at);
+                }
                 if self.blobs.single_chunk_verified(&blob) {
                     return Ok(data);
                 }
