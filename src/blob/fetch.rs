@@ -141,12 +141,21 @@ impl Blobs {
             maps: self.maps.clone(),
         };
         let blob = blob.clone();
+        // A prefetch waits for room in the disk writer's queue (a read's own blocks never do).
+        let room = held;
         tokio::spawn(async move {
             let _release = release;
+            let mut room = match (&src.disk, room > 0) {
+                (Some(disk), true) => {
+                    let room = usize::try_from(room).unwrap_or(usize::MAX);
+                    Some(disk.wait_for_room(room, crate::disk::MAX_ROOM_WAIT).await)
+                }
+                _ => None,
+            };
             if src.disk.is_some() {
-                from_disk_then_registry(&src, blob, bs, run).await
+                from_disk_then_registry(&src, blob, bs, run, room.as_mut()).await
             } else {
-                fetch_run(&src, blob, bs, first, run).await
+                fetch_run(&src, blob, bs, first, run, None).await
             }
         });
     }
@@ -193,7 +202,13 @@ fn block_key(blob: &BlobRef, bs: u64, index: u64) -> BlockKey {
 
 /// With a disk tier: blocks held on disk land at once (read and checked off the runtime's
 /// threads); the rest are fetched in contiguous runs, in parallel.
-async fn from_disk_then_registry(src: &Source, blob: BlobRef, bs: u64, run: Vec<Fetching>) {
+async fn from_disk_then_registry(
+    src: &Source,
+    blob: BlobRef,
+    bs: u64,
+    run: Vec<Fetching>,
+    mut room: Option<&mut crate::disk::Room>,
+) {
     let Some(disk) = src.disk.clone() else {
         return;
     };
@@ -221,9 +236,11 @@ async fn from_disk_then_registry(src: &Source, blob: BlobRef, bs: u64, run: Vec<
             },
         }
     }
-    let fetches = runs.into_iter().map(|r| {
+    // Held room in the writer's queue goes to the first run (they are rare: most runs are one).
+    let fetches = runs.into_iter().enumerate().map(|(i, r)| {
         let first = block_index(&r[0]);
-        fetch_run(src, blob.clone(), bs, first, r)
+        let room = if i == 0 { room.take() } else { None };
+        fetch_run(src, blob.clone(), bs, first, r, room)
     });
     futures_util::future::join_all(fetches).await;
 }
@@ -237,7 +254,14 @@ struct Source {
 }
 
 /// One Range request for blocks `first..first + run.len()`, landed block by block.
-async fn fetch_run(src: &Source, blob: BlobRef, bs: u64, first: u64, run: Vec<Fetching>) {
+async fn fetch_run(
+    src: &Source,
+    blob: BlobRef,
+    bs: u64,
+    first: u64,
+    run: Vec<Fetching>,
+    room: Option<&mut crate::disk::Room>,
+) {
     let start = first * bs;
     let end = (first + run.len() as u64)
         .saturating_mul(bs)
@@ -264,6 +288,7 @@ async fn fetch_run(src: &Source, blob: BlobRef, bs: u64, first: u64, run: Vec<Fe
         waiting: run.into(),
         cur: BytesMut::new(),
         failed: None,
+        room,
     };
     let r = src
         .reg
@@ -302,6 +327,8 @@ struct Assembler<'a> {
     cur: BytesMut,
     /// A block failed its check: the rest of the body is ignored.
     failed: Option<RegistryError>,
+    /// Room held in the disk writer's queue for these blocks (a prefetch).
+    room: Option<&'a mut crate::disk::Room>,
 }
 
 impl Assembler<'_> {
@@ -392,7 +419,7 @@ impl Assembler<'_> {
             }
             // Asked for before its blob was found bad: kept nowhere (fulfil caches nothing).
             if !f.is_poisoned() {
-                disk.put(&key, block.clone());
+                disk.put_within(&key, block.clone(), self.room.as_deref_mut());
             }
         }
         f.fulfil(block);

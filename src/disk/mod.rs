@@ -37,10 +37,30 @@ use map::MapKey;
 /// Block bytes waiting for the writer, at most. Past this `put` drops the block (it is fetched
 /// again if read again): 32 MiB absorbs a burst of readahead while bounding memory.
 const QUEUE_BYTES: usize = 32 << 20;
+/// How long a prefetch waits for the writer's queue to have room for its bytes before it is
+/// fetched anyway (and its blocks may be dropped): see [`DiskCache::wait_for_room`]. 250 ms
+/// lets a disk that writes 32 MB/s or more keep every block of an 8 MiB request, while a
+/// slower or stuck one delays readahead by at most this much per request.
+pub const MAX_ROOM_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 /// Jobs waiting for the writer, at most (maps and barriers are small; blocks are bounded above).
 const QUEUE_JOBS: usize = 1024;
 /// Chunk maps kept in memory (a 1 GiB blob's map in 1 MiB blocks is 32 KiB).
 const MAPS_IN_MEMORY: usize = 256;
+
+/// Room held in the disk writer's queue ([`DiskCache::wait_for_room`]); what is not used by
+/// the time it is dropped is given back.
+pub struct Room {
+    inner: Arc<Inner>,
+    held: usize,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.inner
+            .queued_bytes
+            .fetch_sub(self.held, Ordering::SeqCst);
+    }
+}
 
 /// Which block of which blob, cut at which size. A changed block size never mixes with another.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -75,6 +95,8 @@ pub struct DiskStats {
     pub blocks_written: u64,
     /// Blocks not written because the writer's queue was full.
     pub blocks_dropped: u64,
+    /// Prefetches that waited [`MAX_ROOM_WAIT`] for the writer and went ahead anyway.
+    pub room_waits_expired: u64,
     pub blobs_assembled: u64,
     /// Bytes on disk (blocks and whole blobs, in 4 KiB units).
     pub bytes: u64,
@@ -103,6 +125,7 @@ struct Counters {
     passthrough_opens: AtomicU64,
     blocks_written: AtomicU64,
     blocks_dropped: AtomicU64,
+    room_waits_expired: AtomicU64,
     blobs_assembled: AtomicU64,
 }
 
@@ -255,12 +278,58 @@ impl DiskCache {
         got
     }
 
+    /// Wait (at most `max`) until the writer's queue has room for `bytes` more, and hold that
+    /// room: the blocks [`DiskCache::put_within`] later puts with the returned [`Room`] are
+    /// queued even if other puts filled the queue meanwhile. A prefetch asks this before it
+    /// fetches, so a read that outruns the disk (a loopback registry on a busy machine: the
+    /// writer shares the CPU with hashing) slows its readahead to the disk's pace instead of
+    /// dropping blocks that the next mount would fetch again. A reader's own blocks never wait.
+    /// After `max`, the room is whatever is free (maybe none: then blocks may be dropped).
+    pub async fn wait_for_room(&self, bytes: usize, max: std::time::Duration) -> Room {
+        let deadline = tokio::time::Instant::now() + max;
+        let q = &self.inner.queued_bytes;
+        loop {
+            let now = q.load(Ordering::SeqCst);
+            if now.saturating_add(bytes) <= QUEUE_BYTES {
+                if q.compare_exchange(now, now + bytes, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    return Room {
+                        inner: self.inner.clone(),
+                        held: bytes,
+                    };
+                }
+                continue;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                inc(&self.inner.counters.room_waits_expired);
+                return Room {
+                    inner: self.inner.clone(),
+                    held: 0,
+                };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
     /// Store a block, later, on the writer thread (dropped when the queue is full).
     pub fn put(&self, key: &BlockKey, data: Bytes) {
+        self.put_within(key, data, None);
+    }
+
+    /// [`DiskCache::put`], using room held by `room` first (see [`DiskCache::wait_for_room`]).
+    pub fn put_within(&self, key: &BlockKey, data: Bytes, room: Option<&mut Room>) {
         let n = data.len();
         let q = &self.inner.queued_bytes;
-        if q.fetch_add(n, Ordering::SeqCst).saturating_add(n) > QUEUE_BYTES {
-            q.fetch_sub(n, Ordering::SeqCst);
+        let from_room = room.map_or(0, |r| {
+            let take = r.held.min(n);
+            r.held -= take;
+            take
+        });
+        // The part not covered by held room must fit the queue.
+        let extra = n - from_room;
+        if extra > 0 && q.fetch_add(extra, Ordering::SeqCst).saturating_add(extra) > QUEUE_BYTES {
+            q.fetch_sub(n, Ordering::SeqCst); // both parts: the block is not queued
             inc(&self.inner.counters.blocks_dropped);
             return;
         }
@@ -365,6 +434,7 @@ impl DiskCache {
             passthrough_opens: g(&c.passthrough_opens),
             blocks_written: g(&c.blocks_written),
             blocks_dropped: g(&c.blocks_dropped),
+            room_waits_expired: g(&c.room_waits_expired),
             blobs_assembled: g(&c.blobs_assembled),
             bytes,
             entries,

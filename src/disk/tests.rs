@@ -203,3 +203,36 @@ fn leftovers_of_a_crash_are_removed_at_open() {
 }
 
 use std::os::unix::fs::FileExt;
+
+#[tokio::test]
+async fn room_held_for_a_prefetch_is_used_by_its_blocks_and_given_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
+    let (d, data) = blob(8192, 3);
+    let bs = 4096;
+    // A prefetch holds the whole queue: another put finds it full and is dropped...
+    let mut room = c
+        .wait_for_room(QUEUE_BYTES, std::time::Duration::ZERO)
+        .await;
+    c.put(&key(&d, data.len(), bs, 0), piece(&data, bs, 0));
+    assert_eq!(c.stats().blocks_dropped, 1);
+    // ...while the prefetch's own block goes in, on its room.
+    c.put_within(
+        &key(&d, data.len(), bs, 1),
+        piece(&data, bs, 1),
+        Some(&mut room),
+    );
+    assert_eq!(c.stats().blocks_dropped, 1);
+    // A full queue cannot be waited out: the room is empty, counted, not a hang.
+    // (More than the one block the writer may have drained meanwhile.)
+    let none = c
+        .wait_for_room(bs as usize + 1, std::time::Duration::from_millis(10))
+        .await;
+    assert_eq!(none.held, 0);
+    assert_eq!(c.stats().room_waits_expired, 1);
+    drop(room); // the unused room goes back
+    c.flush();
+    assert_eq!(c.inner.queued_bytes.load(Ordering::SeqCst), 0);
+    assert!(c.get(&key(&d, data.len(), bs, 1)).is_some());
+    assert!(c.get(&key(&d, data.len(), bs, 0)).is_none());
+}
