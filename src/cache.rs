@@ -111,8 +111,8 @@ pub struct Flight {
     landing: Mutex<Option<Landing>>,
     landed: tokio::sync::Notify,
     /// Its blob was found bad (and dropped) while this fetch was under way: what it brings was
-    /// asked for before the verdict, so it is neither cached nor handed out (see
-    /// [`ChunkCache::evict_digest`]).
+    /// asked for before the verdict, so it is not cached, and its waiters are sent to claim the
+    /// key again (see [`ChunkCache::evict_digest`]).
     poisoned: std::sync::atomic::AtomicBool,
 }
 
@@ -130,6 +130,11 @@ impl Flight {
             }
             notified.await;
         }
+    }
+
+    /// Whether its blob was dropped while it was under way (see [`Flight::poisoned`]).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
     }
 
     fn land(&self, l: Landing) {
@@ -212,15 +217,19 @@ impl Fetching {
     /// and is abandoned instead: its waiters claim the key again and fetch it afresh, after the
     /// verdict.
     pub fn fulfil(mut self, data: Bytes) {
-        if self.is_poisoned() {
-            self.release();
+        self.release();
+        // The flag is checked again under the LRU's lock as the chunk goes in, and
+        // `evict_digest` sets it before it clears the LRU: a verdict either finds the chunk
+        // there and drops it, or is seen here and nothing goes in.
+        let poisoned =
+            self.cache
+                .insert_unless(self.key.clone(), data.clone(), &self.flight.poisoned);
+        if poisoned {
             self.cache.retire(&self.key, &self.flight);
             self.answered = true;
             self.flight.land(Landing::Abandoned);
             return;
         }
-        self.release();
-        self.cache.insert(self.key.clone(), data.clone());
         self.answer(Landing::Done(Ok(data)));
     }
 
@@ -314,10 +323,25 @@ impl ChunkCache {
     }
 
     pub fn insert(&self, key: ChunkKey, data: Bytes) {
+        let never = std::sync::atomic::AtomicBool::new(false);
+        self.insert_unless(key, data, &never);
+    }
+
+    /// [`ChunkCache::insert`], unless `poisoned` is set (read under the LRU's lock); says
+    /// whether it was.
+    fn insert_unless(
+        &self,
+        key: ChunkKey,
+        data: Bytes,
+        poisoned: &std::sync::atomic::AtomicBool,
+    ) -> bool {
         let evicted = {
             let mut lru = crate::sync::lock(&self.lru);
+            if poisoned.load(Ordering::SeqCst) {
+                return true;
+            }
             if data.len() as u64 > self.capacity {
-                return; // would evict everything and still not fit
+                return false; // would evict everything and still not fit
             }
             lru.bytes += data.len() as u64;
             if let Some(old) = lru.map.put(key, data) {
@@ -326,6 +350,7 @@ impl ChunkCache {
             Self::shrink(&mut lru, self.capacity)
         };
         self.recycle(evicted);
+        false
     }
 
     /// Evict least recently used chunks until cached plus reserved bytes fit `capacity`.
@@ -510,6 +535,16 @@ impl ChunkCache {
     /// Drop every chunk made from `digest`, of every kind (after a digest mismatch, a delete),
     /// and poison its fetches in flight: bytes asked for before the verdict are never cached.
     pub fn evict_digest(&self, digest: &str) {
+        // Poison first: a fetch landing from now on sees it under the LRU's lock (see
+        // `Fetching::fulfil`); one that landed before is in the LRU, cleared below.
+        {
+            let inflight = crate::sync::lock(&self.inflight);
+            for (k, f) in inflight.iter() {
+                if k.digest().as_str() == digest {
+                    f.poisoned.store(true, Ordering::SeqCst);
+                }
+            }
+        }
         let mut lru = crate::sync::lock(&self.lru);
         let keys: Vec<ChunkKey> = lru
             .map
@@ -520,13 +555,6 @@ impl ChunkCache {
         for k in keys {
             if let Some(v) = lru.map.pop(&k) {
                 lru.bytes -= v.len() as u64;
-            }
-        }
-        drop(lru); // lock order: never `inflight` under `lru`'s guard
-        let inflight = crate::sync::lock(&self.inflight);
-        for (k, f) in inflight.iter() {
-            if k.digest().as_str() == digest {
-                f.poisoned.store(true, Ordering::SeqCst);
             }
         }
     }

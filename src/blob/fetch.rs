@@ -141,21 +141,12 @@ impl Blobs {
             maps: self.maps.clone(),
         };
         let blob = blob.clone();
-        // A prefetch waits for room in the disk writer's queue (a read's own blocks never do).
-        let room = held;
         tokio::spawn(async move {
             let _release = release;
-            let mut room = match (&src.disk, room > 0) {
-                (Some(disk), true) => {
-                    let room = usize::try_from(room).unwrap_or(usize::MAX);
-                    Some(disk.wait_for_room(room, crate::disk::MAX_ROOM_WAIT).await)
-                }
-                _ => None,
-            };
             if src.disk.is_some() {
-                from_disk_then_registry(&src, blob, bs, run, room.as_mut()).await
+                from_disk_then_registry(&src, blob, bs, run, prefetch).await
             } else {
-                fetch_run(&src, blob, bs, first, run, None).await
+                fetch_run(&src, blob, bs, first, run, false).await
             }
         });
     }
@@ -207,7 +198,7 @@ async fn from_disk_then_registry(
     blob: BlobRef,
     bs: u64,
     run: Vec<Fetching>,
-    mut room: Option<&mut crate::disk::Room>,
+    prefetch: bool,
 ) {
     let Some(disk) = src.disk.clone() else {
         return;
@@ -236,11 +227,9 @@ async fn from_disk_then_registry(
             },
         }
     }
-    // Held room in the writer's queue goes to the first run (they are rare: most runs are one).
-    let fetches = runs.into_iter().enumerate().map(|(i, r)| {
+    let fetches = runs.into_iter().map(|r| {
         let first = block_index(&r[0]);
-        let room = if i == 0 { room.take() } else { None };
-        fetch_run(src, blob.clone(), bs, first, r, room)
+        fetch_run(src, blob.clone(), bs, first, r, prefetch)
     });
     futures_util::future::join_all(fetches).await;
 }
@@ -260,7 +249,7 @@ async fn fetch_run(
     bs: u64,
     first: u64,
     run: Vec<Fetching>,
-    room: Option<&mut crate::disk::Room>,
+    prefetch: bool,
 ) {
     let start = first * bs;
     let end = (first + run.len() as u64)
@@ -275,6 +264,15 @@ async fn fetch_run(
         fail_all(run.into(), &e);
         return;
     }
+    // With a disk tier, a prefetch first waits for room in the writer's queue for exactly the
+    // blocks it is about to fetch, and holds it for them (see `DiskCache::wait_for_room`).
+    let mut room = match (&src.disk, prefetch) {
+        (Some(disk), true) => {
+            let bytes = usize::try_from(end + 1 - start).unwrap_or(usize::MAX);
+            Some(disk.wait_for_room(bytes, crate::disk::MAX_ROOM_WAIT).await)
+        }
+        _ => None,
+    };
     let map = crate::sync::lock(&src.maps)
         .get(&(blob.digest.clone(), blob.size, bs))
         .cloned();
@@ -288,7 +286,7 @@ async fn fetch_run(
         waiting: run.into(),
         cur: BytesMut::new(),
         failed: None,
-        room,
+        room: room.as_mut(),
     };
     let r = src
         .reg

@@ -251,6 +251,8 @@ impl Blobs {
                 }
             };
             match flight.wait().await {
+                // Its blob was found bad meanwhile: fetch afresh, after the verdict.
+                None if flight.is_poisoned() => {}
                 None if abandoned < MAX_ABANDONED => abandoned += 1, // claim again
                 None => {
                     return Err(RegistryError::Transport(format!(

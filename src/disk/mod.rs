@@ -56,9 +56,12 @@ pub struct Room {
 
 impl Drop for Room {
     fn drop(&mut self) {
-        self.inner
-            .queued_bytes
-            .fetch_sub(self.held, Ordering::SeqCst);
+        if self.held > 0 {
+            self.inner
+                .queued_bytes
+                .fetch_sub(self.held, Ordering::SeqCst);
+            self.inner.drained.notify_waiters();
+        }
     }
 }
 
@@ -154,6 +157,8 @@ struct Inner {
     maps: Mutex<HashMap<MapKey, Option<Sums>>>,
     counters: Counters,
     queued_bytes: AtomicUsize,
+    /// Signalled by the writer after each job (see [`DiskCache::wait_for_room`]).
+    drained: tokio::sync::Notify,
     /// Holds the flock for the life of the cache.
     _lock: File,
 }
@@ -243,6 +248,7 @@ impl DiskCache {
             maps: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             queued_bytes: AtomicUsize::new(0),
+            drained: tokio::sync::Notify::new(),
             _lock: lock_file,
         });
         inner.make_room(0);
@@ -278,17 +284,26 @@ impl DiskCache {
         got
     }
 
-    /// Wait (at most `max`) until the writer's queue has room for `bytes` more, and hold that
-    /// room: the blocks [`DiskCache::put_within`] later puts with the returned [`Room`] are
-    /// queued even if other puts filled the queue meanwhile. A prefetch asks this before it
-    /// fetches, so a read that outruns the disk (a loopback registry on a busy machine: the
-    /// writer shares the CPU with hashing) slows its readahead to the disk's pace instead of
-    /// dropping blocks that the next mount would fetch again. A reader's own blocks never wait.
-    /// After `max`, the room is whatever is free (maybe none: then blocks may be dropped).
+    /// Wait (at most `max`) until the writer's queue has room for `bytes` more (at most the
+    /// whole queue), and hold that room: the blocks [`DiskCache::put_within`] later puts with
+    /// the returned [`Room`] are queued even if other puts filled the queue meanwhile. A
+    /// prefetch asks this before it fetches, so a read that outruns the disk (a loopback
+    /// registry on a busy machine: the writer shares the CPU with hashing) slows its readahead
+    /// to the disk's pace instead of dropping blocks that the next mount would fetch again. A
+    /// reader that reaches one of those blocks waits with it: a reader's own blocks never wait
+    /// (they are not a prefetch), but its prefetched ones may, at most `max`, and only while
+    /// the writer is behind. (Ending the wait as soon as a reader waited left 2 to 42 of 1024
+    /// blocks dropped on a CPU-bound loopback read: the reader is right behind the prefetch.)
+    /// Without room by then, the room is empty (its blocks may be dropped). Woken by the
+    /// writer as it drains.
     pub async fn wait_for_room(&self, bytes: usize, max: std::time::Duration) -> Room {
+        let bytes = bytes.min(QUEUE_BYTES);
         let deadline = tokio::time::Instant::now() + max;
         let q = &self.inner.queued_bytes;
         loop {
+            let drained = self.inner.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
             let now = q.load(Ordering::SeqCst);
             if now.saturating_add(bytes) <= QUEUE_BYTES {
                 if q.compare_exchange(now, now + bytes, Ordering::SeqCst, Ordering::SeqCst)
@@ -301,14 +316,15 @@ impl DiskCache {
                 }
                 continue;
             }
-            if tokio::time::Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
                 inc(&self.inner.counters.room_waits_expired);
                 return Room {
                     inner: self.inner.clone(),
                     held: 0,
                 };
             }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            let _ = tokio::time::timeout(left, drained).await;
         }
     }
 
@@ -391,10 +407,25 @@ impl DiskCache {
         Some(f)
     }
 
-    /// Drop every block and whole file of a blob (found bad, or deleted).
+    /// Drop every block and whole file of a blob (found bad, or deleted). Never lost: when the
+    /// writer's queue is full, a thread of its own waits to queue it (puts may be dropped;
+    /// a forget must not be, or bad blocks would outlive their verdict).
     pub fn forget(&self, digest: &Digest) {
-        if let Some(d) = digest_bytes(digest.as_str()) {
-            let _ = self.send(Job::Forget(d));
+        let Some(d) = digest_bytes(digest.as_str()) else {
+            return;
+        };
+        if self.send(Job::Forget(d)).is_ok() {
+            return;
+        }
+        if let Some(tx) = self.tx.clone() {
+            let spawned = std::thread::Builder::new()
+                .name("regfs-disk-forget".into())
+                .spawn(move || {
+                    let _ = tx.send(Job::Forget(d));
+                });
+            if let Err(e) = spawned {
+                log::warn!("disk cache: could not queue dropping a bad blob's blocks: {e}");
+            }
         }
     }
 
@@ -668,6 +699,7 @@ fn writer(inner: Arc<Inner>, rx: Receiver<Job>) {
             Job::Put(key, data) => {
                 inner.store_block(&key, &data);
                 inner.queued_bytes.fetch_sub(data.len(), Ordering::SeqCst);
+                inner.drained.notify_waiters();
             }
             Job::Mapped(mk, sums) => inner.store_map(&mk, &sums),
             Job::Forget(d) => inner.forget(&d),

@@ -207,7 +207,7 @@ use std::os::unix::fs::FileExt;
 #[tokio::test]
 async fn room_held_for_a_prefetch_is_used_by_its_blocks_and_given_back() {
     let dir = tempfile::tempdir().unwrap();
-    let c = DiskCache::open(dir.path(), 1 << 30).unwrap();
+    let c = Arc::new(DiskCache::open(dir.path(), 1 << 30).unwrap());
     let (d, data) = blob(8192, 3);
     let bs = 4096;
     // A prefetch holds the whole queue: another put finds it full and is dropped...
@@ -230,7 +230,18 @@ async fn room_held_for_a_prefetch_is_used_by_its_blocks_and_given_back() {
         .await;
     assert_eq!(none.held, 0);
     assert_eq!(c.stats().room_waits_expired, 1);
+    // A waiter is woken when room comes back (here: the prefetch's unused room).
+    let waiter = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.wait_for_room(QUEUE_BYTES / 2, std::time::Duration::from_secs(3600))
+                .await
+                .held
+        })
+    };
+    tokio::task::yield_now().await;
     drop(room); // the unused room goes back
+    assert_eq!(waiter.await.unwrap(), QUEUE_BYTES / 2);
     c.flush();
     assert_eq!(c.inner.queued_bytes.load(Ordering::SeqCst), 0);
     assert!(c.get(&key(&d, data.len(), bs, 1)).is_some());
