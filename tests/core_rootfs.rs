@@ -392,3 +392,42 @@ async fn toc_formats_fetch_exactly_footer_toc_and_the_files_chunks() {
         }
     }
 }
+
+/// An index pass reads its layer whole from the start, so its readahead window starts at the
+/// full `--readahead`: after the format sniff and the footer, the rest of the layer comes in one
+/// request (at most `MAX_REQUEST`), not in requests that double from one chunk, a round trip
+/// each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_index_pass_asks_for_its_whole_window_at_once() {
+    let (fake, gate, fs) = setup_with(FsOptions {
+        chunk_size: CHUNK,
+        cache_size: 1024 * CHUNK, // 64 MiB: a 16 MiB prefetch budget
+        ..FsOptions::default()
+    });
+    let layer = Layer::gzip(&lower_tar());
+    let size = layer.data.len() as u64;
+    assert!(size > 32 * CHUNK, "noise does not compress");
+    let pushed = push_image(fake.as_ref(), "r/img", Some("t"), "amd64", &[layer]).await;
+    let digest = pushed.layers[0].0.clone();
+    gate.reset();
+    assert_eq!(
+        names(&fs, &format!("{ROOT}/zz")).await.unwrap(),
+        ["late"],
+        "indexed whole"
+    );
+    let served: Vec<(u64, u64)> = gate
+        .served()
+        .into_iter()
+        .filter(|(d, _, _)| *d == digest)
+        .map(|(_, s, e)| (s, e))
+        .collect();
+    let largest = served.iter().map(|(s, e)| e - s).max().unwrap_or(0);
+    assert!(
+        served.len() <= 4,
+        "the pass's requests grew a round trip at a time: {served:?}"
+    );
+    assert!(
+        largest >= size - 4 * CHUNK,
+        "no request asked for the rest of the layer: {served:?}"
+    );
+}
