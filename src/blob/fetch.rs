@@ -52,7 +52,11 @@ impl Blobs {
             } else {
                 match self.cache.claim(&key) {
                     Claim::Fetch(mut f) => {
-                        f.reserve(block_len(blob.size, bs, index));
+                        if prefetch {
+                            f.reserve_for_prefetch(block_len(blob.size, bs, index));
+                        } else {
+                            f.reserve(block_len(blob.size, bs, index));
+                        }
                         if !prefetch {
                             slots.push(Slot::Wait(f.flight()));
                         }
