@@ -233,7 +233,7 @@ impl Fetching {
         // there and drops it, or is seen here and nothing goes in.
         let poisoned =
             self.cache
-                .insert_unless(self.key.clone(), data.clone(), &self.flight.poisoned);
+                .insert_unless(self.key.clone(), data.clone(), Some(&self.flight.poisoned));
         if poisoned {
             self.cache.retire(&self.key, &self.flight);
             self.answered = true;
@@ -333,8 +333,7 @@ impl ChunkCache {
     }
 
     pub fn insert(&self, key: ChunkKey, data: Bytes) {
-        let never = std::sync::atomic::AtomicBool::new(false);
-        self.insert_unless(key, data, &never);
+        self.insert_unless(key, data, None);
     }
 
     /// [`ChunkCache::insert`], unless `poisoned` is set (read under the LRU's lock); says
@@ -343,11 +342,11 @@ impl ChunkCache {
         &self,
         key: ChunkKey,
         data: Bytes,
-        poisoned: &std::sync::atomic::AtomicBool,
+        poisoned: Option<&std::sync::atomic::AtomicBool>,
     ) -> bool {
         let evicted = {
             let mut lru = crate::sync::lock(&self.lru);
-            if poisoned.load(Ordering::SeqCst) {
+            if poisoned.is_some_and(|p| p.load(Ordering::SeqCst)) {
                 return true;
             }
             if data.len() as u64 > self.capacity {

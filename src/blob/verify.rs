@@ -89,10 +89,9 @@ pub struct Verifier {
     pending: BTreeMap<u64, (Bytes, usize)>,
     pending_bytes: usize,
     budget: Arc<VerifyBudget>,
-    /// Pieces at least this long are stashed as they are, not copied.
-    share_from: usize,
-    /// The block size those pieces come from (see [`Verifier::sharing`]).
-    share_block: usize,
+    /// The block size of the pieces fed, when long ones may be stashed without a copy (see
+    /// [`Verifier::sharing`]).
+    share_block: Option<usize>,
     /// Gave up (data too far out of order) or already finished.
     done: bool,
     /// The blob failed verification: every later read through this handle fails too, so a
@@ -186,8 +185,7 @@ impl Verifier {
             pending: BTreeMap::new(),
             pending_bytes: 0,
             budget,
-            share_from: usize::MAX,
-            share_block: 0,
+            share_block: None,
             done: false,
             failed: None,
             blocks: None,
@@ -201,8 +199,7 @@ impl Verifier {
     /// kernel readahead pieces are then never copied; small ones still are. The price: a
     /// handle's 16 MiB stash holds 8 such pieces, not 16.
     pub fn sharing(mut self, block_size: u64) -> Self {
-        self.share_block = usize::try_from(block_size).unwrap_or(usize::MAX);
-        self.share_from = self.share_block.div_ceil(2).max(1);
+        self.share_block = Some(usize::try_from(block_size).unwrap_or(usize::MAX));
         self
     }
 
@@ -269,12 +266,13 @@ impl Verifier {
                 return Checked::Pending;
             }
             // A short piece is copied: a slice would keep its whole chunk alive while it
-            // waits here. A long one is kept as it is and counted at twice its length.
-            let (piece, cost) = if data.len() >= self.share_from {
-                (
-                    data.clone(),
-                    data.len().max(self.share_block).saturating_mul(2),
-                )
+            // waits here. A long one is kept as it is, counted at twice the larger of its
+            // length and a block (see `sharing`).
+            let shared = self
+                .share_block
+                .filter(|bs| data.len() >= bs.div_ceil(2).max(1));
+            let (piece, cost) = if let Some(bs) = shared {
+                (data.clone(), data.len().max(bs).saturating_mul(2))
             } else {
                 (Bytes::copy_from_slice(data), data.len())
             };
