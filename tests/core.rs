@@ -2,10 +2,14 @@
 //! network; covers the tree, laziness by request counts, and every fault the failure-injecting
 //! wrapper can inject.
 
+mod common;
+
 use std::sync::Arc;
 
+use common::walk;
+
 use regfs::digest::{digest_hex, sha256_digest};
-use regfs::fs::{Fs, FsOptions, Ino, Kind, ROOT_INO};
+use regfs::fs::{Fs, FsOptions, Kind, ROOT_INO};
 use regfs::registry::fake::FakeRegistry;
 use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
 use regfs::registry::Registry;
@@ -94,14 +98,6 @@ fn setup_faulty(
 }
 
 /// Walk a path from the root with lookups; returns the inode.
-async fn walk(fs: &Fs, path: &str) -> Result<Ino, i32> {
-    let mut ino = ROOT_INO;
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        ino = fs.lookup(ino, part).await.map_err(|e| e.errno)?.attr.ino;
-    }
-    Ok(ino)
-}
-
 async fn read_all(fs: &Fs, path: &str) -> Result<Vec<u8>, i32> {
     let ino = walk(fs, path).await?;
     let size = fs.getattr(ino).await.unwrap().attr.size;

@@ -1,7 +1,11 @@
 //! Core tier: the control directory `.regfs/` (stats, config, version) and `user.regfs.cached`,
 //! against the fake registry; the counters are checked against a known sequence of reads.
 
+mod common;
+
 use std::sync::Arc;
+
+use common::walk_ok;
 
 use regfs::digest::digest_hex;
 use regfs::fs::{Fs, FsOptions, Ino, Kind, ROOT_INO};
@@ -24,14 +28,6 @@ fn setup() -> (Arc<FakeRegistry>, Fs) {
     (reg, fs)
 }
 
-async fn walk(fs: &Fs, path: &str) -> Ino {
-    let mut ino = ROOT_INO;
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        ino = fs.lookup(ino, part).await.unwrap().attr.ino;
-    }
-    ino
-}
-
 /// Open, read to the end, return the bytes and whether the open asked for direct I/O.
 async fn read_all(fs: &Fs, ino: Ino) -> (Vec<u8>, bool) {
     let h = fs.open(ino, false).await.unwrap();
@@ -48,7 +44,7 @@ async fn read_all(fs: &Fs, ino: Ino) -> (Vec<u8>, bool) {
 }
 
 async fn stats(fs: &Fs) -> serde_json::Value {
-    let ino = walk(fs, ".regfs/stats").await;
+    let ino = walk_ok(fs, ".regfs/stats").await;
     serde_json::from_slice(&read_all(fs, ino).await.0).unwrap()
 }
 
@@ -104,7 +100,7 @@ async fn the_control_dir_is_listed_and_holds_three_files() {
         }
     }
     // Read-only, like the rest of the tree.
-    let stats = walk(&fs, ".regfs/stats").await;
+    let stats = walk_ok(&fs, ".regfs/stats").await;
     assert_eq!(fs.open(stats, true).await.unwrap_err().errno, libc::EROFS);
 }
 
@@ -122,7 +118,7 @@ async fn stats_count_a_known_sequence_of_reads() {
     assert!(s0["rate_limit"].is_null());
     assert_eq!(s0["sources"], serde_json::json!([]));
 
-    let ino = walk(&fs, &path).await;
+    let ino = walk_ok(&fs, &path).await;
     let cached = || async {
         let v = fs.getxattr(ino, "user.regfs.cached").await.unwrap();
         String::from_utf8(v.to_vec())
@@ -166,7 +162,7 @@ async fn stats_count_a_known_sequence_of_reads() {
 async fn a_committed_upload_reports_what_the_cache_holds_of_it() {
     let (reg, fs) = setup();
     reg.add_blob("app", b"seed".to_vec());
-    let uploads = walk(&fs, "app/uploads").await;
+    let uploads = walk_ok(&fs, "app/uploads").await;
     let (e, h) = fs.create(uploads, "f").await.unwrap();
     let data = vec![7u8; 1000];
     fs.write(h.fh, 0, &data).await.unwrap();
@@ -191,7 +187,7 @@ async fn a_committed_upload_reports_what_the_cache_holds_of_it() {
     assert_eq!(read_all(&fs, ino).await.0, data);
     assert_eq!(cached().await, "1000");
     // Not a blob: no such attribute.
-    let version = walk(&fs, ".regfs/version").await;
+    let version = walk_ok(&fs, ".regfs/version").await;
     assert_eq!(
         fs.getxattr(version, "user.regfs.cached")
             .await

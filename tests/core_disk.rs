@@ -3,11 +3,15 @@
 //! corrupt are EIO, in this mount and in a new one on the same disk tier; blocks on disk are
 //! served without a request.
 
+mod common;
+
 use std::sync::Arc;
+
+use common::walk_ok;
 
 use regfs::digest::digest_hex;
 use regfs::disk::DiskCache;
-use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
+use regfs::fs::{Fs, FsOptions};
 use regfs::registry::fake::FakeRegistry;
 use regfs::registry::faulty::{Fault, FaultyRegistry, Op};
 use regfs::registry::Registry;
@@ -27,17 +31,9 @@ fn mount(reg: &Arc<FaultyRegistry>, disk: &Arc<DiskCache>) -> Fs {
     )
 }
 
-async fn walk(fs: &Fs, path: &str) -> Ino {
-    let mut ino = ROOT_INO;
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        ino = fs.lookup(ino, part).await.unwrap().attr.ino;
-    }
-    ino
-}
-
 /// Read `len` bytes at `off` through a fresh handle.
 async fn read_at(fs: &Fs, path: &str, off: u64, len: u32) -> Result<Vec<u8>, i32> {
-    let h = fs.open(walk(fs, path).await, false).await.unwrap();
+    let h = fs.open(walk_ok(fs, path).await, false).await.unwrap();
     let r = fs.read(h.fh, off, len).await;
     fs.release(h.fh).await;
     r.map(|b| b.to_vec()).map_err(|e| e.errno)
@@ -70,7 +66,7 @@ async fn chunk_maps_make_corrupt_blocks_eio_in_this_mount_and_the_next() {
 
     let fs = mount(&faults, &disk);
     let mut off = 0;
-    let h = fs.open(walk(&fs, &path).await, false).await.unwrap();
+    let h = fs.open(walk_ok(&fs, &path).await, false).await.unwrap();
     while off < data.len() as u64 {
         let b = fs.read(h.fh, off, BLOCK as u32).await.unwrap();
         assert_eq!(b[..], data[off as usize..off as usize + b.len()]);

@@ -1,7 +1,11 @@
 //! Core tier, write side: the push paths against the in-memory fake, including failures the real
 //! registry cannot be made to produce on demand (injected by the failure-injecting wrapper).
 
+mod common;
+
 use std::sync::Arc;
+
+use common::walk;
 
 use regfs::digest::{digest_hex, sha256_digest};
 use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
@@ -35,14 +39,6 @@ fn setup_faulty() -> (Arc<FakeRegistry>, Arc<FaultyRegistry>, Fs) {
         },
     );
     (reg, faults, fs)
-}
-
-async fn walk(fs: &Fs, path: &str) -> Result<Ino, i32> {
-    let mut ino = ROOT_INO;
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        ino = fs.lookup(ino, part).await.map_err(|e| e.errno)?.attr.ino;
-    }
-    Ok(ino)
 }
 
 /// create + write in 128 KiB pieces + flush + release, like cp. Returns flush's result.

@@ -6,13 +6,15 @@
 
 mod common;
 
+use common::walk;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
     estargz_of, make_tar, pseudo_random, push_image, zstd_chunked_of, GatedRegistry, Layer,
 };
-use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
+use regfs::fs::{Fs, FsOptions, Ino};
 use regfs::registry::fake::FakeRegistry;
 use regfs::registry::Registry;
 
@@ -36,14 +38,6 @@ fn setup_with(opts: FsOptions) -> (Arc<FakeRegistry>, Arc<GatedRegistry>, Arc<Fs
     let gate = Arc::new(GatedRegistry::new(fake.clone()));
     let fs = Fs::new(gate.clone() as Arc<dyn Registry>, opts);
     (fake, gate, Arc::new(fs))
-}
-
-async fn walk(fs: &Fs, path: &str) -> Result<Ino, i32> {
-    let mut ino = ROOT_INO;
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        ino = fs.lookup(ino, part).await.map_err(|e| e.errno)?.attr.ino;
-    }
-    Ok(ino)
 }
 
 async fn read_all(fs: &Fs, path: &str) -> Result<Vec<u8>, i32> {

@@ -4,10 +4,12 @@
 
 mod common;
 
+use common::walk_ok;
+
 use std::sync::Arc;
 
 use regfs::digest::digest_hex;
-use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
+use regfs::fs::{Fs, FsOptions, Ino};
 use regfs::registry::fake::FakeRegistry;
 use regfs::registry::Registry;
 
@@ -15,14 +17,6 @@ const MIB: u64 = 1 << 20;
 
 fn blob(len: u64, seed: u64) -> Vec<u8> {
     common::pseudo_random(len as usize, seed)
-}
-
-async fn walk(fs: &Fs, path: &str) -> Ino {
-    let mut ino = ROOT_INO;
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        ino = fs.lookup(ino, part).await.unwrap().attr.ino;
-    }
-    ino
 }
 
 /// A fake registry holding one blob of `len` bytes, and a core with default options.
@@ -65,7 +59,7 @@ async fn read_through(fs: &Fs, ino: Ino, step: u32) -> Vec<u8> {
 #[tokio::test]
 async fn a_cold_random_4k_read_fetches_one_chunk_at_most() {
     let (reg, fs, data, path) = setup(64 * MIB);
-    let ino = walk(&fs, &path).await;
+    let ino = walk_ok(&fs, &path).await;
     let h = fs.open(ino, false).await.unwrap();
     let off = 37 * MIB + 12345;
     let b = fs.read(h.fh, off, 4096).await.unwrap();
@@ -79,7 +73,7 @@ async fn a_cold_random_4k_read_fetches_one_chunk_at_most() {
 #[tokio::test]
 async fn a_sequential_readers_requests_grow_and_fetch_each_byte_once() {
     let (reg, fs, data, path) = setup(96 * MIB);
-    let ino = walk(&fs, &path).await;
+    let ino = walk_ok(&fs, &path).await;
     assert!(read_through(&fs, ino, 128 * 1024).await == data);
     // Let prefetches that raced the last reads land before counting.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -104,7 +98,7 @@ async fn sixty_four_readers_of_one_blob_share_its_fetches() {
     let (reg, fs, data, path) = setup(32 * MIB);
     let fs = Arc::new(fs);
     let data = Arc::new(data);
-    let ino = walk(&fs, &path).await;
+    let ino = walk_ok(&fs, &path).await;
     let mut tasks = Vec::new();
     for i in 0..64u32 {
         let (fs, data) = (fs.clone(), data.clone());

@@ -5,11 +5,13 @@
 
 mod common;
 
+use common::walk;
+
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use regfs::digest::sha256_digest;
-use regfs::fs::{Fs, FsOptions, Ino, Kind, ROOT_INO};
+use regfs::fs::{Fs, FsOptions, Kind, ROOT_INO};
 use regfs::registry::fake::FakeRegistry;
 use regfs::registry::Registry;
 
@@ -29,14 +31,6 @@ fn setup() -> (Arc<FakeRegistry>, Fs) {
         },
     );
     (reg, fs)
-}
-
-async fn walk(fs: &Fs, path: &str) -> Result<Ino, i32> {
-    let mut ino = ROOT_INO;
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        ino = fs.lookup(ino, part).await.map_err(|e| e.errno)?.attr.ino;
-    }
-    Ok(ino)
 }
 
 async fn names(fs: &Fs, path: &str) -> Result<Vec<String>, i32> {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::*;
 use regfs::digest::sha256_digest;
-use regfs::fs::{Fs, FsOptions, Ino, ROOT_INO};
+use regfs::fs::{Fs, FsOptions};
 use regfs::registry::fake::FakeRegistry;
 use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
 use regfs::registry::Registry;
@@ -26,14 +26,6 @@ fn core(reg: Arc<dyn Registry>) -> Fs {
             ..FsOptions::default()
         },
     )
-}
-
-async fn walk(fs: &Fs, path: &str) -> Result<Ino, i32> {
-    let mut ino = ROOT_INO;
-    for part in path.split('/').filter(|p| !p.is_empty()) {
-        ino = fs.lookup(ino, part).await.map_err(|e| e.errno)?.attr.ino;
-    }
-    Ok(ino)
 }
 
 async fn names(fs: &Fs, path: &str) -> Vec<String> {

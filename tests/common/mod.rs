@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+mod core;
+#[allow(unused_imports)]
+pub use core::*;
 mod delay_proxy;
 #[allow(unused_imports)]
 pub use delay_proxy::*;
