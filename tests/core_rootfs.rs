@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    estargz_of, make_tar, pseudo_random, push_image, zstd_chunked_of, GatedRegistry, Layer,
+    estargz_of, make_tar, pseudo_random, push_image, seekable_bulk, seekable_tar, zstd_chunked_of,
+    GatedRegistry, Layer,
 };
 use regfs::fs::{Fs, FsOptions, Ino};
 use regfs::registry::fake::FakeRegistry;
@@ -305,20 +306,8 @@ async fn a_directory_of_100000_entries_lists_and_stats() {
 /// far less than footer + TOC + chunk + 256 KiB, whatever the chunk size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn toc_formats_fetch_exactly_footer_toc_and_the_files_chunks() {
-    let bulk: Vec<(String, Vec<u8>)> = (0..16)
-        .map(|i| {
-            (
-                format!("usr/lib/blob{i:02}"),
-                pseudo_random(200_000, i + 300),
-            )
-        })
-        .collect();
-    let mut files: Vec<(&str, &[u8])> = bulk
-        .iter()
-        .map(|(p, d)| (p.as_str(), d.as_slice()))
-        .collect();
-    files.push(("etc/os-release", b"ID=seekable\n"));
-    let t = make_tar(&files);
+    let bulk = seekable_bulk();
+    let t = seekable_tar(&bulk, &[]);
     for (kind, layer) in [
         ("estargz", estargz_of(&t)),
         ("zstdchunked", zstd_chunked_of(&t)),

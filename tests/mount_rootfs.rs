@@ -644,21 +644,8 @@ fn cache_dir_keeps_indexes_across_mounts() {
 fn estargz_and_zstd_chunked_read_only_footer_toc_and_the_file() {
     let reg = TestRegistry::start();
     let client = reg.client();
-    let bulk: Vec<(String, Vec<u8>)> = (0..16)
-        .map(|i| {
-            (
-                format!("usr/lib/blob{i:02}"),
-                pseudo_random(200_000, i + 300),
-            )
-        })
-        .collect();
-    let mut files: Vec<(&str, &[u8])> = bulk
-        .iter()
-        .map(|(p, d)| (p.as_str(), d.as_slice()))
-        .collect();
-    files.push(("etc/os-release", b"ID=seekable\n"));
-    files.push(("etc/empty", b""));
-    let t = make_tar(&files);
+    let bulk = seekable_bulk();
+    let t = seekable_tar(&bulk, &[("etc/empty", b"")]);
     rt().block_on(async {
         push_image(
             &client,

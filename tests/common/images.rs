@@ -434,3 +434,27 @@ pub fn zstd_chunked_of(tar: &[u8]) -> Layer {
         ],
     }
 }
+
+/// The files both tiers build eStargz and zstd:chunked layers from: 16 files of 200,000
+/// incompressible bytes under `usr/lib/` (see [`seekable_tar`]).
+pub fn seekable_bulk() -> Vec<(String, Vec<u8>)> {
+    (0..16)
+        .map(|i| {
+            (
+                format!("usr/lib/blob{i:02}"),
+                pseudo_random(200_000, i + 300),
+            )
+        })
+        .collect()
+}
+
+/// A tar of `bulk`, then `etc/os-release` (`ID=seekable`), then `extra`.
+pub fn seekable_tar(bulk: &[(String, Vec<u8>)], extra: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut files: Vec<(&str, &[u8])> = bulk
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.as_slice()))
+        .collect();
+    files.push(("etc/os-release", b"ID=seekable\n"));
+    files.extend_from_slice(extra);
+    make_tar(&files)
+}
