@@ -68,7 +68,7 @@ ensure_deps
 echo "==> building (release)"
 # The examples link the library with its test-only feature: build them first, so that the
 # regfs binary, built last, is the one without it.
-cargo build --release --quiet --example delay_proxy --example seed_bench
+cargo build --release --quiet --example delay_proxy --example seed_bench --example fuse_ceiling
 cargo build --release --quiet --bin regfs
 
 work_setup
@@ -202,10 +202,10 @@ w_seq() {
     fi
     local reg0 reg1 reg2 reg3 flt0 flt1
     reg0=$(cpu_seconds "$REGISTRY_PID") flt0=$(minor_faults "$REGFS_PID")
-    if [ -n "${BENCH_STRACE:-}" ]; then strace -f ${BENCH_STRACE_FLAGS:--c} -e trace=memory -p "$REGFS_PID" -o "$BENCH_STRACE" & sleep 0.5; fi
+    if [ -n "${BENCH_STRACE:-}" ]; then strace -f ${BENCH_STRACE_FLAGS:--c} -e trace=${BENCH_STRACE_EVENTS:-memory} -p "$REGFS_PID" -o "$BENCH_STRACE" & sleep 0.5; fi
     m_start; cat "$file" >/dev/null; m_end
     reg1=$(cpu_seconds "$REGISTRY_PID") flt1=$(minor_faults "$REGFS_PID")
-    if [ -n "${BENCH_STRACE:-}" ]; then pkill -INT -f "strace -f .*-e trace=memory -p $REGFS_PID"; sleep 0.5; fi
+    if [ -n "${BENCH_STRACE:-}" ]; then pkill -INT -f "strace -f .* -p $REGFS_PID"; sleep 0.5; fi
     notes+=("seq $net: regfs took $((flt1 - flt0)) minor page faults ($(awk -v f=$((flt1 - flt0)) -v m="$mib" 'BEGIN { printf "%.0f", f / (m * 256) * 100 }') % of the pages read)")
     if [ -n "$perf_pid" ]; then
         kill -INT "$perf_pid"
@@ -227,8 +227,34 @@ w_seq() {
         per_gib=$(awk -v c="$CPU" -v m="$mib" 'BEGIN { printf "%.2f", c * 1024 / m }')
         ref=$( { TIMEFORMAT='%U %S'; time openssl dgst -sha256 "$work/registry/data/docker/registry/v2/blobs/sha256/${hex:0:2}/$hex/data" >/dev/null; } 2>&1 |
             awk -v m="$mib" '{ printf "%.2f", ($1 + $2) * 1024 / m }')
+        ceiling "$mib"
+        ceiling "$mib" --hash
         rows+=("cpu per GiB${FS}lo${FS}-${FS}-${FS}-${FS}-${FS}$per_gib${FS}-${FS}sha256 alone (openssl dgst), CPU s per GiB${FS}$ref${FS}-${FS}-${FS}<= 1.0 s${FS}$(met "$per_gib" '<=' 1.0)")
     fi
+}
+
+# ceiling MIB [FLAGS]: what any FUSE daemon reaches on this machine, reading MIB from a mount of
+# examples/fuse_ceiling (bytes from memory, regfs's kernel parameters; --hash: sha256 of every
+# byte as it is served, which regfs cannot skip). A note on the seq row.
+ceiling() {
+    local mib=$1 dir pid c0 c1 a b dev
+    shift
+    dir=$(mktemp -d "$work/ceiling.XXXXXX")
+    target/release/examples/fuse_ceiling "$dir" --size "${mib}MiB" "$@" >"$dir.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 50); do grep -q mounted "$dir.log" 2>/dev/null && break; sleep 0.1; done
+    # As regfs's session does: the mount's readahead to 1 MiB.
+    dev=$(awk -v m="$dir" '$5 == m { print $3 }' /proc/self/mountinfo)
+    [ -z "$dev" ] || echo 1024 >"/sys/class/bdi/$dev/read_ahead_kb" 2>/dev/null || true
+    c0=$(cpu_seconds "$pid")
+    a=$(now)
+    cat "$dir/blob" >/dev/null
+    b=$(now)
+    c1=$(cpu_seconds "$pid")
+    fusermount3 -u "$dir" 2>/dev/null || umount "$dir"
+    wait "$pid" || true
+    rmdir "$dir"
+    notes+=("seq lo ceiling${1:+ ($1)}: a FUSE daemon serving ${mib} MiB from memory$([ "${1:-}" = --hash ] && echo ", hashing each byte,") reaches $(awk -v m="$mib" -v a="$a" -v b="$b" 'BEGIN { printf "%.0f", m / (b - a) }') MiB/s with $(awk -v a="$c0" -v b="$c1" -v m="$mib" 'BEGIN { printf "%.2f", (b - a) * 1024 / m }') s CPU per GiB (examples/fuse_ceiling.rs)")
 }
 
 # profile_report: the daemon's samples by library, then its top symbols.

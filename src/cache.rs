@@ -65,6 +65,9 @@ pub struct ChunkCache {
     inflight: Mutex<HashMap<ChunkKey, Arc<Flight>>>,
     /// Buffers of evicted chunks, for reuse ([`ChunkCache::buffer`]).
     pool: Mutex<Pool>,
+    /// Buffers of replies that joined two chunks, for the next such reply
+    /// ([`ChunkCache::join_buffer`]).
+    joins: Arc<Mutex<Pool>>,
     // ctl: hit and miss counters for `.regfs/stats` (a hit: `get` found the chunk; a miss: a
     // fetch ran).
     hits: AtomicU64,
@@ -75,6 +78,19 @@ pub struct ChunkCache {
 /// the default cache) outside the byte cap, enough to cover the fetches a sequential reader has
 /// streaming at once. Never more than a sixteenth of the cap in all.
 const POOLED_BUFFERS: usize = 16;
+
+/// Join buffers kept for reuse, apart from [`POOLED_BUFFERS`]: a read that spans two chunks is
+/// joined into one buffer (fuser's reply takes one slice), and nearly every read of a
+/// sequential reader spans two, because the kernel's readahead windows are not chunk aligned.
+/// Kept in the same pool as the chunks' buffers (and recycled only by whoever dropped them
+/// last, which was often the hasher's stash), these were taken by fetches filling the cache,
+/// and each join mapped and faulted in a fresh megabyte. A join now goes back to its own pool
+/// when its last holder lets go. A reader has a few reads in flight and its hasher up to
+/// `FEED_DEPTH` (16) queued; with 8 kept, a cold 1 GiB read still faulted on 43 % of its pages,
+/// with 16 on 35 % (the cache's first fill alone is 25 %). At most a sixteenth of the cap in
+/// all, as the chunks' pool: the two pools are memory outside the cap, 32 MiB at the default
+/// 256 MiB cache, 8 MiB at a 64 MiB one.
+const JOIN_BUFFERS: usize = 16;
 
 /// Recycled buffers, and their bytes (capacity) in all.
 #[derive(Default)]
@@ -87,6 +103,28 @@ struct Pool {
 /// larger buffer holding a small chunk would be memory past the cap.
 fn fits(buf: &BytesMut, len: usize) -> bool {
     buf.capacity() >= len && buf.capacity() / 2 <= len
+}
+
+/// A join buffer lent out as [`Bytes`]: back to its pool once nobody holds it.
+struct Joined {
+    buf: BytesMut,
+    pool: Arc<Mutex<Pool>>,
+    room: u64,
+}
+
+impl AsRef<[u8]> for Joined {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        // Full: the buffer is freed.
+        let _ = ChunkCache::put_into(&self.pool, buf, JOIN_BUFFERS, self.room);
+    }
 }
 
 /// Smaller buffers are not worth keeping (slices of network reads, small documents).
@@ -308,6 +346,7 @@ impl ChunkCache {
             }),
             inflight: Mutex::new(HashMap::new()),
             pool: Mutex::new(Pool::default()),
+            joins: Arc::new(Mutex::new(Pool::default())),
             hits: AtomicU64::new(0),   // ctl
             misses: AtomicU64::new(0), // ctl
         }
@@ -412,12 +451,23 @@ impl ChunkCache {
     }
 
     fn pool_put(&self, buf: BytesMut) {
-        let room = usize::try_from(self.capacity / 16).unwrap_or(usize::MAX);
-        let mut pool = crate::sync::lock(&self.pool);
+        if let Some(buf) = Self::put_into(&self.pool, buf, POOLED_BUFFERS, self.capacity / 16) {
+            drop(buf); // the pool is full: freed
+        }
+    }
+
+    /// Put `buf` into `pool` if it stays within `count` buffers and `room` bytes; else give it
+    /// back.
+    fn put_into(pool: &Mutex<Pool>, buf: BytesMut, count: usize, room: u64) -> Option<BytesMut> {
+        let room = usize::try_from(room).unwrap_or(usize::MAX);
+        let mut pool = crate::sync::lock(pool);
         let after = pool.bytes.saturating_add(buf.capacity());
-        if pool.bufs.len() < POOLED_BUFFERS && after <= room {
+        if pool.bufs.len() < count && after <= room {
             pool.bytes = after;
             pool.bufs.push(buf);
+            None
+        } else {
+            Some(buf)
         }
     }
 
@@ -427,9 +477,29 @@ impl ChunkCache {
             .unwrap_or_else(|| BytesMut::with_capacity(len))
     }
 
+    /// A buffer to join a read's pieces into: a recycled join buffer, else as
+    /// [`ChunkCache::buffer`]. Hand it back filled through [`ChunkCache::seal_join`].
+    pub fn join_buffer(&self, len: usize) -> BytesMut {
+        Self::take_from(&self.joins, len).unwrap_or_else(|| self.buffer(len))
+    }
+
+    /// A filled join buffer as bytes that return it to the join pool ([`JOIN_BUFFERS`]) when
+    /// the last holder lets go: the reply, or the handle's hasher, whichever is later.
+    pub fn seal_join(&self, buf: BytesMut) -> Bytes {
+        Bytes::from_owner(Joined {
+            buf,
+            pool: self.joins.clone(),
+            room: self.capacity / 16,
+        })
+    }
+
     /// A pooled buffer for `len` bytes, if one fits.
     fn pooled(&self, len: usize) -> Option<BytesMut> {
-        let mut pool = crate::sync::lock(&self.pool);
+        Self::take_from(&self.pool, len)
+    }
+
+    fn take_from(pool: &Mutex<Pool>, len: usize) -> Option<BytesMut> {
+        let mut pool = crate::sync::lock(pool);
         let found = pool
             .bufs
             .iter()
@@ -610,6 +680,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    const MIB: usize = 1 << 20;
+
     fn key(d: &str, i: u64) -> ChunkKey {
         ChunkKey::Blob {
             digest: Digest::from(d),
@@ -709,7 +781,6 @@ mod tests {
 
     #[test]
     fn a_fetch_refills_the_memory_of_the_chunk_it_displaces() {
-        const MIB: usize = 1 << 20;
         let c = Arc::new(ChunkCache::new(2 * MIB as u64));
         let block = |v: u8| {
             let mut b = BytesMut::with_capacity(MIB);
@@ -736,6 +807,30 @@ mod tests {
         g.reserve_for_prefetch(2 * MIB as u64);
         assert!(g.take_buffer().is_none());
         drop(held);
+    }
+
+    #[test]
+    fn a_join_buffer_goes_back_to_its_pool_when_its_last_holder_lets_go() {
+        let c = ChunkCache::new(1 << 30); // room for JOIN_BUFFERS of 1 MiB
+        let mut buf = c.join_buffer(MIB);
+        let at = buf.as_ptr();
+        buf.extend_from_slice(&[7u8; MIB]);
+        let reply = c.seal_join(buf);
+        let hasher = reply.clone(); // the handle's hasher holds it past the reply
+        c.recycle_one(reply.clone()); // the reply's recycle cannot take it
+        drop(reply);
+        assert!(ChunkCache::take_from(&c.joins, MIB).is_none(), "still held");
+        assert_eq!(&hasher[..4], &[7, 7, 7, 7]);
+        drop(hasher);
+        let again = c.join_buffer(MIB);
+        assert_eq!(again.as_ptr(), at, "the same memory, not a fresh mapping");
+        assert!(again.is_empty());
+        // Never more than JOIN_BUFFERS kept (nor more than a sixteenth of the cap).
+        let held: Vec<Bytes> = (0..JOIN_BUFFERS + 3)
+            .map(|_| c.seal_join(c.join_buffer(MIB)))
+            .collect();
+        drop(held);
+        assert_eq!(crate::sync::lock(&c.joins).bufs.len(), JOIN_BUFFERS);
     }
 
     #[tokio::test]

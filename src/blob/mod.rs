@@ -74,11 +74,20 @@ where
     F: FnMut(u64) -> Fut,
     Fut: Future<Output = Result<Bytes, E>>,
 {
-    gather_with(offset, end, chunk, get, short, BytesMut::with_capacity).await
+    gather_with(
+        offset,
+        end,
+        chunk,
+        get,
+        short,
+        BytesMut::with_capacity,
+        BytesMut::freeze,
+    )
+    .await
 }
 
-/// [`gather`], with the buffer for joined pieces from `alloc` (a recycled one, see
-/// [`ChunkCache::buffer`]).
+/// [`gather`], with the buffer for joined pieces from `alloc` and made bytes by `seal` (a
+/// recycled one that goes back to its pool, see [`ChunkCache::join_buffer`]).
 pub async fn gather_with<E, F, Fut>(
     offset: u64,
     end: u64,
@@ -86,6 +95,7 @@ pub async fn gather_with<E, F, Fut>(
     mut get: F,
     short: impl Fn(u64) -> E,
     alloc: impl FnOnce(usize) -> BytesMut,
+    seal: impl FnOnce(BytesMut) -> Bytes,
 ) -> Result<Bytes, E>
 where
     F: FnMut(u64) -> Fut,
@@ -108,7 +118,7 @@ where
         }
         out.extend_from_slice(&data[s.from..s.to]);
     }
-    Ok(out.freeze())
+    Ok(seal(out))
 }
 
 /// A blob as a reader needs it: where it lives, what it is, how big it is.
@@ -338,7 +348,8 @@ impl Blobs {
                     blob.repo, blob.digest
                 ))
             },
-            |n| self.cache.buffer(n),
+            |n| self.cache.join_buffer(n),
+            |b| self.cache.seal_join(b),
         )
         .await?;
         Ok((data, held_back))
