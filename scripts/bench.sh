@@ -206,6 +206,9 @@ w_seq() {
     m_start; cat "$file" >/dev/null; m_end
     reg1=$(cpu_seconds "$REGISTRY_PID") flt1=$(minor_faults "$REGFS_PID")
     if [ -n "${BENCH_STRACE:-}" ]; then pkill -INT -f "strace -f .* -p $REGFS_PID"; sleep 0.5; fi
+    local joined
+    joined=$(grep -o '"joined": [0-9]*' "$mnt/.regfs/stats" | grep -o '[0-9]*$' || echo 0)
+    notes+=("seq $net: $(awk -v j="$joined" -v m="$mib" 'BEGIN { printf "%.0f", j / (m * 1048576) * 100 }') % of the bytes served were copied to join reads spanning two chunks (.regfs/stats bytes.joined)")
     notes+=("seq $net: regfs took $((flt1 - flt0)) minor page faults ($(awk -v f=$((flt1 - flt0)) -v m="$mib" 'BEGIN { printf "%.0f", f / (m * 256) * 100 }') % of the pages read)")
     if [ -n "$perf_pid" ]; then
         kill -INT "$perf_pid"

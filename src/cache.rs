@@ -72,6 +72,8 @@ pub struct ChunkCache {
     // fetch ran).
     hits: AtomicU64,
     misses: AtomicU64,
+    /// ctl: bytes copied into join buffers (reads that spanned two chunks).
+    joined: AtomicU64,
 }
 
 /// Buffers kept for reuse: 16 chunk buffers (16 MiB at the default chunk size, a sixteenth of
@@ -349,7 +351,14 @@ impl ChunkCache {
             joins: Arc::new(Mutex::new(Pool::default())),
             hits: AtomicU64::new(0),   // ctl
             misses: AtomicU64::new(0), // ctl
+            joined: AtomicU64::new(0), // ctl
         }
+    }
+
+    /// Bytes copied so far to join reads that spanned two chunks (the one copy a reply makes;
+    /// a read within one chunk is a slice of it).
+    pub fn joined_bytes(&self) -> u64 {
+        self.joined.load(Ordering::Relaxed)
     }
 
     /// Byte cap.
@@ -486,6 +495,7 @@ impl ChunkCache {
     /// A filled join buffer as bytes that return it to the join pool ([`JOIN_BUFFERS`]) when
     /// the last holder lets go: the reply, or the handle's hasher, whichever is later.
     pub fn seal_join(&self, buf: BytesMut) -> Bytes {
+        self.joined.fetch_add(buf.len() as u64, Ordering::Relaxed); // ctl
         Bytes::from_owner(Joined {
             buf,
             pool: self.joins.clone(),

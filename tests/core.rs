@@ -151,6 +151,13 @@ async fn cache_chunks(fs: &Fs) -> u64 {
     v["cache_chunks"].as_u64().unwrap()
 }
 
+/// Bytes copied to join reads that spanned two chunks, from `.regfs/stats`.
+async fn joined(fs: &Fs) -> u64 {
+    let doc = read_all(fs, ".regfs/stats").await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+    v["bytes"]["joined"].as_u64().unwrap()
+}
+
 fn gets(reg: &FakeRegistry) -> u64 {
     reg.stats().snapshot().blob_gets
 }
@@ -265,6 +272,11 @@ async fn listing_fetches_no_blobs_and_reads_are_chunked() {
     assert_eq!(&b[..], &img.layer[300 * 1024..300 * 1024 + 4096]);
     assert_eq!(gets(&reg), 2, "4 KiB = one Range request for one chunk");
     assert_eq!(reg.stats().snapshot().blob_bytes, 64 * KIB + config);
+    assert_eq!(
+        joined(&fs).await,
+        0,
+        "a read within one chunk is a slice of it"
+    );
     fs.release(h.fh).await;
     // Another handle (no readahead history) reading the same chunk: no request.
     let h = fs.open(ino, false).await.unwrap();
@@ -278,6 +290,11 @@ async fn listing_fetches_no_blobs_and_reads_are_chunked() {
     assert_eq!(&b[..], &img.layer[320 * 1024 - 10..320 * 1024 + 10]);
     assert_eq!(gets(&reg), 3);
     assert_eq!(reg.stats().snapshot().blob_bytes, 2 * 64 * KIB + config);
+    assert_eq!(
+        joined(&fs).await,
+        20,
+        "the only copy: joining the two pieces"
+    );
     fs.release(h.fh).await;
 }
 

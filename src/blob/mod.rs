@@ -192,6 +192,11 @@ impl Blobs {
         self
     }
 
+    /// The cache's unit: what a cold read fetches at least, and where blob reads are split.
+    pub fn block_size(&self) -> u64 {
+        self.cfg.block_size
+    }
+
     /// The disk tier, if the mount has one.
     pub fn disk(&self) -> Option<&Arc<DiskCache>> {
         self.disk.as_ref()

@@ -15,6 +15,19 @@ use crate::error::{FsError, FsResult};
 use crate::layer::EntryKind;
 use crate::sync::lock;
 
+/// The largest `st_blksize`: 1 MiB, the most one FUSE read carries. Larger would only make
+/// readers allocate larger buffers.
+const MAX_PREFERRED_IO: u64 = 1 << 20;
+
+/// [`Fs::preferred_io_size`] for a block of `block` bytes (never below a page).
+fn preferred_io(block: u64) -> u32 {
+    let bs = block.max(1);
+    let pow2 = bs & bs.wrapping_neg(); // the lowest set bit: a power of two dividing bs
+    u32::try_from(pow2.min(MAX_PREFERRED_IO))
+        .unwrap_or(4096)
+        .max(4096)
+}
+
 impl Fs {
     pub async fn open(&self, ino: Ino, write: bool) -> FsResult<Opened> {
         let node = self.inodes.node(ino)?;
@@ -177,6 +190,17 @@ impl Fs {
         }
     }
 
+    /// The I/O size files ask for (`st_blksize`): the largest power of two that divides the
+    /// cache's block, at most [`MAX_PREFERRED_IO`]. `cat`, `cp` and `dd` read in `st_blksize`
+    /// units, and the kernel's readahead follows the first read's size: with the page size
+    /// here, its windows settled 768 KiB past each block boundary, so every 1 MiB read of a
+    /// sequential reader spanned two blocks and was copied to be joined (`bytes.joined` was
+    /// all of `bytes.served`). Reads of this size start on block boundaries and are slices of
+    /// one block each.
+    pub fn preferred_io_size(&self) -> u32 {
+        preferred_io(self.blobs.block_size())
+    }
+
     /// Bytes the chunk cache holds now.
     pub fn cache_bytes(&self) -> u64 {
         self.blobs.cache().used_bytes()
@@ -196,5 +220,25 @@ impl Fs {
             }
             _ => Err(FsError::invalid("not a symlink")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::preferred_io;
+
+    #[test]
+    fn the_preferred_io_size_divides_the_block() {
+        assert_eq!(preferred_io(1 << 20), 1 << 20);
+        assert_eq!(preferred_io(64 << 10), 64 << 10);
+        assert_eq!(preferred_io(4 << 20), 1 << 20, "at most one FUSE read");
+        assert_eq!(
+            preferred_io(3 << 19),
+            1 << 19,
+            "1.5 MiB: 512 KiB divides it"
+        );
+        assert_eq!(preferred_io(96 << 10), 32 << 10);
+        assert_eq!(preferred_io(3), 4096, "never below a page");
+        assert_eq!(preferred_io(0), 4096);
     }
 }

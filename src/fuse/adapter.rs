@@ -29,7 +29,9 @@ use crate::fs::{Attr, DirEntry, Fh, Fs, Ino, Kind, Opened};
 /// memory.
 const MAX_CONCURRENT_READS: usize = 64;
 
-/// Block size reported in stat and statfs: the page size, the unit the kernel caches in.
+/// Block size reported in statfs and in the stat of anything but a file: the page size, the
+/// unit the kernel caches in. Files report the core's preferred I/O size
+/// ([`Fs::preferred_io_size`]), so readers read whole cache blocks.
 const BLOCK_SIZE: u32 = 4096;
 
 /// Longest name reported by statfs, as on most Linux filesystems.
@@ -61,6 +63,8 @@ pub struct FuseAdapter {
     rt: Handle,
     uid: u32,
     gid: u32,
+    /// Files' `st_blksize` ([`Fs::preferred_io_size`]).
+    io: u32,
     reads: Arc<Semaphore>,
     /// Directory listings by directory handle, snapshotted at offset 0 (adapter-local handles).
     dir_handles: Arc<Mutex<HashMap<FileHandle, Arc<Vec<DirEntry>>>>>,
@@ -74,6 +78,7 @@ impl FuseAdapter {
         // SAFETY: getuid/getgid have no preconditions and cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         FuseAdapter {
+            io: fs.preferred_io_size(),
             fs,
             rt,
             uid,
@@ -106,8 +111,8 @@ fn erofs(op: &str, ino: INodeNo) -> Errno {
 }
 
 /// The core's attributes as a stat. Files without an owner of their own belong to the mounting
-/// user; every timestamp is the one modification time.
-fn file_attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
+/// user; every timestamp is the one modification time. Files report `io` as their block size.
+fn file_attr(a: &Attr, uid: u32, gid: u32, io: u32) -> FileAttr {
     FileAttr {
         ino: kernel_ino(a.ino),
         size: a.size,
@@ -122,7 +127,7 @@ fn file_attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
         uid: a.uid.unwrap_or(uid),
         gid: a.gid.unwrap_or(gid),
         rdev: a.rdev,
-        blksize: BLOCK_SIZE,
+        blksize: if a.kind == Kind::File { io } else { BLOCK_SIZE },
         flags: 0,
     }
 }
@@ -267,10 +272,10 @@ impl Filesystem for FuseAdapter {
         let Some(name) = os_name(name) else {
             return reply.error(Errno::from_i32(FsError::non_utf8_name(false).errno));
         };
-        let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
+        let (fs, uid, gid, io) = (self.fs.clone(), self.uid, self.gid, self.io);
         self.spawn(async move {
             match fs.lookup(core_ino(parent), &name).await {
-                Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr, uid, gid), Generation(0)),
+                Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr, uid, gid, io), Generation(0)),
                 Err(e) => reply.error(reply_error(&format!("lookup {name:?}"), parent, &e)),
             }
         });
@@ -281,10 +286,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
+        let (fs, uid, gid, io) = (self.fs.clone(), self.uid, self.gid, self.io);
         self.spawn(async move {
             match fs.getattr(core_ino(ino)).await {
-                Ok(e) => reply.attr(&e.ttl, &file_attr(&e.attr, uid, gid)),
+                Ok(e) => reply.attr(&e.ttl, &file_attr(&e.attr, uid, gid, io)),
                 Err(e) => reply.error(reply_error("getattr", ino, &e)),
             }
         });
@@ -308,10 +313,10 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
+        let (fs, uid, gid, io) = (self.fs.clone(), self.uid, self.gid, self.io);
         self.spawn(async move {
             match fs.setattr(core_ino(ino), fh.map(core_fh), size).await {
-                Ok(e) => reply.attr(&e.ttl, &file_attr(&e.attr, uid, gid)),
+                Ok(e) => reply.attr(&e.ttl, &file_attr(&e.attr, uid, gid, io)),
                 Err(e) => reply.error(reply_error("setattr", ino, &e)),
             }
         });
@@ -352,10 +357,10 @@ impl Filesystem for FuseAdapter {
         let Some(name) = os_name(name) else {
             return reply.error(Errno::from_i32(FsError::non_utf8_name(true).errno));
         };
-        let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
+        let (fs, uid, gid, io) = (self.fs.clone(), self.uid, self.gid, self.io);
         self.spawn(async move {
             match fs.mkdir(core_ino(parent), &name).await {
-                Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr, uid, gid), Generation(0)),
+                Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr, uid, gid, io), Generation(0)),
                 Err(e) => reply.error(reply_error(&format!("mkdir {name:?}"), parent, &e)),
             }
         });
@@ -670,7 +675,7 @@ impl Filesystem for FuseAdapter {
         let Some(name) = os_name(name) else {
             return reply.error(Errno::from_i32(FsError::non_utf8_name(true).errno));
         };
-        let (fs, uid, gid) = (self.fs.clone(), self.uid, self.gid);
+        let (fs, uid, gid, io) = (self.fs.clone(), self.uid, self.gid, self.io);
         let opener = tgid(req.pid());
         self.spawn(async move {
             match fs.create(core_ino(parent), &name).await {
@@ -678,7 +683,7 @@ impl Filesystem for FuseAdapter {
                     fs.set_opener(o.fh, opener).await;
                     reply.created(
                         &e.ttl,
-                        &file_attr(&e.attr, uid, gid),
+                        &file_attr(&e.attr, uid, gid, io),
                         Generation(0),
                         kernel_fh(o.fh),
                         FopenFlags::empty(),
@@ -720,7 +725,7 @@ mod tests {
     #[test]
     fn attr_becomes_a_stat() {
         let a = attr(Kind::File, 1025);
-        let f = file_attr(&a, 1000, 100);
+        let f = file_attr(&a, 1000, 100, 1 << 20);
         assert_eq!(f.ino, INodeNo(42));
         assert_eq!(f.size, 1025);
         // 512-byte blocks, rounded up.
@@ -729,12 +734,17 @@ mod tests {
         assert_eq!((f.perm, f.nlink, f.rdev, f.flags), (0o644, 1, 0, 0));
         // No owner of its own: the mounting user's.
         assert_eq!((f.uid, f.gid), (1000, 100));
-        assert_eq!(f.blksize, BLOCK_SIZE);
+        // A file asks for the core's I/O size, anything else for a page.
+        assert_eq!(f.blksize, 1 << 20);
+        assert_eq!(
+            file_attr(&attr(Kind::Dir, 0), 0, 0, 1 << 20).blksize,
+            BLOCK_SIZE
+        );
         for t in [f.atime, f.mtime, f.ctime, f.crtime] {
             assert_eq!(t, a.mtime);
         }
-        assert_eq!(file_attr(&attr(Kind::File, 0), 0, 0).blocks, 0);
-        assert_eq!(file_attr(&attr(Kind::File, 512), 0, 0).blocks, 1);
+        assert_eq!(file_attr(&attr(Kind::File, 0), 0, 0, 4096).blocks, 0);
+        assert_eq!(file_attr(&attr(Kind::File, 512), 0, 0, 4096).blocks, 1);
 
         // An owner from a tar header wins.
         let owned = Attr {
@@ -743,7 +753,7 @@ mod tests {
             rdev: 0x0103,
             ..attr(Kind::CharDevice, 0)
         };
-        let f = file_attr(&owned, 1000, 100);
+        let f = file_attr(&owned, 1000, 100, 4096);
         assert_eq!((f.uid, f.gid, f.rdev), (0, 5, 0x0103));
         assert_eq!(f.kind, FileType::CharDevice);
     }

@@ -1,9 +1,9 @@
 //! The control directory `MNT/.regfs/`: how the mount is doing, without a debugger. A dot name
 //! never collides with a repository (a repository component must start with `[a-z0-9]`).
 //!
-//! - `stats`: JSON counters (requests by kind, bytes fetched against bytes served, memory cache
-//!   hits and misses, the disk tier's counters where there is one, retries, the rate-limit
-//!   headers last seen, and per source counters when there are mirrors);
+//! - `stats`: JSON counters (requests by kind, bytes fetched against bytes served and copied,
+//!   memory cache hits and misses, the disk tier's counters where there is one, retries, the
+//!   rate-limit headers last seen, and per source counters when there are mirrors);
 //! - `config`: the effective configuration as JSON, without secrets;
 //! - `version`: one line.
 //!
@@ -111,6 +111,7 @@ impl Fs {
                 "fetched": req.blob_bytes,
                 "served": self.control.served_bytes.load(Ordering::Relaxed),
                 "reads_served": self.control.served_reads.load(Ordering::Relaxed),
+                "joined": cache.joined_bytes(),
                 "uploaded": req.upload_bytes,
             },
             "cache": {
