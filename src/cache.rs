@@ -82,17 +82,15 @@ pub struct ChunkCache {
 const POOLED_BUFFERS: usize = 16;
 
 /// Join buffers kept for reuse, apart from [`POOLED_BUFFERS`]: a read that spans two chunks is
-/// joined into one buffer (fuser's reply takes one slice), and nearly every read of a
-/// sequential reader spans two, because the kernel's readahead windows are not chunk aligned.
-/// Kept in the same pool as the chunks' buffers (and recycled only by whoever dropped them
-/// last, which was often the hasher's stash), these were taken by fetches filling the cache,
-/// and each join mapped and faulted in a fresh megabyte. A join now goes back to its own pool
-/// when its last holder lets go. A reader has a few reads in flight and its hasher up to
-/// `FEED_DEPTH` (16) queued; with 8 kept, a cold 1 GiB read still faulted on 43 % of its pages,
-/// with 16 on 35 % (the cache's first fill alone is 25 %). At most a sixteenth of the cap in
-/// all, as the chunks' pool: the two pools are memory outside the cap, 32 MiB at the default
-/// 256 MiB cache, 8 MiB at a 64 MiB one.
-const JOIN_BUFFERS: usize = 16;
+/// joined into one buffer (fuser's reply takes one slice). Files ask for chunk-sized reads
+/// (`st_blksize`), so a sequential reader's reads no longer span two chunks; random and odd-sized
+/// reads still do. Kept in the same pool as the chunks' buffers (and recycled only by whoever
+/// dropped them last, often the hasher's stash), joins were taken by fetches filling the cache
+/// and each mapped and faulted in a fresh buffer. A join now goes back to its own pool when its
+/// last holder lets go. 8, at most a thirty-second of the cap (8 MiB at the default 256 MiB
+/// cache, 2 MiB at 64 MiB): twice that raised the peak RSS of 64 random readers over a 64 MiB
+/// cache by about 5 MiB, for joins that sequential readers no longer make.
+const JOIN_BUFFERS: usize = 8;
 
 /// Recycled buffers, and their bytes (capacity) in all.
 #[derive(Default)]
@@ -499,7 +497,7 @@ impl ChunkCache {
         Bytes::from_owner(Joined {
             buf,
             pool: self.joins.clone(),
-            room: self.capacity / 16,
+            room: self.capacity / 32,
         })
     }
 
@@ -835,7 +833,7 @@ mod tests {
         let again = c.join_buffer(MIB);
         assert_eq!(again.as_ptr(), at, "the same memory, not a fresh mapping");
         assert!(again.is_empty());
-        // Never more than JOIN_BUFFERS kept (nor more than a sixteenth of the cap).
+        // Never more than JOIN_BUFFERS kept (nor more than a thirty-second of the cap).
         let held: Vec<Bytes> = (0..JOIN_BUFFERS + 3)
             .map(|_| c.seal_join(c.join_buffer(MIB)))
             .collect();

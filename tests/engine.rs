@@ -1,5 +1,6 @@
 //! Core tier: the read engine by counting. A cold random read fetches one chunk; a sequential
-//! reader's requests grow; many readers of one blob share its fetches and get the right bytes.
+//! reader's requests grow (longer ones from a near registry); many readers of one blob share
+//! its fetches and get the right bytes.
 //! Default options (1 MiB chunks, 32 MiB readahead), the in-memory fake registry.
 
 mod common;
@@ -91,6 +92,46 @@ async fn a_sequential_readers_requests_grow_and_fetch_each_byte_once() {
     assert!(sizes[0] <= 2 * MIB, "{sizes:?}");
     assert!(sizes.iter().any(|&s| s >= 4 * MIB), "{sizes:?}");
     assert!(sizes.len() < 96, "fewer requests than chunks: {sizes:?}");
+}
+
+#[tokio::test]
+async fn a_near_registry_is_asked_in_fewer_longer_requests() {
+    let (reg, fs, data, path) = setup(96 * MIB);
+    // Blob answers came within a millisecond lately: a registry on loopback or a LAN.
+    reg.stats()
+        .saw_blob_latency(std::time::Duration::from_micros(800));
+    let ino = walk_ok(&fs, &path).await;
+    assert!(read_through(&fs, ino, 128 * 1024).await == data);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let sizes: Vec<u64> = reg.blob_ranges().iter().map(|&(s, e)| e - s + 1).collect();
+    assert_eq!(
+        sizes.iter().sum::<u64>(),
+        96 * MIB,
+        "each byte once: {sizes:?}"
+    );
+    assert!(
+        sizes.iter().all(|&s| s <= regfs::config::MAX_REQUEST_NEAR),
+        "{sizes:?}"
+    );
+    assert!(
+        sizes.iter().any(|&s| s > regfs::config::MAX_REQUEST),
+        "longer than a far registry's requests: {sizes:?}"
+    );
+
+    // The same read from a registry whose answers take 50 ms: requests of at most 8 MiB, so
+    // several run in parallel.
+    let (far, fs, data, path) = setup(96 * MIB);
+    far.stats()
+        .saw_blob_latency(std::time::Duration::from_millis(50));
+    let ino = walk_ok(&fs, &path).await;
+    assert!(read_through(&fs, ino, 128 * 1024).await == data);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let far_sizes: Vec<u64> = far.blob_ranges().iter().map(|&(s, e)| e - s + 1).collect();
+    assert!(
+        far_sizes.iter().all(|&s| s <= regfs::config::MAX_REQUEST),
+        "{far_sizes:?}"
+    );
+    assert!(sizes.len() < far_sizes.len(), "{sizes:?} vs {far_sizes:?}");
 }
 
 #[tokio::test]

@@ -40,7 +40,7 @@ impl Blobs {
         let mut held_back = None;
         let bs = self.cfg.block_size;
         let last = last.min(blob.size.div_ceil(bs));
-        let per_request = (self.cfg.max_request / bs).max(1) as usize;
+        let per_request = (self.max_request() / bs).max(1) as usize;
         let mut run: Vec<Fetching> = Vec::new();
         for index in first..last {
             let key = Self::key(blob, index);
@@ -101,6 +101,18 @@ impl Blobs {
             self.spawn_run(blob, run, prefetch);
         }
         (slots, held_back)
+    }
+
+    /// The largest request now: [`EngineConfig::max_request_near`] while the registry's blob
+    /// answers come within `near`, else [`EngineConfig::max_request`].
+    ///
+    /// [`EngineConfig::max_request_near`]: super::EngineConfig::max_request_near
+    /// [`EngineConfig::max_request`]: super::EngineConfig::max_request
+    fn max_request(&self) -> u64 {
+        match self.reg.blob_latency() {
+            Some(l) if l <= self.cfg.near => self.cfg.max_request_near,
+            _ => self.cfg.max_request,
+        }
     }
 
     fn has_budget(&self, blob: &BlobRef, index: u64) -> bool {

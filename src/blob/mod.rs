@@ -141,6 +141,11 @@ pub struct EngineConfig {
     /// The largest single Range request; a longer run of blocks is split into several requests
     /// that run in parallel.
     pub max_request: u64,
+    /// The largest single Range request while the registry is near (its blob answers come
+    /// within `near`): fewer, longer requests, since parallel ones gain nothing there.
+    pub max_request_near: u64,
+    /// How soon blob answers must come for the registry to count as near.
+    pub near: std::time::Duration,
     /// The largest readahead window of one reader.
     pub max_window: u64,
     /// Bytes all readers together may have in flight ahead of their reads.
@@ -153,6 +158,8 @@ impl EngineConfig {
         EngineConfig {
             block_size,
             max_request: block_size,
+            max_request_near: block_size,
+            near: std::time::Duration::ZERO,
             max_window: 0,
             prefetch_budget: 0,
         }

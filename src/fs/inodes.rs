@@ -28,8 +28,9 @@
 //!    - `blob::Blobs::verified`.
 //!    - `layer::Layers`: `indexes`, `merged`, `bound` (LRUs of once-cells; the cells are awaited
 //!      after the lock is released).
-//!    - `cache::ChunkCache`: `inflight`, `lru`, `pool` (each released before another is taken;
-//!      evicted buffers are recycled into `pool` after `lru` is released), and each `Flight`'s
+//!    - `cache::ChunkCache`: `inflight`, `lru`, `pool`, `joins` (each released before another is
+//!      taken; evicted buffers are recycled into `pool` after `lru` is released; a join buffer
+//!      goes back to `joins` when its last holder drops it), and each `Flight`'s
 //!      `landing` (set, then waiters are woken with no lock held).
 //!    - `layer`: each layer's `Progress` state (entries published by the index pass).
 //!    - `disk::DiskCache`: `lru`, `maps` and the passthrough table (the writer thread never holds
@@ -37,7 +38,8 @@
 //!    - `registry::mirror`: each mirror's `down_until`.
 //!    - `fuse::adapter`: `dir_handles` (directory listings being paged).
 //!    - `registry::http`: `scheme` (the auth scheme learned from the challenge) and `tokens`
-//!      (Bearer tokens per scope); the request counters are atomics.
+//!      (Bearer tokens per scope); the request counters are atomics, the rate-limit headers and
+//!      the blob latency (`RequestStats::rate_limit`, `blob_latency`) leaf mutexes.
 //!    - In tests only: the fake's `repos` and `uploads`, the faulty wrapper's `faults` (a held
 //!      request waits at its gate with no lock held).
 //!

@@ -145,6 +145,8 @@ impl Fs {
                 crate::blob::EngineConfig {
                     block_size: opts.chunk_size,
                     max_request: crate::config::MAX_REQUEST.max(opts.chunk_size),
+                    max_request_near: crate::config::MAX_REQUEST_NEAR.max(opts.chunk_size),
+                    near: crate::config::NEAR_LATENCY,
                     max_window: opts.readahead,
                     // Prefetched chunks land in the cache, so what is in flight ahead of readers
                     // is held to a quarter of it: readahead never evicts what readers still use.

@@ -329,6 +329,17 @@ impl Registry for MirrorRegistry {
         s
     }
 
+    /// The farthest of the sources that have served blobs: a read may go to any of them, and
+    /// a far source needs the parallel requests of a far registry.
+    fn blob_latency(&self) -> Option<Duration> {
+        self.mirrors
+            .iter()
+            .map(|m| m.reg.blob_latency())
+            .chain([self.upstream.blob_latency()])
+            .flatten()
+            .max()
+    }
+
     fn sources(&self) -> Vec<SourceStats> {
         let now = Instant::now();
         let mut v: Vec<SourceStats> = self

@@ -136,6 +136,11 @@ pub trait Registry: Send + Sync + 'static {
     fn sources(&self) -> Vec<mirror::SourceStats> {
         Vec::new()
     }
+    /// How soon blob bodies start to arrive lately ([`stats::MinLatency`]); None before the
+    /// first blob GET (or when the implementation cannot tell).
+    fn blob_latency(&self) -> Option<std::time::Duration> {
+        self.stats().blob_latency()
+    }
 }
 
 /// An open blob upload: where the next request goes, and how much the registry has.

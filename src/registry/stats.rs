@@ -16,6 +16,8 @@ macro_rules! request_stats {
             $($(#[$doc])* pub $field: AtomicU64,)*
             /// The rate-limit headers of the last answer that carried any (not in the snapshot).
             pub rate_limit: Mutex<Option<RateLimit>>,
+            /// How soon blob bodies start to arrive, lately (not in the snapshot).
+            pub blob_latency: Mutex<MinLatency>,
         }
 
         /// A plain copy of [`RequestStats`], as JSON for the `user.regfs.stats` xattr.
@@ -147,12 +149,56 @@ impl RequestStats {
         crate::sync::lock(&self.rate_limit).clone()
     }
 
+    /// A blob GET's answer came `d` after it was sent (its headers; retries and redirects
+    /// included, so a blob served from a far host looks far).
+    pub fn saw_blob_latency(&self, d: std::time::Duration) {
+        crate::sync::lock(&self.blob_latency).record(d);
+    }
+    /// How soon blob bodies start to arrive ([`MinLatency`]), or None before the first.
+    pub fn blob_latency(&self) -> Option<std::time::Duration> {
+        crate::sync::lock(&self.blob_latency).estimate()
+    }
+
     /// Count one request in flight until the guard is dropped (and raise the maximum).
     pub fn in_flight(&self) -> InFlight<'_> {
         let now = self.requests_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         self.max_requests_in_flight
             .fetch_max(now, Ordering::Relaxed);
         InFlight(self)
+    }
+}
+
+/// Samples of [`MinLatency`] per window: a few seconds of a reader's requests.
+const LATENCY_WINDOW: u32 = 16;
+
+/// The least time from sending a blob GET to its answer's headers, over the last one or two
+/// windows of [`LATENCY_WINDOW`] samples. The least, not an average: under load the registry
+/// answers later, but the path is no longer, and a LAN registry must not look far because it
+/// is busy (the idea of BBR's min RTT). Windows let it follow a path that changed.
+#[derive(Debug, Default)]
+pub struct MinLatency {
+    current: Option<std::time::Duration>,
+    samples: u32,
+    previous: Option<std::time::Duration>,
+}
+
+impl MinLatency {
+    /// One answer's time to headers.
+    pub fn record(&mut self, d: std::time::Duration) {
+        self.current = Some(self.current.map_or(d, |c| c.min(d)));
+        self.samples += 1;
+        if self.samples >= LATENCY_WINDOW {
+            self.previous = self.current.take();
+            self.samples = 0;
+        }
+    }
+
+    /// The estimate: the least of this window and the last (None before any sample).
+    pub fn estimate(&self) -> Option<std::time::Duration> {
+        match (self.current, self.previous) {
+            (Some(c), Some(p)) => Some(c.min(p)),
+            (c, p) => c.or(p),
+        }
     }
 }
 
@@ -168,6 +214,27 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_is_the_least_of_the_last_windows() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let mut l = MinLatency::default();
+        assert_eq!(l.estimate(), None);
+        l.record(ms(9));
+        l.record(ms(2));
+        l.record(ms(40)); // a busy moment does not make the path longer
+        assert_eq!(l.estimate(), Some(ms(2)));
+        for _ in 3..LATENCY_WINDOW {
+            l.record(ms(30));
+        }
+        assert_eq!(l.estimate(), Some(ms(2)), "the window just closed");
+        // The path got longer: after one more whole window, the old minimum is gone.
+        for _ in 0..LATENCY_WINDOW {
+            l.record(ms(50));
+        }
+        assert_eq!(l.estimate(), Some(ms(50)));
+    }
 
     #[test]
     fn snapshot_json_has_every_counter_by_name() {

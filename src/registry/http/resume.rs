@@ -82,8 +82,12 @@ impl HttpRegistry {
         };
         let want = end - from + 1;
         let target = *got + want;
+        let sent = std::time::Instant::now();
         let resp = self.send_in(&req, budget).await?;
         let status = resp.status();
+        if status.is_success() {
+            self.stats.saw_blob_latency(sent.elapsed());
+        }
         let skip = match status {
             StatusCode::PARTIAL_CONTENT => {
                 let cr = header_str(resp.headers(), "content-range").unwrap_or("");
