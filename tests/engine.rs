@@ -71,9 +71,14 @@ async fn a_cold_random_4k_read_fetches_one_chunk_at_most() {
     fs.release(h.fh).await;
 }
 
-#[tokio::test]
-async fn a_sequential_readers_requests_grow_and_fetch_each_byte_once() {
+/// The Range requests' sizes of one sequential read of a 96 MiB blob, front to back in 128 KiB
+/// reads, from a registry whose blob answers lately came `latency` after they were asked (None:
+/// nothing known yet). Checks the bytes, and that each byte was fetched once.
+async fn sequential_request_sizes(latency: Option<std::time::Duration>) -> Vec<u64> {
     let (reg, fs, data, path) = setup(96 * MIB);
+    if let Some(l) = latency {
+        reg.stats().saw_blob_latency(l);
+    }
     let ino = walk_ok(&fs, &path).await;
     assert!(read_through(&fs, ino, 128 * 1024).await == data);
     // Let prefetches that raced the last reads land before counting.
@@ -84,6 +89,12 @@ async fn a_sequential_readers_requests_grow_and_fetch_each_byte_once() {
         96 * MIB,
         "each byte once: {sizes:?}"
     );
+    sizes
+}
+
+#[tokio::test]
+async fn a_sequential_readers_requests_grow_and_fetch_each_byte_once() {
+    let sizes = sequential_request_sizes(None).await;
     assert!(
         sizes.iter().all(|&s| s <= regfs::config::MAX_REQUEST),
         "{sizes:?}"
@@ -96,42 +107,23 @@ async fn a_sequential_readers_requests_grow_and_fetch_each_byte_once() {
 
 #[tokio::test]
 async fn a_near_registry_is_asked_in_fewer_longer_requests() {
-    let (reg, fs, data, path) = setup(96 * MIB);
     // Blob answers came within a millisecond lately: a registry on loopback or a LAN.
-    reg.stats()
-        .saw_blob_latency(std::time::Duration::from_micros(800));
-    let ino = walk_ok(&fs, &path).await;
-    assert!(read_through(&fs, ino, 128 * 1024).await == data);
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let sizes: Vec<u64> = reg.blob_ranges().iter().map(|&(s, e)| e - s + 1).collect();
-    assert_eq!(
-        sizes.iter().sum::<u64>(),
-        96 * MIB,
-        "each byte once: {sizes:?}"
+    let near = sequential_request_sizes(Some(std::time::Duration::from_micros(800))).await;
+    assert!(
+        near.iter().all(|&s| s <= regfs::config::MAX_REQUEST_NEAR),
+        "{near:?}"
     );
     assert!(
-        sizes.iter().all(|&s| s <= regfs::config::MAX_REQUEST_NEAR),
-        "{sizes:?}"
+        near.iter().any(|&s| s > regfs::config::MAX_REQUEST),
+        "longer than a far registry's requests: {near:?}"
     );
+    // From a registry whose answers take 50 ms: at most 8 MiB, so several run in parallel.
+    let far = sequential_request_sizes(Some(std::time::Duration::from_millis(50))).await;
     assert!(
-        sizes.iter().any(|&s| s > regfs::config::MAX_REQUEST),
-        "longer than a far registry's requests: {sizes:?}"
+        far.iter().all(|&s| s <= regfs::config::MAX_REQUEST),
+        "{far:?}"
     );
-
-    // The same read from a registry whose answers take 50 ms: requests of at most 8 MiB, so
-    // several run in parallel.
-    let (far, fs, data, path) = setup(96 * MIB);
-    far.stats()
-        .saw_blob_latency(std::time::Duration::from_millis(50));
-    let ino = walk_ok(&fs, &path).await;
-    assert!(read_through(&fs, ino, 128 * 1024).await == data);
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let far_sizes: Vec<u64> = far.blob_ranges().iter().map(|&(s, e)| e - s + 1).collect();
-    assert!(
-        far_sizes.iter().all(|&s| s <= regfs::config::MAX_REQUEST),
-        "{far_sizes:?}"
-    );
-    assert!(sizes.len() < far_sizes.len(), "{sizes:?} vs {far_sizes:?}");
+    assert!(near.len() < far.len(), "{near:?} vs {far:?}");
 }
 
 #[tokio::test]
