@@ -437,7 +437,14 @@ fn registry_going_away_gives_eio_not_a_hang() {
     );
     assert_eq!(ls(&m.p("gone/soon/tags")), vec!["v1"]);
     let layer = ls_files(&m.p("gone/soon/tags/v1/layers")).remove(0);
+    let addr = reg.addr();
     reg.stop();
+    // Hold the freed port, closing every connection at once (as a host whose registry went
+    // away): with many suites at once, another test's registry could otherwise be given this
+    // port, and the read would be answered by it (one such run failed).
+    if let Ok(hold) = std::net::TcpListener::bind(&addr) {
+        std::thread::spawn(move || hold.incoming().for_each(drop));
+    }
     // Not the config: that was read (and cached) for the tag's time.
     let e = std::fs::read(m.p(&format!("gone/soon/tags/v1/layers/{layer}"))).unwrap_err();
     assert_eq!(errno(&e), libc::EIO, "{e}");
