@@ -246,6 +246,13 @@ ceiling() {
     target/release/examples/fuse_ceiling "$dir" --size "${mib}MiB" "$@" >"$dir.log" 2>&1 &
     pid=$!
     for _ in $(seq 50); do grep -q mounted "$dir.log" 2>/dev/null && break; sleep 0.1; done
+    if ! mountpoint -q "$dir"; then
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        rmdir "$dir" 2>/dev/null || true
+        notes+=("seq lo ceiling${1:+ ($1)}: examples/fuse_ceiling did not mount (see $dir.log)")
+        return 0
+    fi
     # As regfs's session does: the mount's readahead to 1 MiB.
     dev=$(awk -v m="$dir" '$5 == m { print $3 }' /proc/self/mountinfo)
     [ -z "$dev" ] || echo 1024 >"/sys/class/bdi/$dev/read_ahead_kb" 2>/dev/null || true
@@ -254,9 +261,9 @@ ceiling() {
     cat "$dir/blob" >/dev/null
     b=$(now)
     c1=$(cpu_seconds "$pid")
-    fusermount3 -u "$dir" 2>/dev/null || umount "$dir"
+    fusermount3 -u "$dir" 2>/dev/null || fusermount3 -uz "$dir" 2>/dev/null || umount -l "$dir" || true
     wait "$pid" || true
-    rmdir "$dir"
+    rmdir "$dir" 2>/dev/null || true
     notes+=("seq lo ceiling${1:+ ($1)}: a FUSE daemon serving ${mib} MiB from memory$([ "${1:-}" = --hash ] && echo ", hashing each byte,") reaches $(awk -v m="$mib" -v a="$a" -v b="$b" 'BEGIN { printf "%.0f", m / (b - a) }') MiB/s with $(awk -v a="$c0" -v b="$c1" -v m="$mib" 'BEGIN { printf "%.2f", (b - a) * 1024 / m }') s CPU per GiB (examples/fuse_ceiling.rs)")
 }
 

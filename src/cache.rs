@@ -121,9 +121,12 @@ impl AsRef<[u8]> for Joined {
 impl Drop for Joined {
     fn drop(&mut self) {
         let mut buf = std::mem::take(&mut self.buf);
-        buf.clear();
-        // Full: the buffer is freed.
-        let _ = ChunkCache::put_into(&self.pool, buf, JOIN_BUFFERS, self.room);
+        // Small joins (a file's bytes in a tar layer, a TOC) are not kept: they would take the
+        // pool's places from the 1 MiB joins it is for. Full: the buffer is freed.
+        if buf.capacity() >= POOLED_MIN {
+            buf.clear();
+            let _ = ChunkCache::put_into(&self.pool, buf, JOIN_BUFFERS, self.room);
+        }
     }
 }
 

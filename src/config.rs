@@ -27,12 +27,16 @@ pub const MAX_REQUEST: u64 = 8 << 20;
 /// nothing (one connection moves more than a reader uses), while each request costs the
 /// registry: distribution's filesystem driver spends about 4 ms of CPU per request, and on
 /// loopback 32 MiB requests cut its CPU per GiB read from 1.5 s to 0.9–1.0 s and raised a cold
-/// sequential read from 540 to 640–690 MiB/s (a 2-core machine serving both).
+/// sequential read from 540 to 600–700 MiB/s (a 2-core machine serving both).
 pub const MAX_REQUEST_NEAR: u64 = 32 << 20;
 /// A registry whose blob GETs are answered (headers) within this, at least lately, is near
 /// ([`MAX_REQUEST_NEAR`]). 5 ms: loopback and a LAN answer in well under 1 ms plus the
 /// registry's own work (1–3 ms for distribution on a disk); a registry across a WAN, or a
-/// cloud registry's blob redirect, takes tens of milliseconds.
+/// cloud registry's blob redirect, takes tens of milliseconds. Near means quick to answer, not
+/// fast to stream: a LAN pull-through cache answers at once but streams a blob it does not hold
+/// at its upstream's speed, through one request instead of four (a request still moves at
+/// least 32 MiB per `--request-timeout` before it is cut and resumed). An estimate ages out
+/// after a minute without blob GETs.
 pub const NEAR_LATENCY: Duration = Duration::from_millis(5);
 /// `--cache-dir-size`: byte cap of the blob blocks kept in `--cache-dir`. 8 GiB keeps the layers
 /// of several ordinary images (most are 0.1 to 2 GiB compressed) or one large ML image across

@@ -191,7 +191,7 @@ impl Fs {
     }
 
     /// The I/O size files ask for (`st_blksize`): the largest power of two that divides the
-    /// cache's block, at most [`MAX_PREFERRED_IO`]. `cat`, `cp` and `dd` read in `st_blksize`
+    /// cache's block, at most [`MAX_PREFERRED_IO`]. `cat` and `cp` read in `st_blksize`
     /// units, and the kernel's readahead follows the first read's size: with the page size
     /// here, its windows settled 768 KiB past each block boundary, so every 1 MiB read of a
     /// sequential reader spanned two blocks and was copied to be joined (`bytes.joined` was

@@ -170,6 +170,9 @@ impl RequestStats {
 
 /// Samples of [`MinLatency`] per window: a few seconds of a reader's requests.
 const LATENCY_WINDOW: u32 = 16;
+/// A [`MinLatency`] whose last sample is older than this knows nothing: the path may have
+/// changed, and over mirrors a source not asked lately must not decide for the others.
+const LATENCY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The least time from sending a blob GET to its answer's headers, over the last one or two
 /// windows of [`LATENCY_WINDOW`] samples. The least, not an average: under load the registry
@@ -180,11 +183,24 @@ pub struct MinLatency {
     current: Option<std::time::Duration>,
     samples: u32,
     previous: Option<std::time::Duration>,
+    /// When the last sample came.
+    last: Option<std::time::Instant>,
 }
 
 impl MinLatency {
     /// One answer's time to headers.
     pub fn record(&mut self, d: std::time::Duration) {
+        self.record_at(d, std::time::Instant::now());
+    }
+
+    fn record_at(&mut self, d: std::time::Duration, now: std::time::Instant) {
+        if self
+            .last
+            .is_some_and(|l| now.saturating_duration_since(l) > LATENCY_MAX_AGE)
+        {
+            *self = MinLatency::default(); // stale: start over
+        }
+        self.last = Some(now);
         self.current = Some(self.current.map_or(d, |c| c.min(d)));
         self.samples += 1;
         if self.samples >= LATENCY_WINDOW {
@@ -193,8 +209,17 @@ impl MinLatency {
         }
     }
 
-    /// The estimate: the least of this window and the last (None before any sample).
+    /// The estimate: the least of this window and the last (None before any sample, and once
+    /// the last is older than [`LATENCY_MAX_AGE`]).
     pub fn estimate(&self) -> Option<std::time::Duration> {
+        self.estimate_at(std::time::Instant::now())
+    }
+
+    fn estimate_at(&self, now: std::time::Instant) -> Option<std::time::Duration> {
+        let last = self.last?;
+        if now.saturating_duration_since(last) > LATENCY_MAX_AGE {
+            return None;
+        }
         match (self.current, self.previous) {
             (Some(c), Some(p)) => Some(c.min(p)),
             (c, p) => c.or(p),
@@ -234,6 +259,12 @@ mod tests {
             l.record(ms(50));
         }
         assert_eq!(l.estimate(), Some(ms(50)));
+        // Nothing asked for a while: nothing known (over mirrors, an idle source must not
+        // decide for the others), until the next answer.
+        let later = std::time::Instant::now() + LATENCY_MAX_AGE + ms(1);
+        assert_eq!(l.estimate_at(later), None);
+        l.record_at(ms(3), later);
+        assert_eq!(l.estimate_at(later), Some(ms(3)), "a fresh start");
     }
 
     #[test]
