@@ -1,7 +1,8 @@
 //! The HTTP client against a scripted stub server, for registry behaviours distribution 2.8 does
 //! not produce: a Range answered with 200, a wrong Content-Range, a truncated body, 429 with
 //! Retry-After, relative opaque pagination links, Bearer challenges, a lying Docker-Content-Digest,
-//! and a redirect to another host (which must not receive the credentials). Also: the
+//! and a redirect to another host (which must not receive the credentials); blob answers timed
+//! for the request size. Also: the
 //! failure-injecting wrapper over the real client. The stub server is `common::stub`.
 
 mod common;
@@ -36,6 +37,31 @@ async fn range_answered_with_200_is_sliced() {
     let c = client(port, None);
     let b = c.blob_range("a/b", &digest(), 500, 1499).await.unwrap();
     assert_eq!(&b[..], &blob()[500..1500]);
+}
+
+#[tokio::test]
+async fn blob_answers_are_timed_and_errors_are_not() {
+    // A registry that takes 30 ms to answer a blob GET: the client's latency estimate (which
+    // sizes the engine's requests) is at least that; an error answer adds no sample.
+    let (port, _) = stub(Arc::new(|r: &Req| {
+        if r.path.contains("missing") {
+            return resp(404, r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#);
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        resp(206, &blob()[0..10]).h("Content-Range", "bytes 0-9/2048")
+    }));
+    let c = client(port, None);
+    assert_eq!(c.blob_latency(), None, "nothing asked yet");
+    let missing = sha256_digest(b"missing");
+    assert!(c.blob_range("a/missing", &missing, 0, 9).await.is_err());
+    assert_eq!(c.blob_latency(), None, "an error is not a blob answer");
+    c.blob_range("a/b", &digest(), 0, 9).await.unwrap();
+    let l = c.blob_latency().expect("timed");
+    assert!(l >= Duration::from_millis(30), "{l:?}");
+    assert!(
+        l > regfs::config::NEAR_LATENCY,
+        "30 ms away is far: 8 MiB requests, several in parallel"
+    );
 }
 
 #[tokio::test]
