@@ -2,8 +2,8 @@
 //! not produce: a Range answered with 200, a wrong Content-Range, a truncated body, 429 with
 //! Retry-After, relative opaque pagination links, Bearer challenges, a lying Docker-Content-Digest,
 //! and a redirect to another host (which must not receive the credentials); blob answers timed
-//! for the request size. Also: the
-//! failure-injecting wrapper over the real client. The stub server is `common::stub`.
+//! for the request size. Also: the failure-injecting wrapper over the real client. The stub
+//! server is `common::stub`.
 
 mod common;
 
