@@ -26,6 +26,9 @@
 # report (by library, and the top symbols) is printed and recorded with the table. Env:
 # BENCH_PERF adds `perf record` flags (e.g. "-g --call-graph dwarf -F 299"); BENCH_PERF_KEEP=FILE
 # keeps the raw profile for `perf report -i FILE`; BENCH_PERF_SCOPE=-a profiles the whole machine.
+# BENCH_STRACE=FILE: strace the daemon during the `seq` read (BENCH_STRACE_EVENTS, default memory;
+# BENCH_STRACE_FLAGS, default -c for counts). The `seq` row at loopback also notes the ceiling:
+# examples/fuse_ceiling serving the same size from memory, plain and hashing every byte.
 # --quick: smaller sizes (256 MiB loopback, 64 MiB at RTT, smaller layers) for a fast check.
 # Each row: time, throughput, bytes fetched (or sent), requests (from user.regfs.stats), the
 # daemon's CPU (utime+stime from /proc/PID/stat) and peak RSS (VmHWM).
