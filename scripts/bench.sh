@@ -325,7 +325,8 @@ w_progressive() {
 w_indexed() {
     local net=$1
     mount_cold "$net" --cache-dir "$work/index-$net"
-    cat "$mnt/bench/rootfs/tags/v1/rootfs/etc/os-release" >/dev/null
+    # A listing waits for the whole index (a lookup does not), so it is stored before unmount.
+    ls "$mnt/bench/rootfs/tags/v1/rootfs/usr/lib/" >/dev/null
     regfs_unmount "$mnt"
     mount_cold "$net" --cache-dir "$work/index-$net"
     ls "$mnt/bench/rootfs/tags/v1/" >/dev/null
