@@ -65,14 +65,14 @@ pub struct ChunkCache {
     inflight: Mutex<HashMap<ChunkKey, Arc<Flight>>>,
     /// Buffers of evicted chunks, for reuse ([`ChunkCache::buffer`]).
     pool: Mutex<Pool>,
-    /// Buffers of replies that joined two chunks, for the next such reply
+    /// Buffers of replies that joined two or more chunks, for the next such reply
     /// ([`ChunkCache::join_buffer`]).
     joins: Arc<Mutex<Pool>>,
     // ctl: hit and miss counters for `.regfs/stats` (a hit: `get` found the chunk; a miss: a
     // fetch ran).
     hits: AtomicU64,
     misses: AtomicU64,
-    /// ctl: bytes copied into join buffers (reads that spanned two chunks).
+    /// ctl: bytes copied into join buffers (reads that spanned two or more chunks).
     joined: AtomicU64,
 }
 
@@ -356,8 +356,8 @@ impl ChunkCache {
         }
     }
 
-    /// Bytes copied so far to join reads that spanned two chunks (the one copy a reply makes;
-    /// a read within one chunk is a slice of it).
+    /// Bytes copied so far to join reads that spanned two or more chunks (the one copy a reply
+    /// makes; a read within one chunk is a slice of it).
     pub fn joined_bytes(&self) -> u64 {
         self.joined.load(Ordering::Relaxed)
     }
@@ -461,9 +461,8 @@ impl ChunkCache {
     }
 
     fn pool_put(&self, buf: BytesMut) {
-        if let Some(buf) = Self::put_into(&self.pool, buf, POOLED_BUFFERS, self.capacity / 16) {
-            drop(buf); // the pool is full: freed
-        }
+        // The pool is full: the buffer is freed.
+        let _ = Self::put_into(&self.pool, buf, POOLED_BUFFERS, self.capacity / 16);
     }
 
     /// Put `buf` into `pool` if it stays within `count` buffers and `room` bytes; else give it

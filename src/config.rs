@@ -26,7 +26,7 @@ pub const MAX_REQUEST: u64 = 8 << 20;
 /// 32 MiB, a whole default readahead window in one request. Near, parallel requests gain
 /// nothing (one connection moves more than a reader uses), while each request costs the
 /// registry: distribution's filesystem driver spends about 4 ms of CPU per request, and on
-/// loopback 32 MiB requests cut its CPU per GiB read from 1.5 s to 0.9–1.0 s and raised a cold
+/// loopback 32 MiB requests cut its CPU per GiB read from 1.5 s to 0.95–1.2 s and raised a cold
 /// sequential read from 540 to 600–700 MiB/s (a 2-core machine serving both).
 pub const MAX_REQUEST_NEAR: u64 = 32 << 20;
 /// A registry whose blob GETs are answered (headers) within this, at least lately, is near

@@ -40,7 +40,8 @@ impl Blobs {
         let mut held_back = None;
         let bs = self.cfg.block_size;
         let last = last.min(blob.size.div_ceil(bs));
-        let per_request = (self.max_request() / bs).max(1) as usize;
+        // Worked out at the first block to fetch: a read of cached blocks needs no estimate.
+        let mut per_request = None;
         let mut run: Vec<Fetching> = Vec::new();
         for index in first..last {
             let key = Self::key(blob, index);
@@ -81,6 +82,8 @@ impl Blobs {
                 Some(f) => {
                     // Runs are contiguous: a gap ends the current one.
                     let contiguous = run.last().is_none_or(|l| block_index(l) + 1 == index);
+                    let per_request = *per_request
+                        .get_or_insert_with(|| (self.max_request() / bs).max(1) as usize);
                     if !contiguous || run.len() == per_request {
                         self.spawn_run(blob, std::mem::take(&mut run), prefetch);
                     }
