@@ -27,7 +27,7 @@ pub const MAX_REQUEST: u64 = 8 << 20;
 /// nothing (one connection moves more than a reader uses), while each request costs the
 /// registry: distribution's filesystem driver spends about 4 ms of CPU per request, and on
 /// loopback 32 MiB requests cut its CPU per GiB read from 1.5 s to 0.95–1.2 s and raised a cold
-/// sequential read from 540 to 600–700 MiB/s (a 2-core machine serving both).
+/// sequential read from 540 to 575–726 MiB/s (a 2-core machine serving both).
 pub const MAX_REQUEST_NEAR: u64 = 32 << 20;
 /// A registry whose blob GETs are answered (headers) within this, at least lately, is near
 /// ([`MAX_REQUEST_NEAR`]). 5 ms: loopback and a LAN answer in well under 1 ms plus the

@@ -1,5 +1,6 @@
 //! Fetching blocks: the runs of blocks nobody has become Range requests of at most
-//! `max_request` bytes, each spawned on the runtime (a reader that goes away does not cancel a
+//! `max_request` bytes (`max_request_near` while the registry's blob answers come within
+//! `near`), each spawned on the runtime (a reader that goes away does not cancel a
 //! fetch others wait on) and streamed: every block is cached and handed to its waiters the
 //! moment its last byte arrives. Prefetch runs only start within the shared prefetch budget.
 

@@ -1,7 +1,8 @@
 //! Request counters: [`RequestStats`] (atomics, bumped by registry implementations) and
 //! [`StatsSnapshot`] (a plain copy, serialized as the `user.regfs.stats` xattr). Both are generated
 //! from one list of field names, so they cannot drift apart. Beside the counters, the rate-limit
-//! headers last seen ([`RateLimit`], Docker Hub's `ratelimit-limit` / `ratelimit-remaining`).
+//! headers last seen ([`RateLimit`], Docker Hub's `ratelimit-limit` / `ratelimit-remaining`), and
+//! how soon blob answers come ([`MinLatency`], which decides whether a registry is near).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
