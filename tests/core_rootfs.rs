@@ -332,12 +332,7 @@ async fn toc_formats_fetch_exactly_footer_toc_and_the_files_chunks() {
             b"ID=seekable\n",
             "{kind}"
         );
-        let ranges: Vec<(u64, u64)> = gate
-            .served()
-            .into_iter()
-            .filter(|(d, _, _)| *d == digest)
-            .map(|(_, s, e)| (s, e))
-            .collect();
+        let ranges = gate.ranges_of(&digest);
         // Head, (footer,) TOC, the file's chunk: each small, and nothing else.
         assert!(ranges.contains(&(0, 4)), "{kind}: {ranges:?}");
         let toc_len = size - toc_start;
@@ -398,12 +393,7 @@ async fn an_index_pass_asks_for_its_whole_window_at_once() {
         ["late"],
         "indexed whole"
     );
-    let served: Vec<(u64, u64)> = gate
-        .served()
-        .into_iter()
-        .filter(|(d, _, _)| *d == digest)
-        .map(|(_, s, e)| (s, e))
-        .collect();
+    let served = gate.ranges_of(&digest);
     let largest = served.iter().map(|(s, e)| e - s).max().unwrap_or(0);
     assert!(
         served.len() <= 4,

@@ -47,13 +47,18 @@ impl GatedRegistry {
         self.served.lock().unwrap().clone()
     }
 
+    /// The ranges served of `digest` (start, end exclusive), in order.
+    pub fn ranges_of(&self, digest: &str) -> Vec<(u64, u64)> {
+        self.served()
+            .into_iter()
+            .filter(|(d, _, _)| d == digest)
+            .map(|(_, s, e)| (s, e))
+            .collect()
+    }
+
     /// Bytes served of `digest`.
     pub fn bytes_of(&self, digest: &str) -> u64 {
-        self.served()
-            .iter()
-            .filter(|(d, _, _)| d == digest)
-            .map(|(_, s, e)| e - s)
-            .sum()
+        self.ranges_of(digest).iter().map(|(s, e)| e - s).sum()
     }
 
     /// Forget the ranges served so far.
