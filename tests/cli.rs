@@ -158,7 +158,7 @@ fn sigterm_detaches_a_busy_mount_lazily() {
     assert!(m.child.as_mut().unwrap().try_wait().unwrap().is_none());
     drop(busy);
     let status = wait_exit(&mut m);
-    assert!(status.success(), "{status}");
+    assert!(status.success(), "{status}\n{}", m.log_text());
 }
 
 #[test]

@@ -490,7 +490,20 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
     );
 
     status.mounted();
-    session.run().map_err(|e| format!("FUSE session: {e}"))?;
+    match session.run() {
+        Ok(()) => {}
+        // When the kernel tears a detached mount down, a FUSE thread still waiting for a request
+        // may read ECONNABORTED instead of ENODEV (seen after a lazy unmount, under load). With
+        // the mount gone from the mount table that is an unmount, not a failure; a connection
+        // aborted under a mount that is still there (through /sys/fs/fuse/connections) is one.
+        Err(e)
+            if e.raw_os_error() == Some(libc::ECONNABORTED)
+                && super::mountpoint::mount_at(&startup.mountpoint).is_none() =>
+        {
+            log::debug!("FUSE session: {e} after the mount was detached");
+        }
+        Err(e) => return Err(format!("FUSE session: {e}")),
+    }
     log::info!("unmounted");
     if let Some(d) = &disk {
         d.flush(); // disk tier: blocks still queued reach the disk
