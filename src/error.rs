@@ -330,6 +330,12 @@ impl From<PushError> for FsError {
     }
 }
 
+/// Whether the FUSE session ended with the kernel's "connection aborted": what a FUSE thread
+/// may read instead of ENODEV when the kernel tears a detached mount down.
+pub fn is_connection_aborted(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ECONNABORTED)
+}
+
 #[cfg(test)]
 mod push_error_tests {
     use super::*;

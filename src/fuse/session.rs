@@ -497,7 +497,7 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
         // the mount gone from the mount table that is an unmount, not a failure; a connection
         // aborted under a mount that is still there (through /sys/fs/fuse/connections) is one.
         Err(e)
-            if e.raw_os_error() == Some(libc::ECONNABORTED)
+            if crate::error::is_connection_aborted(&e)
                 && super::mountpoint::mount_at(&startup.mountpoint).is_none() =>
         {
             log::debug!("FUSE session: {e} after the mount was detached");
