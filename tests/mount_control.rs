@@ -12,10 +12,6 @@ use regfs::digest::digest_hex;
 
 const CHUNK: u64 = 64 * 1024;
 
-fn stats(m: &TestMount) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(m.p(".regfs/stats")).unwrap()).unwrap()
-}
-
 fn n(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
@@ -73,11 +69,11 @@ fn control_files_show_the_counters_of_a_known_sequence_of_reads() {
             .parse()
             .unwrap()
     };
-    let s0 = stats(&m);
+    let s0 = m.control_stats();
     assert_eq!(cached(), 0);
     let data = std::fs::read(&blob).unwrap();
     assert_eq!(data.len() as u64, size);
-    let s1 = stats(&m);
+    let s1 = m.control_stats();
     let delta = |a: &serde_json::Value, b: &serde_json::Value, k: &[&str]| {
         let get = |v: &serde_json::Value| n(k.iter().fold(v, |v: &serde_json::Value, k| &v[*k]));
         get(b) - get(a)
@@ -99,12 +95,12 @@ fn control_files_show_the_counters_of_a_known_sequence_of_reads() {
     );
     assert!(s1["cache"]["disk"].is_null());
     // Reading the stats file is not counted as served.
-    let s2 = stats(&m);
+    let s2 = m.control_stats();
     assert_eq!(delta(&s1, &s2, &["bytes", "served"]), 0);
 
     // Again: nothing fetched (the kernel's page cache or the chunk cache serves it).
     assert_eq!(std::fs::read(&blob).unwrap(), data);
-    let s3 = stats(&m);
+    let s3 = m.control_stats();
     assert_eq!(delta(&s2, &s3, &["bytes", "fetched"]), 0);
     assert_eq!(delta(&s2, &s3, &["requests", "blob_gets"]), 0);
     // The stats xattr keeps its shape.

@@ -288,11 +288,7 @@ fn sizes_and_reads_are_lazy() {
     // readahead that follows them, start on chunk boundaries: each is a slice of one chunk,
     // never joined from two (a copy of every byte when the windows were off by 768 KiB).
     assert_eq!(std::fs::metadata(&layer).unwrap().blksize(), 1 << 20);
-    let joined = || -> u64 {
-        let doc: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(m.p(".regfs/stats")).unwrap()).unwrap();
-        doc["bytes"]["joined"].as_u64().unwrap()
-    };
+    let joined = || m.control_stats()["bytes"]["joined"].as_u64().unwrap();
     let before = joined();
     let out = std::process::Command::new("cat")
         .arg(&layer)

@@ -372,6 +372,11 @@ impl TestMount {
         serde_json::from_slice(&v).unwrap()
     }
 
+    /// The control file `.regfs/stats`, as JSON.
+    pub fn control_stats(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(self.p(".regfs/stats")).unwrap()).unwrap()
+    }
+
     pub fn stat(&self, key: &str) -> u64 {
         self.stats()[key].as_u64().unwrap()
     }
