@@ -22,6 +22,7 @@ async fn main() {
         insecure: false,
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(120),
+        redirect_ttl: regfs::registry::http::REDIRECT_TTL,
     })
     .expect("client");
     let os_release = b"PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm, regfs sample)\"\nID=debian\n";

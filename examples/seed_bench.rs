@@ -98,6 +98,7 @@ async fn main() {
         insecure: false,
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(600),
+        redirect_ttl: regfs::registry::http::REDIRECT_TTL,
     })
     .expect("client");
     let tar_type = "application/vnd.oci.image.layer.v1.tar";

@@ -154,6 +154,17 @@ pub struct Cli {
         help_heading = "Connection"
     )]
     pub retry_budget: String,
+    /// How long a blob's storage link is reused: registries such as Docker Hub, GHCR and ECR
+    /// redirect each blob GET to storage or a CDN; regfs sends that blob's next Range requests
+    /// straight to the link (without credentials) for this long, saving a round trip each, and
+    /// asks the registry again when it expires or fails. 0 = ask the registry every time.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "60s",
+        help_heading = "Connection"
+    )]
+    pub redirect_ttl: String,
     /// A pull-through cache registry (http(s)://host[:port], or host[:port] as for REGISTRY) to
     /// read blobs and manifests by digest from, before the registry; repeat for several, tried
     /// in order. A failing mirror is passed over for the next, then the registry itself. Each

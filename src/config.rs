@@ -62,6 +62,8 @@ pub const DEFAULT_READAHEAD: u64 = 32 << 20;
 /// `--retry-budget`: defined with its reason next to the client that spends it (the registry
 /// module may not depend on this one).
 pub use crate::registry::http::DEFAULT_RETRY_BUDGET;
+/// `--redirect-ttl`: defined with its reason next to the table that keeps the targets.
+pub use crate::registry::http::REDIRECT_TTL;
 /// How long connecting to the registry may take (capped by the request timeout). 10 s is far
 /// beyond any healthy connect, even across continents, yet a wrong address fails quickly.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,6 +98,8 @@ pub struct ConnectionConfig {
     pub request_timeout: Duration,
     /// How long one operation may keep retrying (`--retry-budget`).
     pub retry_budget: Duration,
+    /// How long a blob's redirect target is reused (`--redirect-ttl`).
+    pub redirect_ttl: Duration,
     /// Pull-through mirrors, tried in order before the registry: (base URL, `host[:port]` for
     /// their own credential lookup).
     pub mirrors: Vec<(Url, String)>,
@@ -339,6 +343,7 @@ impl TryFrom<Cli> for Config {
             return Err("--request-timeout must be more than 0".into());
         }
         let retry_budget = parse_flag("--retry-budget", &cli.retry_budget, parse_duration)?;
+        let redirect_ttl = parse_flag("--redirect-ttl", &cli.redirect_ttl, parse_duration)?;
         let platform = parse_platform(&cli.platform)?;
         let mount = mount_config(&cli)?;
         let mirrors = cli
@@ -358,6 +363,7 @@ impl TryFrom<Cli> for Config {
                 insecure: cli.insecure,
                 request_timeout,
                 retry_budget,
+                redirect_ttl,
                 mirrors,
                 mirror_tags: cli.mirror_tags,
                 tag_resolution: parse_flag("--tag-resolution", &cli.tag_resolution, |s| s.parse())?,
@@ -406,6 +412,7 @@ impl Config {
             "insecure": c.insecure,
             "request_timeout": show_duration(c.request_timeout),
             "retry_budget": show_duration(c.retry_budget),
+            "redirect_ttl": show_duration(c.redirect_ttl),
             "mountpoint": self.mount.mountpoint.display().to_string(),
             "fsname": self.mount.fsname,
             "allow_other": self.mount.allow_other,
@@ -543,6 +550,10 @@ mod tests {
         let c = parse(&["localhost:5000", "/mnt", "--retry-budget", "0"]).unwrap();
         assert!(c.connection.retry_budget.is_zero());
         assert!(parse(&["localhost", "/mnt", "--retry-budget", "soon"]).is_err());
+        assert_eq!(c.connection.redirect_ttl, REDIRECT_TTL);
+        let c = parse(&["localhost:5000", "/mnt", "--redirect-ttl", "0"]).unwrap();
+        assert!(c.connection.redirect_ttl.is_zero());
+        assert!(parse(&["localhost", "/mnt", "--redirect-ttl", "a minute"]).is_err());
         assert!(parse(&["localhost", "/mnt", "-o", "bogus"]).is_err());
         assert!(parse(&["localhost", "/mnt", "--chunk-size", "1k"]).is_err());
         assert!(parse(&[

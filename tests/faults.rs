@@ -175,6 +175,7 @@ fn links_locations_and_redirects_to_another_host_get_no_credentials() {
         insecure: false,
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),
+        redirect_ttl: regfs::registry::http::REDIRECT_TTL,
     })
     .unwrap();
     let data = pseudo_random(300_000, 5);

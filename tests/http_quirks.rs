@@ -1,12 +1,14 @@
 //! The HTTP client against a scripted stub server, for registry behaviours distribution 2.8 does
 //! not produce: a Range answered with 200, a wrong Content-Range, a truncated body, 429 with
 //! Retry-After, relative opaque pagination links, Bearer challenges, a lying Docker-Content-Digest,
-//! and a redirect to another host (which must not receive the credentials); blob answers timed
+//! and a redirect to another host (which must not receive the credentials, and whose target is
+//! remembered for the blob's next ranges, and forgotten when it fails); blob answers timed
 //! for the request size. Also: the failure-injecting wrapper over the real client. The stub
 //! server is `common::stub`.
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use regfs::digest::sha256_digest;
 use regfs::error::RegistryError;
 use regfs::registry::auth::Credentials;
 use regfs::registry::faulty::{Fault, FaultError, FaultyRegistry, Op};
-use regfs::registry::http::HttpRegistry;
+use regfs::registry::http::{HttpOptions, HttpRegistry};
 use regfs::registry::Registry;
 
 fn client(port: u16, credentials: Option<Credentials>) -> HttpRegistry {
@@ -292,6 +294,153 @@ async fn redirects_to_another_host_drop_credentials_and_keep_range() {
         .unwrap()
         .iter()
         .all(|r| !r.headers.contains_key("authorization")));
+}
+
+/// How storage behind a redirect treats the first link (`sig=1`) once the test says so.
+#[derive(Clone, Copy)]
+enum Expiry {
+    /// 403, as an expired presigned link.
+    Refused,
+    /// The connection closed with no answer.
+    HungUp,
+}
+
+/// Storage behind a redirect: serves `bytes=A-B` of [`blob`] at any path; once `expired` is set,
+/// the link `sig=1` fails as `how` says.
+fn storage(expired: Arc<AtomicBool>, how: Expiry) -> (u16, Arc<Mutex<Vec<Req>>>) {
+    stub(Arc::new(move |r: &Req| {
+        if r.headers.contains_key("authorization") {
+            return resp(400, "Only one auth mechanism allowed");
+        }
+        if expired.load(Ordering::SeqCst) && r.path.ends_with("sig=1") {
+            return match how {
+                Expiry::Refused => resp(403, "Request has expired"),
+                Expiry::HungUp => common::hangup(),
+            };
+        }
+        let range = r.headers.get("range").cloned().unwrap_or_default();
+        let (a, b) = range
+            .trim_start_matches("bytes=")
+            .split_once('-')
+            .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+            .unwrap();
+        resp(206, &blob()[a..=b]).h("Content-Range", &format!("bytes {a}-{b}/2048"))
+    }))
+}
+
+/// A registry (Basic auth) that redirects every blob GET to `storage`, with a new `sig` each time.
+fn redirecting_registry(storage: u16) -> (u16, Arc<Mutex<Vec<Req>>>) {
+    let signed = Arc::new(AtomicU32::new(0));
+    stub(Arc::new(move |r: &Req| {
+        if !r.headers.contains_key("authorization") {
+            return resp(401, "").h("WWW-Authenticate", r#"Basic realm="x""#);
+        }
+        let sig = signed.fetch_add(1, Ordering::SeqCst) + 1;
+        resp(307, "").h(
+            "Location",
+            &format!("http://127.0.0.1:{storage}/data?sig={sig}"),
+        )
+    }))
+}
+
+/// Authorized blob GETs the registry answered.
+fn blob_gets(log: &Arc<Mutex<Vec<Req>>>) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path.contains("/blobs/") && r.headers.contains_key("authorization"))
+        .count()
+}
+
+fn paths(log: &Arc<Mutex<Vec<Req>>>) -> Vec<String> {
+    log.lock().unwrap().iter().map(|r| r.path.clone()).collect()
+}
+
+fn user() -> Option<Credentials> {
+    Some(Credentials {
+        username: "u".into(),
+        password: "secret".into(),
+    })
+}
+
+#[tokio::test]
+async fn a_blobs_redirect_target_is_remembered_for_its_next_ranges() {
+    // Docker Hub, GHCR and ECR redirect every blob GET to storage: asking the registry each
+    // time costs a round trip per Range request. The second and third ranges go straight there.
+    let (sport, slog) = storage(Arc::default(), Expiry::Refused);
+    let (port, log) = redirecting_registry(sport);
+    let c = client(port, user());
+    for (a, b) in [(0, 9), (100, 199), (2000, 2047)] {
+        let got = c.blob_range("a/b", &digest(), a, b).await.unwrap();
+        assert_eq!(&got[..], &blob()[a as usize..=b as usize]);
+    }
+    assert_eq!(blob_gets(&log), 1, "the registry was asked once");
+    assert_eq!(paths(&slog), vec!["/data?sig=1"; 3]);
+    assert!(slog
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|r| !r.headers.contains_key("authorization")));
+    let s = c.stats().snapshot();
+    assert_eq!(
+        (s.blob_redirects, s.redirect_reuses, s.redirect_failures),
+        (1, 2, 0)
+    );
+    // Another repository's blob of the same digest is its own registry path's to authorize.
+    c.blob_range("c/d", &digest(), 0, 9).await.unwrap();
+    assert_eq!(blob_gets(&log), 2);
+}
+
+#[tokio::test]
+async fn a_failed_redirect_target_is_forgotten_and_the_registry_asked_again() {
+    for how in [Expiry::Refused, Expiry::HungUp] {
+        let expired = Arc::new(AtomicBool::new(false));
+        let (sport, slog) = storage(expired.clone(), how);
+        let (port, log) = redirecting_registry(sport);
+        // No retry budget: the fallback to the registry is not a retry.
+        let c = stub_client(port, user(), Duration::ZERO);
+        c.blob_range("a/b", &digest(), 0, 9).await.unwrap();
+        expired.store(true, Ordering::SeqCst);
+        let got = c.blob_range("a/b", &digest(), 10, 19).await.unwrap();
+        assert_eq!(&got[..], &blob()[10..20]);
+        let got = c.blob_range("a/b", &digest(), 20, 29).await.unwrap();
+        assert_eq!(&got[..], &blob()[20..30]);
+        assert_eq!(
+            blob_gets(&log),
+            2,
+            "asked again once, then sig=2 was remembered"
+        );
+        assert_eq!(
+            paths(&slog),
+            ["/data?sig=1", "/data?sig=1", "/data?sig=2", "/data?sig=2"]
+        );
+        let s = c.stats().snapshot();
+        assert_eq!(
+            (s.redirect_reuses, s.redirect_failures, s.retries),
+            (2, 1, 0)
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_redirect_is_remembered_with_a_zero_ttl() {
+    let (sport, _slog) = storage(Arc::default(), Expiry::Refused);
+    let (port, log) = redirecting_registry(sport);
+    let c = HttpRegistry::new(HttpOptions {
+        base: reqwest::Url::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
+        credentials: user(),
+        ca_cert_pem: None,
+        insecure: false,
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
+        redirect_ttl: Duration::ZERO,
+    })
+    .unwrap();
+    for _ in 0..3 {
+        c.blob_range("a/b", &digest(), 0, 9).await.unwrap();
+    }
+    assert_eq!(blob_gets(&log), 3);
+    assert_eq!(c.stats().snapshot().redirect_reuses, 0);
 }
 
 #[tokio::test]

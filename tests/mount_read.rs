@@ -465,3 +465,96 @@ fn inode_numbers_are_stable() {
     let l = std::fs::metadata(m.p("debian/min/tags/bookworm/layers")).unwrap();
     assert_eq!(l.mode() & 0o777, 0o555);
 }
+
+/// Storage behind distribution's redirect middleware: the file at the URL's path under `root`
+/// (the registry's own data directory), with Range, and HEAD.
+fn serve_storage(root: &std::path::Path, r: &Req) -> Resp {
+    let path = r.path.split('?').next().unwrap_or("");
+    let Ok(data) = std::fs::read(root.join(path.trim_start_matches('/'))) else {
+        return resp(404, "");
+    };
+    if r.method == "HEAD" {
+        return resp(200, "").h("Content-Length", &data.len().to_string());
+    }
+    let Some((a, b)) = r
+        .headers
+        .get("range")
+        .and_then(|v| v.trim_start_matches("bytes=").split_once('-'))
+        .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+    else {
+        return resp(200, data);
+    };
+    let b = b.min(data.len() - 1);
+    let total = data.len();
+    resp(206, &data[a..=b]).h("Content-Range", &format!("bytes {a}-{b}/{total}"))
+}
+
+#[test]
+fn a_redirected_blobs_later_ranges_go_straight_to_storage() {
+    // Docker Hub, GHCR and ECR answer each blob GET with a redirect to storage. distribution's
+    // redirect middleware does the same here: every blob GET and HEAD gets a 307 to the storage
+    // stub, which serves the registry's own files. A cold read of a layer makes several Range
+    // requests; only the first of the layer goes through the registry.
+    let root = std::sync::Arc::new(std::sync::Mutex::new(std::path::PathBuf::new()));
+    let r2 = root.clone();
+    let (sport, slog) = stub(std::sync::Arc::new(move |r: &Req| {
+        serve_storage(&r2.lock().unwrap(), r)
+    }));
+    let reg = TestRegistry::start_with(
+        Auth::None,
+        &format!(
+            "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://127.0.0.1:{sport}/\n"
+        ),
+    );
+    *root.lock().unwrap() = reg.data_dir();
+    let layer = make_tar(&[("big.bin", &pseudo_random(6 << 20, 7))]);
+    let pushed = rt().block_on(push_image(
+        &reg.client(),
+        "far/away",
+        Some("v1"),
+        "amd64",
+        &[Layer::tar(&layer)],
+    ));
+    let m = TestMount::new(&reg.addr(), &[]);
+    let layers = ls(&m.p("far/away/tags/v1/layers"));
+    let name = layers.iter().find(|n| n.ends_with(".tar")).unwrap();
+    let file = m.p(&format!("far/away/tags/v1/layers/{name}"));
+    assert_eq!(sha256_file(&file), pushed.layers[0].0, "the layer's bytes");
+    let layer_path = format!("/{}", {
+        let f = reg.blob_file(&pushed.layers[0].0);
+        f.strip_prefix(reg.data_dir())
+            .unwrap()
+            .display()
+            .to_string()
+    });
+    let at_storage = slog
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.starts_with(&layer_path))
+        .count();
+    assert!(
+        at_storage >= 3,
+        "the layer took {at_storage} Range requests"
+    );
+    assert!(slog
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|r| !r.headers.contains_key("authorization")));
+    // Every blob GET reached storage once: through a redirect (the config's, and the layer's
+    // first requests, sent at once before any answer came) or straight from a remembered one.
+    let storage_gets = slog
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.method == "GET")
+        .count() as u64;
+    let (redirects, reuses) = (m.stat("blob_redirects"), m.stat("redirect_reuses"));
+    assert_eq!(redirects + reuses, storage_gets);
+    assert!(
+        reuses >= 1 && redirects - 1 < at_storage as u64,
+        "{redirects} redirects, {reuses} reuses, {at_storage} layer requests"
+    );
+    assert_eq!(m.stat("redirect_failures"), 0);
+}

@@ -37,8 +37,8 @@
 //!      one while taking another, nor across file I/O).
 //!    - `registry::mirror`: each mirror's `down_until`.
 //!    - `fuse::adapter`: `dir_handles` (directory listings being paged).
-//!    - `registry::http`: `scheme` (the auth scheme learned from the challenge) and `tokens`
-//!      (Bearer tokens per scope); the request counters are atomics, the rate-limit headers and
+//!    - `registry::http`: `scheme` (the auth scheme learned from the challenge), `tokens`
+//!      (Bearer tokens per scope) and `redirects` (blob storage links); the request counters are atomics, the rate-limit headers and
 //!      the blob latency (`RequestStats::rate_limit`, `blob_latency`) leaf mutexes.
 //!    - In tests only: the fake's `repos` and `uploads`, the faulty wrapper's `faults` (a held
 //!      request waits at its gate with no lock held).

@@ -428,6 +428,7 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
         insecure: conn.insecure,
         connect_timeout: conn.connect_timeout(),
         request_timeout: conn.request_timeout,
+        redirect_ttl: conn.redirect_ttl,
     };
     let reg = HttpRegistry::new(http.clone())
         .map_err(|e| e.to_string())?

@@ -71,6 +71,13 @@ request_stats! {
     /// Requests to another origin than the registry's (a `Link`, `Location` or redirect), sent
     /// without credentials.
     foreign_requests,
+    /// Blob GETs the registry redirected to another origin (storage or a CDN).
+    blob_redirects,
+    /// Blob GETs sent straight to a redirect target remembered from an earlier GET of the blob.
+    redirect_reuses,
+    /// Remembered redirect targets that failed (expired, refused, unreachable): forgotten, and
+    /// the registry asked again at once.
+    redirect_failures,
     /// 429 answers that carried Docker Hub's pull-limit headers with nothing remaining.
     pull_limited,
     /// Other 429 answers (plain rate limiting).
@@ -295,6 +302,9 @@ mod tests {
             "resumes",
             "upload_resumes",
             "foreign_requests",
+            "blob_redirects",
+            "redirect_reuses",
+            "redirect_failures",
             "pull_limited",
             "rate_limited",
             "requests_in_flight",

@@ -225,6 +225,7 @@ impl TestRegistry {
             insecure: false,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
+            redirect_ttl: regfs::registry::http::REDIRECT_TTL,
         })
         .unwrap()
     }

@@ -154,6 +154,7 @@ pub fn stub_client(
         insecure: false,
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(10),
+        redirect_ttl: regfs::registry::http::REDIRECT_TTL,
     })
     .unwrap()
     .with_retry_budget(retry_budget)

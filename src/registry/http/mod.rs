@@ -10,10 +10,11 @@
 //!
 //! This file holds the client and its [`Registry`] implementation; the request path (auth, retries,
 //! error bodies) is in `transport`, `Link` pagination in `paging`, and argument checks and header
-//! reading in `wire`.
+//! reading in `wire`, and the redirect targets of blob GETs, remembered briefly, in `redirects`.
 
 mod date;
 mod paging;
+mod redirects;
 mod resume;
 mod transport;
 mod wire;
@@ -33,6 +34,8 @@ use crate::error::{RegistryError, RegistryResult};
 use crate::manifest::{sniff_media_type, MANIFEST_ACCEPT};
 pub use paging::next_link;
 use paging::PAGE_SIZE;
+use redirects::Redirects;
+pub use redirects::{REDIRECT_ENTRIES, REDIRECT_TTL};
 use transport::{error_body, error_from, repo_scope, Budget, Req};
 pub use wire::is_loopback_host;
 use wire::{check_digest, check_reference, check_repo, content_type, header_str, resolve_location};
@@ -51,6 +54,9 @@ pub struct HttpOptions {
     pub connect_timeout: Duration,
     /// Timeout for one whole request (headers and body).
     pub request_timeout: Duration,
+    /// How long a blob's redirect target is used before the registry is asked again
+    /// (`--redirect-ttl`; [`REDIRECT_TTL`] by default; zero: every blob GET asks the registry).
+    pub redirect_ttl: Duration,
 }
 
 /// How long one operation (a chunk read, a manifest GET, a PATCH) may keep retrying a flaky
@@ -73,6 +79,8 @@ pub struct HttpRegistry {
     tokens: Mutex<TokenCache>,
     stats: RequestStats,
     retry_budget: Duration,
+    /// Where blob GETs were redirected lately (see `redirects`).
+    redirects: Redirects,
 }
 
 impl std::fmt::Debug for HttpRegistry {
@@ -122,6 +130,7 @@ impl HttpRegistry {
             stats: RequestStats::default(),
             // Until `with_retry_budget` says otherwise; the reason is at the constant.
             retry_budget: DEFAULT_RETRY_BUDGET,
+            redirects: Redirects::new(opts.redirect_ttl),
         })
     }
 

@@ -9,7 +9,9 @@ use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 
-use super::transport::{error_body, error_from, idempotent, repo_scope, transport, Budget, Req};
+use super::transport::{
+    error_body, error_from, idempotent, repo_scope, same_origin, transport, Budget, Req,
+};
 use super::wire::{header_str, resolve_location};
 use super::HttpRegistry;
 use crate::error::{RegistryError, RegistryResult};
@@ -83,7 +85,17 @@ impl HttpRegistry {
         let want = end - from + 1;
         let target = *got + want;
         let sent = std::time::Instant::now();
-        let resp = self.send_in(&req, budget).await?;
+        let resp = match self.via_remembered_redirect(repo, digest, &req).await {
+            Some(resp) => resp,
+            None => {
+                let resp = self.send_in(&req, budget).await?;
+                if resp.status().is_success() && !same_origin(resp.url(), &self.base) {
+                    RequestStats::inc(&self.stats.blob_redirects);
+                    self.redirects.put(repo, digest, resp.url());
+                }
+                resp
+            }
+        };
         let status = resp.status();
         if status.is_success() {
             self.stats.saw_blob_latency(sent.elapsed());
@@ -140,6 +152,36 @@ impl HttpRegistry {
         }
         // Dropping the stream here closes a 200 full-body answer early.
         Ok(std::ops::ControlFlow::Continue(()))
+    }
+
+    /// A blob GET sent straight to where the registry redirected the last GET of this blob,
+    /// within [`super::REDIRECT_TTL`]: its answer when it is a success. None when nothing is
+    /// remembered, or when the target failed (an error answer, a refused or reset connection):
+    /// then it is forgotten and the caller asks the registry, at once and within its own budget.
+    async fn via_remembered_redirect(
+        &self,
+        repo: &str,
+        digest: &str,
+        req: &Req,
+    ) -> Option<reqwest::Response> {
+        let url = self.redirects.get(repo, digest)?;
+        RequestStats::inc(&self.stats.redirect_reuses);
+        log::trace!("-> {} {} (a remembered redirect)", req.method, url.path());
+        let why = match self.build(req, &url).send().await {
+            Ok(resp) if resp.status().is_success() => {
+                log::trace!("<- {} {}", resp.status().as_u16(), url.path());
+                return Some(resp);
+            }
+            Ok(resp) => format!("HTTP {}", resp.status().as_u16()),
+            Err(e) => transport(e, &req.what).to_string(),
+        };
+        log::debug!(
+            "{}: the remembered redirect target failed ({why}); asking the registry again",
+            req.what
+        );
+        RequestStats::inc(&self.stats.redirect_failures);
+        self.redirects.forget(repo, digest);
+        None
     }
 
     /// One PATCH of bytes `start..=end`; on success the session moves past `end`.

@@ -312,7 +312,7 @@ impl HttpRegistry {
         Some(r)
     }
 
-    fn build(&self, req: &Req, url: &Url) -> reqwest::RequestBuilder {
+    pub(super) fn build(&self, req: &Req, url: &Url) -> reqwest::RequestBuilder {
         let mut b = self
             .client
             .request(req.method.clone(), url.clone())
@@ -636,6 +636,7 @@ mod tests {
             insecure: false,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            redirect_ttl: super::super::REDIRECT_TTL,
         })
         .unwrap()
     }
