@@ -20,6 +20,11 @@
 #   zstd-chunked the same for zstd:chunked
 #   push         cp of a file into uploads/ vs curl -T (monolithic POST + PUT)
 #   cached       re-read of a fully cached blob in a new mount (needs --cache-dir-size, issue 10)
+#   redirect     a registry that redirects blob GETs to storage, as Docker Hub, GHCR and ECR do
+#                (a second docker-registry on the same storage with distribution's redirect
+#                middleware, in front of examples/blob_storage; at wan each behind its own delay
+#                proxy): 8 cold 4 KiB reads spread over one blob, and the cold sequential read,
+#                each beside the same with --redirect-ttl 0 (every request asks the registry first)
 # --handshake: the proxy charges each new connection one RTT (off by default, as in the figures
 # issue 9 started from).
 # --profile: perf record (999 Hz, flat) of the daemon during the loopback `seq` read; the
@@ -36,7 +41,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-all="seq random gzip-first progressive indexed tags estargz zstd-chunked push cached"
+all="seq random gzip-first progressive indexed tags estargz zstd-chunked push cached redirect"
 quick=0 record=0 nets="lo wan" rtt_ms=50 window=4MiB handshake=() profile=0 workloads=() flags=()
 cmdline="scripts/bench.sh $*"
 while [ $# -gt 0 ]; do
@@ -71,10 +76,13 @@ ensure_deps
 echo "==> building (release)"
 # The examples link the library with its test-only feature: build them first, so that the
 # regfs binary, built last, is the one without it.
-cargo build --release --quiet --example delay_proxy --example seed_bench --example fuse_ceiling
+cargo build --release --quiet --example delay_proxy --example seed_bench --example fuse_ceiling --example blob_storage
 cargo build --release --quiet --bin regfs
 
 work_setup
+# Processes started for one workload (the redirect workload's storage, registry and proxies).
+extra_pids=()
+trap 'kill "${extra_pids[@]}" 2>/dev/null || true; work_cleanup' EXIT
 start_delay_proxy "$REGISTRY_ADDR" "$rtt_ms" "$window" "$work/proxy.log" "${handshake[@]}"
 
 # --- seeding --------------------------------------------------------------------------------
@@ -116,7 +124,7 @@ build_rootfs_layer() {
 }
 
 seed_args=()
-if wants seq || wants random || wants cached; then
+if wants seq || wants random || wants cached || wants redirect; then
     seed_args+=(--blob "seq=$seq_mib" --blob "seqwan=$wan_mib")
 fi
 if wants gzip-first || wants progressive || wants indexed; then
@@ -413,6 +421,85 @@ w_cached() {
     row cached "$net" $((mib << 20)) "curl, one stream" "$RT" "0 B, CPU <= 0.1 s, >= 3x curl" "$ok"
 }
 
+# start_redirecting NET: a second docker-registry on the bench registry's storage whose blob GETs
+# and HEADs redirect (distribution's redirect middleware) to examples/blob_storage serving that
+# storage; at wan, storage and registry each sit behind their own delay proxy. Sets REDIRECT_ADDR.
+start_redirecting() {
+    local net=$1 dir="$work/redirecting-$net" storage front i
+    local keep_pid=$REGISTRY_PID keep_addr=$REGISTRY_ADDR keep_ppid=$PROXY_PID keep_paddr=$PROXY_ADDR
+    mkdir -p "$dir"
+    target/release/examples/blob_storage --root "$work/registry/data" >"$dir/storage.log" 2>&1 &
+    extra_pids+=($!)
+    for i in $(seq 1 200); do
+        storage=$(sed -n 's/^listening on //p' "$dir/storage.log" | head -1)
+        [ -n "$storage" ] && break
+        sleep 0.05
+    done
+    [ -n "$storage" ] || { echo "blob_storage did not start" >&2; cat "$dir/storage.log" >&2; exit 1; }
+    front=$storage
+    if [ "$net" = wan ]; then
+        start_delay_proxy "$storage" "$rtt_ms" "$window" "$dir/storage-proxy.log" "${handshake[@]}"
+        extra_pids+=("$PROXY_PID")
+        front=$PROXY_ADDR
+    fi
+    ln -sfn "$work/registry/data" "$dir/data"
+    start_registry "$dir" "middleware:
+  storage:
+    - name: redirect
+      options:
+        baseurl: http://$front/"
+    extra_pids+=("$REGISTRY_PID")
+    REDIRECT_ADDR=$REGISTRY_ADDR
+    if [ "$net" = wan ]; then
+        start_delay_proxy "$REGISTRY_ADDR" "$rtt_ms" "$window" "$dir/proxy.log" "${handshake[@]}"
+        extra_pids+=("$PROXY_PID")
+        REDIRECT_ADDR=$PROXY_ADDR
+    fi
+    REGISTRY_PID=$keep_pid REGISTRY_ADDR=$keep_addr PROXY_PID=$keep_ppid PROXY_ADDR=$keep_paddr
+}
+
+# redirect_reads NET TTL: on fresh mounts of the redirecting registry with --redirect-ttl TTL,
+# 8 cold 4 KiB reads spread over the blob (one after another), then the whole blob (cat). Sets
+# R_* (the random reads) and S_* (the sequential read) from m_end's T, MOVED, REQS, CPU, RSS, and
+# S_REUSES (its requests sent straight to storage).
+redirect_reads() {
+    local net=$1 ttl=$2 name=seq mib=$seq_mib file k
+    [ "$net" = wan ] && { name=seqwan mib=$wan_mib; }
+    regfs_mount "$REDIRECT_ADDR" "$mnt" "$work/regfs-redirect-$net-$((++mounts)).log" "${flags[@]}" --redirect-ttl "$ttl"
+    file=$(echo "$mnt/bench/$name/tags/v1/layers/00-"*.*)
+    stat "$file" >/dev/null
+    m_start
+    for k in 1 2 3 4 5 6 7 8; do
+        # Offsets k/9 of the way through, each on a page of its own.
+        dd if="$file" of=/dev/null bs=4096 count=1 skip=$(((mib << 20) / 4096 * k / 9)) status=none
+    done
+    m_end
+    R_T=$T R_MOVED=$MOVED R_REQS=$REQS R_CPU=$CPU R_RSS=$RSS
+    regfs_unmount "$mnt"
+    regfs_mount "$REDIRECT_ADDR" "$mnt" "$work/regfs-redirect-$net-$((++mounts)).log" "${flags[@]}" --redirect-ttl "$ttl"
+    stat "$file" >/dev/null
+    m_start; cat "$file" >/dev/null; m_end
+    S_T=$T S_MOVED=$MOVED S_REQS=$REQS S_CPU=$CPU S_RSS=$RSS
+    S_REUSES=$(json_sum "$(regfs_stats "$mnt")" redirect_reuses)
+    regfs_unmount "$mnt"
+}
+
+w_redirect() {
+    local net=$1 name=seq mib=$seq_mib digest rand0 seq0
+    [ "$net" = wan ] && { name=seqwan mib=$wan_mib; }
+    digest=$(eval echo "\$blob_$name")
+    start_redirecting "$net"
+    redirect_reads "$net" 0
+    rand0=$R_T seq0=$S_T
+    redirect_reads "$net" 60s
+    T=$R_T MOVED=$R_MOVED REQS=$R_REQS CPU=$R_CPU RSS=$R_RSS
+    row "redirect: 8 random 4 KiB" "$net" 0 "the same, --redirect-ttl 0" "$rand0" - -
+    T=$S_T MOVED=$S_MOVED REQS=$S_REQS CPU=$S_CPU RSS=$S_RSS
+    row "redirect: sequential" "$net" $((mib << 20)) "the same, --redirect-ttl 0" "$seq0" - -
+    timed curl -fsSL -o /dev/null "http://$REDIRECT_ADDR/v2/bench/$name/blobs/$digest"
+    notes+=("redirect $net: the sequential read sent $S_REUSES of its $S_REQS requests straight to storage; curl -L (one GET, one redirect) read the blob in $RT s ($(rate $((mib << 20)) "$RT") MiB/s)")
+}
+
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 a=$(now)
 for net in $nets; do
@@ -429,6 +516,7 @@ for net in $nets; do
         zstd-chunked) w_toc "$net" zstd-chunked zstdchunked ;;
         push) w_push "$net" ;;
         cached) w_cached "$net" ;;
+        redirect) w_redirect "$net" ;;
         esac
     done
 done

@@ -21,6 +21,9 @@ pub use dated::*;
 mod proxy;
 #[allow(unused_imports)]
 pub use proxy::*;
+mod storage;
+#[allow(unused_imports)]
+pub use storage::*;
 mod stub;
 #[allow(unused_imports)]
 pub use stub::*;
