@@ -234,3 +234,50 @@ fn tls_with_ca_cert_insecure_and_refusal() {
     );
     assert!(!is_mounted(dir.path()));
 }
+
+#[test]
+fn parallel_range_requests_over_tls_use_parallel_connections() {
+    // Over TLS a registry offers h2, which would carry every parallel Range request in one TCP
+    // connection (one window for all). regfs speaks HTTP/1.1: a cold read of a layer through a
+    // 20 ms link has several connections open at once.
+    let reg = TestRegistry::start_tls();
+    let big = make_tar(&[("big.bin", &pseudo_random(24 << 20, 3))]);
+    let pushed = rt().block_on(push_image(
+        &reg.client(),
+        "tls/big",
+        Some("v1"),
+        "amd64",
+        &[Layer::tar(&big)],
+    ));
+    let link = DelayProxy::start(
+        reg.addr().parse().unwrap(),
+        DelayOptions {
+            rtt: std::time::Duration::from_millis(20),
+            ..DelayOptions::default()
+        },
+    );
+    let cert = reg.dir.path().join("cert.pem");
+    let m = TestMount::new(
+        &format!("https://{}", link.addr()),
+        &["--ca-cert", cert.to_str().unwrap()],
+    );
+    let layers = ls(&m.p("tls/big/tags/v1/layers"));
+    let name = layers.iter().find(|n| n.ends_with(".tar")).unwrap();
+    let before = link
+        .stats
+        .max_open
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        sha256_file(&m.p("tls/big/tags/v1/layers").join(name)),
+        pushed.layers[0].0
+    );
+    let max_open = link
+        .stats
+        .max_open
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        m.stat("max_requests_in_flight") >= 2 && max_open >= 2,
+        "{max_open} connections open at once (before the read: {before}), {} requests in flight",
+        m.stat("max_requests_in_flight")
+    );
+}
