@@ -303,6 +303,8 @@ enum Expiry {
     Refused,
     /// The connection closed with no answer.
     HungUp,
+    /// A success with the wrong bytes' Content-Range.
+    WrongRange,
 }
 
 /// Storage behind a redirect: serves `bytes=A-B` of [`blob`] at any path; once `expired` is set,
@@ -316,6 +318,9 @@ fn storage(expired: Arc<AtomicBool>, how: Expiry) -> (u16, Arc<Mutex<Vec<Req>>>)
             return match how {
                 Expiry::Refused => resp(403, "Request has expired"),
                 Expiry::HungUp => common::hangup(),
+                Expiry::WrongRange => {
+                    resp(206, &blob()[0..10]).h("Content-Range", "bytes 0-9/2048")
+                }
             };
         }
         let range = r.headers.get("range").cloned().unwrap_or_default();
@@ -420,6 +425,23 @@ async fn a_failed_redirect_target_is_forgotten_and_the_registry_asked_again() {
             (2, 1, 0)
         );
     }
+}
+
+#[tokio::test]
+async fn a_remembered_target_that_answers_wrongly_fails_that_read_only() {
+    let expired = Arc::new(AtomicBool::new(false));
+    let (sport, slog) = storage(expired.clone(), Expiry::WrongRange);
+    let (port, log) = redirecting_registry(sport);
+    let c = stub_client(port, user(), Duration::ZERO);
+    c.blob_range("a/b", &digest(), 0, 9).await.unwrap();
+    expired.store(true, Ordering::SeqCst);
+    let e = c.blob_range("a/b", &digest(), 100, 109).await.unwrap_err();
+    assert!(e.to_string().contains("Content-Range"), "{e}");
+    // Forgotten: the next read asks the registry, and its new link works.
+    let got = c.blob_range("a/b", &digest(), 100, 109).await.unwrap();
+    assert_eq!(&got[..], &blob()[100..110]);
+    assert_eq!(blob_gets(&log), 2);
+    assert_eq!(paths(&slog), ["/data?sig=1", "/data?sig=1", "/data?sig=2"]);
 }
 
 #[tokio::test]

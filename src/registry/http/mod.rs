@@ -358,6 +358,11 @@ impl Registry for HttpRegistry {
             let r = self
                 .blob_range_once(repo, digest, from, end, &mut got, sink, &mut budget)
                 .await;
+            if r.is_err() {
+                // Whatever answered wrongly (a Content-Range that does not match, a refused
+                // range), the next try asks the registry where the blob is now.
+                self.redirects.forget(repo, digest);
+            }
             match r {
                 // The sink wants nothing more (its blocks failed a check): stop here.
                 Ok(std::ops::ControlFlow::Break(())) => break,
