@@ -25,6 +25,9 @@
 #                middleware, in front of examples/blob_storage; at wan each behind its own delay
 #                proxy): 8 cold 4 KiB reads spread over one blob, and the cold sequential read,
 #                each beside the same with --redirect-ttl 0 (every request asks the registry first)
+#   tls          the cold sequential read from the same registry over https (a second
+#                docker-registry on its storage with a fresh self-signed certificate; it offers
+#                h2, as public registries do), vs curl --cacert (which takes h2)
 # --handshake: the proxy charges each new connection one RTT (off by default, as in the figures
 # issue 9 started from).
 # --profile: perf record (999 Hz, flat) of the daemon during the loopback `seq` read; the
@@ -41,7 +44,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-all="seq random gzip-first progressive indexed tags estargz zstd-chunked push cached redirect"
+all="seq random gzip-first progressive indexed tags estargz zstd-chunked push cached redirect tls"
 quick=0 record=0 nets="lo wan" rtt_ms=50 window=4MiB handshake=() profile=0 workloads=() flags=()
 cmdline="scripts/bench.sh $*"
 while [ $# -gt 0 ]; do
@@ -124,7 +127,7 @@ build_rootfs_layer() {
 }
 
 seed_args=()
-if wants seq || wants random || wants cached || wants redirect; then
+if wants seq || wants random || wants cached || wants redirect || wants tls; then
     seed_args+=(--blob "seq=$seq_mib" --blob "seqwan=$wan_mib")
 fi
 if wants gzip-first || wants progressive || wants indexed; then
@@ -500,6 +503,47 @@ w_redirect() {
     notes+=("redirect $net: the sequential read sent $S_REUSES of its $S_REQS requests straight to storage; curl -L (one GET, one redirect) read the blob in $RT s ($(rate $((mib << 20)) "$RT") MiB/s)")
 }
 
+# start_tls_registry NET: a second docker-registry on the bench registry's storage, over https
+# with a fresh self-signed certificate for 127.0.0.1 (Go's server then offers h2); at wan behind
+# its own delay proxy. Sets TLS_ADDR and TLS_CERT.
+start_tls_registry() {
+    local net=$1 dir="$work/tls-$net"
+    local keep_pid=$REGISTRY_PID keep_addr=$REGISTRY_ADDR keep_ppid=$PROXY_PID keep_paddr=$PROXY_ADDR
+    mkdir -p "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 \
+        -addext subjectAltName=IP:127.0.0.1 -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
+    TLS_CERT=$dir/cert.pem
+    ln -sfn "$work/registry/data" "$dir/data"
+    start_registry "$dir" "" "  tls:
+    certificate: $dir/cert.pem
+    key: $dir/key.pem"
+    extra_pids+=("$REGISTRY_PID")
+    TLS_ADDR=$REGISTRY_ADDR
+    if [ "$net" = wan ]; then
+        start_delay_proxy "$REGISTRY_ADDR" "$rtt_ms" "$window" "$dir/proxy.log" "${handshake[@]}"
+        extra_pids+=("$PROXY_PID")
+        TLS_ADDR=$PROXY_ADDR
+    fi
+    REGISTRY_PID=$keep_pid REGISTRY_ADDR=$keep_addr PROXY_PID=$keep_ppid PROXY_ADDR=$keep_paddr
+}
+
+w_tls() {
+    local net=$1 name=seq mib=$seq_mib digest target=- ok=- version
+    [ "$net" = wan ] && { name=seqwan mib=$wan_mib; }
+    digest=$(eval echo "\$blob_$name")
+    start_tls_registry "$net"
+    regfs_mount "https://$TLS_ADDR" "$mnt" "$work/regfs-tls-$net-$((++mounts)).log" "${flags[@]}" --ca-cert "$TLS_CERT"
+    local file
+    file=$(echo "$mnt/bench/$name/tags/v1/layers/00-"*.*)
+    stat "$file" >/dev/null
+    m_start; cat "$file" >/dev/null; m_end
+    regfs_unmount "$mnt"
+    timed curl -fsS --cacert "$TLS_CERT" -o /dev/null "https://$TLS_ADDR/v2/bench/$name/blobs/$digest"
+    version=$(curl -fsS --cacert "$TLS_CERT" -o /dev/null -r 0-0 -w '%{http_version}' "https://$TLS_ADDR/v2/bench/$name/blobs/$digest")
+    [ "$net" = wan ] && { target=">= 1.5x curl"; ok=$(met "$(awk -v r="$RT" -v t="$T" 'BEGIN { print r / t }')" '>=' 1.5); }
+    row "seq over TLS" "$net" $((mib << 20)) "curl --cacert, one stream (HTTP/$version)" "$RT" "$target" "$ok"
+}
+
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 a=$(now)
 for net in $nets; do
@@ -517,6 +561,7 @@ for net in $nets; do
         push) w_push "$net" ;;
         cached) w_cached "$net" ;;
         redirect) w_redirect "$net" ;;
+        tls) w_tls "$net" ;;
         esac
     done
 done

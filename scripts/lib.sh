@@ -25,10 +25,11 @@ ensure_deps() {
     [ -e /dev/fuse ] || { echo "/dev/fuse is missing: FUSE is not available here" >&2; return 1; }
 }
 
-# start_registry DIR [EXTRA_YAML]: run docker-registry on 127.0.0.1 with a free port and storage
-# in DIR/data (top-level EXTRA_YAML appended to its config). Sets REGISTRY_PID and REGISTRY_ADDR.
+# start_registry DIR [EXTRA_YAML] [HTTP_YAML]: run docker-registry on 127.0.0.1 with a free port
+# and storage in DIR/data (top-level EXTRA_YAML appended to its config, HTTP_YAML to its http:
+# section, e.g. tls). Sets REGISTRY_PID and REGISTRY_ADDR.
 start_registry() {
-    local dir=$1 extra=${2:-}
+    local dir=$1 extra=${2:-} http_extra=${3:-}
     mkdir -p "$dir/data"
     cat >"$dir/config.yml" <<YAML
 version: 0.1
@@ -44,6 +45,7 @@ storage:
 http:
   addr: 127.0.0.1:0
   secret: regfs-local
+$http_extra
 $extra
 YAML
     docker-registry serve "$dir/config.yml" >"$dir/registry.log" 2>&1 &
