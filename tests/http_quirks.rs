@@ -445,6 +445,29 @@ async fn a_remembered_target_that_answers_wrongly_fails_that_read_only() {
 }
 
 #[tokio::test]
+async fn a_storage_links_signature_never_reaches_an_error_message() {
+    // A presigned link is a credential for its blob: a transport error on it names the request,
+    // not the URL.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (port, _) = stub(Arc::new(move |_r: &Req| {
+        resp(307, "").h(
+            "Location",
+            &format!("http://127.0.0.1:{dead}/data?X-Amz-Signature=SECRET123"),
+        )
+    }));
+    let c = stub_client(port, None, Duration::ZERO);
+    let e = c.blob_range("a/b", &digest(), 0, 9).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("a/b@sha256:"), "{msg}");
+    assert!(
+        !msg.contains("SECRET123") && !msg.contains(&dead.to_string()),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
 async fn no_redirect_is_remembered_with_a_zero_ttl() {
     let (sport, _slog) = storage(Arc::default(), Expiry::Refused);
     let (port, log) = redirecting_registry(sport);

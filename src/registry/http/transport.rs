@@ -233,7 +233,10 @@ pub(super) fn error_from(status: StatusCode, body: &[u8], what: &str) -> Registr
 }
 
 pub(super) fn transport(e: reqwest::Error, what: &str) -> RegistryError {
-    // reqwest errors include the URL but never headers, so no credential can leak here.
+    // reqwest errors name the URL, and a storage link's query is a credential (a presigned
+    // signature), as is an upload Location's state: the URL goes, `what` says which request.
+    // Headers are never in them.
+    let e = e.without_url();
     let mut msg = format!("{what}: {e}");
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
