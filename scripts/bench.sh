@@ -83,10 +83,16 @@ cargo build --release --quiet --example delay_proxy --example seed_bench --examp
 cargo build --release --quiet --bin regfs
 
 work_setup
-# Processes started for one workload (the redirect workload's storage, registry and proxies).
-extra_pids=()
-trap 'kill "${extra_pids[@]}" 2>/dev/null || true; work_cleanup' EXIT
 start_delay_proxy "$REGISTRY_ADDR" "$rtt_ms" "$window" "$work/proxy.log" "${handshake[@]}"
+# The bench registry and its proxy, and the processes a workload starts beside them (the
+# redirect and tls workloads' registries, storage and proxies; stopped by stop_extra at the end
+# of the workload): all stopped on exit, however the script ends.
+main_pids=("$REGISTRY_PID" "$PROXY_PID") extra_pids=()
+trap 'kill "${extra_pids[@]}" "${main_pids[@]}" 2>/dev/null || true; work_cleanup' EXIT
+stop_extra() {
+    [ ${#extra_pids[@]} -eq 0 ] || { kill "${extra_pids[@]}" 2>/dev/null || true; wait "${extra_pids[@]}" 2>/dev/null || true; }
+    extra_pids=()
+}
 
 # --- seeding --------------------------------------------------------------------------------
 
@@ -172,6 +178,10 @@ m_end() {
     MOVED=$(($(json_sum "$s1" blob_bytes upload_bytes) - $(json_sum "$s0" blob_bytes upload_bytes)))
     # shellcheck disable=SC2086
     REQS=$(($(json_sum "$s1" $req_keys) - $(json_sum "$s0" $req_keys)))
+    # Through a registry that redirects, a blob GET is two requests (the registry's 307, then
+    # storage: foreign_requests), or one when it went straight to a remembered link.
+    REQS=$((REQS + $(json_sum "$s1" foreign_requests) - $(json_sum "$s0" foreign_requests)))
+    REQS=$((REQS - $(json_sum "$s1" redirect_reuses) + $(json_sum "$s0" redirect_reuses)))
     RSS=$(peak_rss_mib "$REGFS_PID")
 }
 # timed CMD...: runs CMD, sets RT to its wall time.
@@ -501,6 +511,7 @@ w_redirect() {
     row "redirect: sequential" "$net" $((mib << 20)) "the same, --redirect-ttl 0" "$seq0" - -
     timed curl -fsSL -o /dev/null "http://$REDIRECT_ADDR/v2/bench/$name/blobs/$digest"
     notes+=("redirect $net: the sequential read sent $S_REUSES of its $S_REQS requests straight to storage; curl -L (one GET, one redirect) read the blob in $RT s ($(rate $((mib << 20)) "$RT") MiB/s)")
+    stop_extra
 }
 
 # start_tls_registry NET: a second docker-registry on the bench registry's storage, over https
@@ -542,6 +553,7 @@ w_tls() {
     version=$(curl -fsS --cacert "$TLS_CERT" -o /dev/null -r 0-0 -w '%{http_version}' "https://$TLS_ADDR/v2/bench/$name/blobs/$digest")
     [ "$net" = wan ] && { target=">= 1.5x curl"; ok=$(met "$(awk -v r="$RT" -v t="$T" 'BEGIN { print r / t }')" '>=' 1.5); }
     row "seq over TLS" "$net" $((mib << 20)) "curl --cacert, one stream (HTTP/$version)" "$RT" "$target" "$ok"
+    stop_extra
 }
 
 load0=$(cut -d' ' -f1-3 /proc/loadavg)

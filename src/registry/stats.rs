@@ -75,8 +75,9 @@ request_stats! {
     blob_redirects,
     /// Blob GETs sent straight to a redirect target remembered from an earlier GET of the blob.
     redirect_reuses,
-    /// Remembered redirect targets that failed (expired, refused, unreachable): forgotten, and
-    /// the registry asked again at once.
+    /// Remembered redirect targets that failed: before their answer began (an error status,
+    /// refused, unreachable, no answer within 5 s), when the registry is asked again at once;
+    /// or after it (a body cut, a wrong Content-Range), when the next try asks the registry.
     redirect_failures,
     /// 429 answers that carried Docker Hub's pull-limit headers with nothing remaining.
     pull_limited,

@@ -35,7 +35,7 @@ use crate::manifest::{sniff_media_type, MANIFEST_ACCEPT};
 pub use paging::next_link;
 use paging::PAGE_SIZE;
 use redirects::Redirects;
-pub use redirects::{REDIRECT_ENTRIES, REDIRECT_TTL};
+pub use redirects::{REDIRECT_ENTRIES, REDIRECT_TTL, REMEMBERED_LINK_WAIT};
 use transport::{error_body, error_from, repo_scope, Budget, Req};
 pub use wire::is_loopback_host;
 use wire::{check_digest, check_reference, check_repo, content_type, header_str, resolve_location};
@@ -358,10 +358,10 @@ impl Registry for HttpRegistry {
             let r = self
                 .blob_range_once(repo, digest, from, end, &mut got, sink, &mut budget)
                 .await;
-            if r.is_err() {
-                // Whatever answered wrongly (a Content-Range that does not match, a refused
-                // range), the next try asks the registry where the blob is now.
-                self.redirects.forget(repo, digest);
+            if r.is_err() && self.redirects.forget(repo, digest) {
+                // A storage link that failed after its answer began (a body cut, a
+                // Content-Range that does not match): the next try asks the registry.
+                RequestStats::inc(&self.stats.redirect_failures);
             }
             match r {
                 // The sink wants nothing more (its blocks failed a check): stop here.

@@ -21,6 +21,12 @@ use reqwest::Url;
 /// within a minute. Each refresh costs one round trip per blob per minute of reading.
 pub const REDIRECT_TTL: Duration = Duration::from_secs(60);
 
+/// How long a remembered target may take to start its answer before the registry is asked
+/// instead. 5 s: storage and CDNs answer within a round trip or two (well under a second from
+/// anywhere), so a link that has not answered in 5 s is stuck, and asking the registry for a
+/// fresh one costs far less than `--request-timeout` (60 s) of waiting.
+pub const REMEMBERED_LINK_WAIT: Duration = Duration::from_secs(5);
+
 /// Blobs whose redirect target is remembered at once (least recently used go first). 256
 /// entries of at most [`URL_CAP`] bytes: at most 2 MiB, and far more blobs than one minute of
 /// reading touches.
@@ -50,10 +56,15 @@ impl Redirects {
 
     /// The blob's redirect target, if one was remembered within the TTL.
     pub fn get(&self, repo: &str, digest: &str) -> Option<Url> {
+        self.get_at(repo, digest, Instant::now())
+    }
+
+    /// [`Self::get`] as of `now`.
+    fn get_at(&self, repo: &str, digest: &str, now: Instant) -> Option<Url> {
         let mut t = crate::sync::lock(&self.table);
         let key = (repo.to_string(), digest.to_string());
         match t.get(&key) {
-            Some((url, at)) if at.elapsed() < self.ttl => Some(url.clone()),
+            Some((url, at)) if now.saturating_duration_since(*at) < self.ttl => Some(url.clone()),
             Some(_) => {
                 t.pop(&key);
                 None
@@ -73,9 +84,12 @@ impl Redirects {
         );
     }
 
-    /// Forget the blob's target (it failed: expired, refused, gone or unreachable).
-    pub fn forget(&self, repo: &str, digest: &str) {
-        crate::sync::lock(&self.table).pop(&(repo.to_string(), digest.to_string()));
+    /// Forget the blob's target (it failed: expired, refused, gone, unreachable, cut or wrong);
+    /// whether there was one.
+    pub fn forget(&self, repo: &str, digest: &str) -> bool {
+        crate::sync::lock(&self.table)
+            .pop(&(repo.to_string(), digest.to_string()))
+            .is_some()
     }
 }
 
@@ -94,16 +108,20 @@ mod tests {
         assert_eq!(r.get("a", "sha256:1"), Some(url("http://cdn/x?sig=1")));
         // Another repository's copy of the same digest asks its own registry path.
         assert_eq!(r.get("b", "sha256:1"), None);
-        r.forget("a", "sha256:1");
+        assert!(r.forget("a", "sha256:1"));
+        assert!(!r.forget("a", "sha256:1"));
         assert_eq!(r.get("a", "sha256:1"), None);
     }
 
     #[test]
     fn expired_long_or_disabled_targets_are_not_used() {
-        let r = Redirects::new(Duration::from_millis(1));
+        let r = Redirects::new(Duration::from_secs(60));
         r.put("a", "d", &url("http://cdn/x"));
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(r.get("a", "d"), None);
+        let later = Instant::now() + Duration::from_secs(59);
+        assert!(r.get_at("a", "d", later).is_some());
+        let expired = Instant::now() + Duration::from_secs(60);
+        assert_eq!(r.get_at("a", "d", expired), None);
+        assert_eq!(r.get("a", "d"), None, "an expired target is dropped");
         let long = format!("http://cdn/{}", "x".repeat(URL_CAP));
         let r = Redirects::new(Duration::from_secs(60));
         r.put("a", "d", &url(&long));

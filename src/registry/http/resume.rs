@@ -84,10 +84,12 @@ impl HttpRegistry {
         };
         let want = end - from + 1;
         let target = *got + want;
-        let sent = std::time::Instant::now();
+        let mut sent = std::time::Instant::now();
         let resp = match self.via_remembered_redirect(repo, digest, &req).await {
             Some(resp) => resp,
             None => {
+                // Timed from here: a failed remembered link's time is not the registry's.
+                sent = std::time::Instant::now();
                 let resp = self.send_in(&req, budget).await?;
                 if resp.status().is_success() && !same_origin(resp.url(), &self.base) {
                     RequestStats::inc(&self.stats.blob_redirects);
@@ -167,20 +169,27 @@ impl HttpRegistry {
         let url = self.redirects.get(repo, digest)?;
         RequestStats::inc(&self.stats.redirect_reuses);
         log::trace!("-> {} {} (a remembered redirect)", req.method, url.path());
-        let why = match self.build(req, &url).send().await {
-            Ok(resp) if resp.status().is_success() => {
+        let answer =
+            tokio::time::timeout(super::REMEMBERED_LINK_WAIT, self.build(req, &url).send()).await;
+        let why = match answer {
+            Ok(Ok(resp)) if resp.status().is_success() => {
                 log::trace!("<- {} {}", resp.status().as_u16(), url.path());
                 return Some(resp);
             }
-            Ok(resp) => format!("HTTP {}", resp.status().as_u16()),
-            Err(e) => transport(e, &req.what).to_string(),
+            Ok(Ok(resp)) => format!("HTTP {}", resp.status().as_u16()),
+            Ok(Err(e)) => transport(e, &req.what).to_string(),
+            Err(_) => format!(
+                "no answer within {} s",
+                super::REMEMBERED_LINK_WAIT.as_secs()
+            ),
         };
         log::debug!(
             "{}: the remembered redirect target failed ({why}); asking the registry again",
             req.what
         );
-        RequestStats::inc(&self.stats.redirect_failures);
-        self.redirects.forget(repo, digest);
+        if self.redirects.forget(repo, digest) {
+            RequestStats::inc(&self.stats.redirect_failures);
+        }
         None
     }
 

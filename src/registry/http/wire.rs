@@ -76,7 +76,13 @@ pub(super) fn resolve_location(h: &HeaderMap, base: &Url, what: &str) -> Registr
     let loc = header_str(h, "location")
         .ok_or_else(|| RegistryError::Protocol(format!("{what}: no Location")))?;
     base.join(loc)
-        .map_err(|e| RegistryError::Protocol(format!("{what}: bad Location {loc:?}: {e}")))
+        // Not echoed: a Location may carry a signature or an upload's state.
+        .map_err(|e| {
+            RegistryError::Protocol(format!(
+                "{what}: a Location that is not a URL ({} bytes): {e}",
+                loc.len()
+            ))
+        })
 }
 
 #[cfg(test)]
