@@ -222,6 +222,73 @@ async fn bearer_challenge_fetches_a_token_once_per_scope() {
 }
 
 #[tokio::test]
+async fn a_new_repositorys_token_is_fetched_before_its_first_request() {
+    // Once the registry has said it wants Bearer tokens, the token of a repository not asked
+    // for yet is fetched first: no 401 round trip per new repository. Tokens are per scope;
+    // `x/y` wants a scope of its own, which its challenge names (and which then wins).
+    let port_cell = Arc::new(Mutex::new(0u16));
+    let pc = port_cell.clone();
+    let (port, log) = stub(Arc::new(move |r: &Req| {
+        if let Some(q) = r.path.strip_prefix("/token?") {
+            let scope = q
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("scope="))
+                .unwrap_or("")
+                .replace("%3A", ":")
+                .replace("%2F", "/")
+                .replace("%2C", ",");
+            return resp(200, format!(r#"{{"token":"T-{scope}","expires_in":300}}"#));
+        }
+        let repo = r
+            .path
+            .trim_start_matches("/v2/")
+            .split("/tags/")
+            .next()
+            .unwrap_or("");
+        let wanted = if repo == "x/y" {
+            format!("repository:{repo}:pull,push")
+        } else {
+            format!("repository:{repo}:pull")
+        };
+        if r.headers.get("authorization") != Some(&format!("Bearer T-{wanted}")) {
+            let p = *pc.lock().unwrap();
+            return resp(401, "").h(
+                "WWW-Authenticate",
+                &format!(
+                    r#"Bearer realm="http://127.0.0.1:{p}/token",service="stub",scope="{wanted}""#
+                ),
+            );
+        }
+        resp(200, format!(r#"{{"name":"{repo}","tags":["v1"]}}"#))
+    }));
+    *port_cell.lock().unwrap() = port;
+    let c = client(port, None);
+    let refused = |log: &Arc<Mutex<Vec<Req>>>| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path.starts_with("/v2/"))
+            .count()
+    };
+    assert_eq!(c.tags("a/b").await.unwrap(), vec!["v1"]);
+    assert_eq!(
+        refused(&log),
+        2,
+        "the first repository learns the scheme: a 401, then the token"
+    );
+    for repo in ["c/d", "e/f", "g/h"] {
+        assert_eq!(c.tags(repo).await.unwrap(), vec!["v1"]);
+    }
+    assert_eq!(refused(&log), 5, "one request each, with its token");
+    assert_eq!(c.stats().snapshot().token_fetches, 4);
+    // A scope of its own: the token fetched ahead is refused, the challenge's scope wins.
+    assert_eq!(c.tags("x/y").await.unwrap(), vec!["v1"]);
+    assert_eq!(c.tags("x/y").await.unwrap(), vec!["v1"]);
+    assert_eq!(refused(&log), 8);
+    assert_eq!(c.stats().snapshot().token_fetches, 6);
+}
+
+#[tokio::test]
 async fn lying_docker_content_digest_is_a_mismatch() {
     let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"digest":"sha256:aa","size":1},"layers":[]}"#;
     let (port, _) = stub(Arc::new(move |_r: &Req| {
