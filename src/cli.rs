@@ -137,7 +137,8 @@ pub struct Cli {
     /// Username; the password is read from REGFS_PASSWORD, else from stdin.
     #[arg(long, value_name = "USER", help_heading = "Connection")]
     pub username: Option<String>,
-    /// Timeout for one HTTP request, e.g. 60s.
+    /// Timeout for one HTTP request, e.g. 60s. An upload (PATCH, PUT) also gets its bytes' time
+    /// at 64 KiB/s; a blob read cut by it resumes where it stopped.
     #[arg(
         long,
         value_name = "DURATION",

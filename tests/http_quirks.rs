@@ -112,6 +112,27 @@ async fn truncated_bodies_resume_from_where_they_stopped() {
 }
 
 #[tokio::test]
+async fn a_body_that_keeps_arriving_is_not_given_up_when_the_budget_runs_out() {
+    // A slow link: each answer takes longer than the whole retry budget (200 ms) to arrive,
+    // and is then cut after 256 bytes (as a request timeout cuts a long request). Each try
+    // brings bytes, so each is a new start for the budget: 8 tries, all the bytes.
+    let (port, log) = stub(Arc::new(|r: &Req| {
+        std::thread::sleep(Duration::from_millis(300));
+        let range = r.headers.get("range").cloned().unwrap_or_default();
+        let (s, e) = range.trim_start_matches("bytes=").split_once('-').unwrap();
+        let (s, e): (usize, usize) = (s.parse().unwrap(), e.parse().unwrap());
+        resp(206, &blob()[s..=e])
+            .h("Content-Range", &format!("bytes {s}-{e}/2048"))
+            .cut_after(256)
+    }));
+    let c = stub_client(port, None, Duration::from_millis(200));
+    let b = c.blob_range("a/b", &digest(), 0, 2047).await.unwrap();
+    assert_eq!(&b[..], &blob()[..]);
+    assert_eq!(log.lock().unwrap().len(), 8);
+    assert_eq!(c.stats().snapshot().resumes, 7);
+}
+
+#[tokio::test]
 async fn a_lying_content_range_is_an_error_not_a_hang() {
     let (port, _) = stub(Arc::new(|_r: &Req| {
         resp(206, &blob()[0..1000])

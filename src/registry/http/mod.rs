@@ -81,6 +81,20 @@ pub struct HttpRegistry {
     retry_budget: Duration,
     /// Where blob GETs were redirected lately (see `redirects`).
     redirects: Redirects,
+    /// `--request-timeout`: the limit of a request without a body to speak of (see
+    /// [`transfer_timeout`]).
+    request_timeout: Duration,
+}
+
+/// The slowest upload regfs waits for: a request that sends N bytes (a PATCH, a closing PUT)
+/// may take `--request-timeout` plus N at this rate. 64 KiB/s (512 kbit/s, below most uplinks):
+/// an 8 MiB PATCH gets 60 + 128 s, so a slow uplink finishes its PATCHes instead of having each
+/// cut at 60 s (and the push fail), while a registry that stops reading is still given up on.
+pub const MIN_TRANSFER_RATE: u64 = 64 << 10;
+
+/// The whole-request limit for a request that sends `bytes` (see [`MIN_TRANSFER_RATE`]).
+pub fn transfer_timeout(base: Duration, bytes: u64) -> Duration {
+    base.saturating_add(Duration::from_secs(bytes / MIN_TRANSFER_RATE))
 }
 
 impl std::fmt::Debug for HttpRegistry {
@@ -138,6 +152,7 @@ impl HttpRegistry {
             // Until `with_retry_budget` says otherwise; the reason is at the constant.
             retry_budget: DEFAULT_RETRY_BUDGET,
             redirects: Redirects::new(opts.redirect_ttl),
+            request_timeout: opts.request_timeout,
         })
     }
 
@@ -358,6 +373,12 @@ impl Registry for HttpRegistry {
             let r = self
                 .blob_range_once(repo, digest, from, end, &mut got, sink, &mut budget)
                 .await;
+            if start + got > from {
+                // Bytes arrived before this try failed: the budget is for a registry that
+                // makes no progress. A slow link streams one request for longer than the
+                // budget (or the request timeout cuts it), and that is no reason to give up.
+                budget = Budget::new(self.retry_budget);
+            }
             if r.is_err() && self.redirects.forget(repo, digest) {
                 // A storage link that failed after its answer began (a body cut, a
                 // Content-Range that does not match): the next try asks the registry.

@@ -320,6 +320,14 @@ impl HttpRegistry {
             .client
             .request(req.method.clone(), url.clone())
             .headers(req.headers.clone());
+        // An upload (a PATCH, a closing PUT) gets time for its bytes. A blob range does not
+        // need it: a body cut by the timeout resumes from where it stopped, with a fresh retry
+        // budget since bytes arrived (`blob_range_into`), while a registry that answers nothing
+        // is given up on after `--request-timeout`.
+        let bytes = req.body.as_ref().map_or(0, |body| body.len() as u64);
+        if bytes > 0 {
+            b = b.timeout(super::transfer_timeout(self.request_timeout, bytes));
+        }
         // Credentials stay home: only the registry's own origin gets them.
         if same_origin(url, &self.base) {
             if let Some(auth) = self.auth_header(&req.scope) {
@@ -670,6 +678,20 @@ mod tests {
             redirect_ttl: super::super::REDIRECT_TTL,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn uploads_get_time_for_their_bytes() {
+        let base = Duration::from_secs(60);
+        assert_eq!(super::super::transfer_timeout(base, 0), base);
+        assert_eq!(
+            super::super::transfer_timeout(base, 8 << 20),
+            Duration::from_secs(60 + 128)
+        );
+        assert!(
+            super::super::transfer_timeout(base, u64::MAX) > base,
+            "saturates"
+        );
     }
 
     #[tokio::test]
