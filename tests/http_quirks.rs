@@ -33,6 +33,14 @@ fn digest() -> String {
     sha256_digest(&blob())
 }
 
+/// A 206 with the bytes of [`blob`] that `r`'s `Range: bytes=A-B` asks for.
+fn ranged(r: &Req) -> common::Resp {
+    let range = r.headers.get("range").cloned().unwrap_or_default();
+    let (s, e) = range.trim_start_matches("bytes=").split_once('-').unwrap();
+    let (s, e): (usize, usize) = (s.parse().unwrap(), e.parse().unwrap());
+    resp(206, &blob()[s..=e]).h("Content-Range", &format!("bytes {s}-{e}/2048"))
+}
+
 #[tokio::test]
 async fn range_answered_with_200_is_sliced() {
     let (port, _) = stub(Arc::new(|_r: &Req| resp(200, blob())));
@@ -89,14 +97,7 @@ async fn wrong_content_range_and_416_are_errors() {
 #[tokio::test]
 async fn truncated_bodies_resume_from_where_they_stopped() {
     // Every answer stops after 400 bytes; each resumed request asks from the byte it stopped at.
-    let (port, log) = stub(Arc::new(|r: &Req| {
-        let range = r.headers.get("range").cloned().unwrap_or_default();
-        let (s, e) = range.trim_start_matches("bytes=").split_once('-').unwrap();
-        let (s, e): (usize, usize) = (s.parse().unwrap(), e.parse().unwrap());
-        resp(206, &blob()[s..=e])
-            .h("Content-Range", &format!("bytes {s}-{e}/2048"))
-            .cut_after(400)
-    }));
+    let (port, log) = stub(Arc::new(|r: &Req| ranged(r).cut_after(400)));
     let c = client(port, None);
     let b = c.blob_range("a/b", &digest(), 0, 999).await.unwrap();
     assert_eq!(&b[..], &blob()[..1000]);
@@ -118,12 +119,7 @@ async fn a_body_that_keeps_arriving_is_not_given_up_when_the_budget_runs_out() {
     // brings bytes, so each is a new start for the budget: 8 tries, all the bytes.
     let (port, log) = stub(Arc::new(|r: &Req| {
         std::thread::sleep(Duration::from_millis(300));
-        let range = r.headers.get("range").cloned().unwrap_or_default();
-        let (s, e) = range.trim_start_matches("bytes=").split_once('-').unwrap();
-        let (s, e): (usize, usize) = (s.parse().unwrap(), e.parse().unwrap());
-        resp(206, &blob()[s..=e])
-            .h("Content-Range", &format!("bytes {s}-{e}/2048"))
-            .cut_after(256)
+        ranged(r).cut_after(256)
     }));
     let c = stub_client(port, None, Duration::from_millis(200));
     let b = c.blob_range("a/b", &digest(), 0, 2047).await.unwrap();
@@ -417,13 +413,7 @@ fn storage(expired: Arc<AtomicBool>, how: Expiry) -> (u16, Arc<Mutex<Vec<Req>>>)
                 }
             };
         }
-        let range = r.headers.get("range").cloned().unwrap_or_default();
-        let (a, b) = range
-            .trim_start_matches("bytes=")
-            .split_once('-')
-            .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
-            .unwrap();
-        resp(206, &blob()[a..=b]).h("Content-Range", &format!("bytes {a}-{b}/2048"))
+        ranged(r)
     }))
 }
 
