@@ -1,7 +1,8 @@
 //! Fault tests on the real `docker-registry`: the registry stopped for about 2 s in the middle of
 //! a large read and started again on the same storage and port; a fault proxy that cuts bodies
 //! and answers 503 and 429; and "another host" (127.0.0.2) that `Link`, upload `Location` and
-//! redirects point at, which must never receive the credentials. Reads are checked against their
+//! redirects point at, which must never receive the credentials; a link so slow that each request
+//! outlasts the request timeout and the retry budget. Reads are checked against their
 //! digest; retries, resumes and foreign requests are counted, never timed.
 
 mod common;
@@ -86,6 +87,36 @@ fn a_registry_restart_mid_read_does_not_fail_the_read() {
         m.stat("retries") >= 1,
         "the outage was retried: {}",
         m.log_text()
+    );
+    assert!(!m.log_text().contains("budget spent"), "{}", m.log_text());
+}
+
+#[test]
+fn a_slow_link_streams_where_each_request_outlasts_the_timeout_and_the_budget() {
+    // 800 KB/s per connection (16 KiB in flight, 20 ms RTT), a 2 s request timeout and a 1 s
+    // retry budget: the engine's larger requests (2 to 8 MiB) cannot finish within the
+    // timeout. Each is cut with bytes delivered, resumes where it stopped with a fresh budget,
+    // and the read completes: a slow link is not a dead registry.
+    let reg = TestRegistry::start();
+    let digest = push_big(&reg, "slow/link", 12 << 20);
+    let link = DelayProxy::start(
+        reg.addr().parse().unwrap(),
+        DelayOptions {
+            rtt: Duration::from_millis(20),
+            window: 16 << 10,
+            handshake: false,
+        },
+    );
+    let m = TestMount::new(
+        &link.addr(),
+        &["--request-timeout", "2s", "--retry-budget", "1s"],
+    );
+    let path = blob_path(&m, "slow/link", &digest);
+    assert_eq!(sha256_file(&path), digest, "the whole blob verifies");
+    assert!(
+        m.stat("resumes") >= 1,
+        "some request was cut and resumed: {}",
+        m.stats()
     );
     assert!(!m.log_text().contains("budget spent"), "{}", m.log_text());
 }
