@@ -2,7 +2,7 @@
 //! a large read and started again on the same storage and port; a fault proxy that cuts bodies
 //! and answers 503 and 429; and "another host" (127.0.0.2) that `Link`, upload `Location` and
 //! redirects point at, which must never receive the credentials; a link so slow that each request
-//! outlasts the request timeout and the retry budget. Reads are checked against their
+//! outlasts the request timeout and the retry budget, reading and pushing. Reads are checked against their
 //! digest; retries, resumes and foreign requests are counted, never timed.
 
 mod common;
@@ -32,6 +32,18 @@ fn push_big(reg: &TestRegistry, repo: &str, len: usize) -> String {
         &[Layer::raw(data, "application/vnd.oci.image.layer.v1.tar")],
     ));
     pushed.layers[0].0.clone()
+}
+
+/// A link to `reg` of about 800 KB/s per connection: 16 KiB in flight, 20 ms RTT.
+fn slow_link(reg: &TestRegistry) -> DelayProxy {
+    DelayProxy::start(
+        reg.addr().parse().unwrap(),
+        DelayOptions {
+            rtt: Duration::from_millis(20),
+            window: 16 << 10,
+            handshake: false,
+        },
+    )
 }
 
 fn blob_path(m: &TestMount, repo: &str, digest: &str) -> std::path::PathBuf {
@@ -99,14 +111,7 @@ fn a_slow_link_streams_where_each_request_outlasts_the_timeout_and_the_budget() 
     // and the read completes: a slow link is not a dead registry.
     let reg = TestRegistry::start();
     let digest = push_big(&reg, "slow/link", 12 << 20);
-    let link = DelayProxy::start(
-        reg.addr().parse().unwrap(),
-        DelayOptions {
-            rtt: Duration::from_millis(20),
-            window: 16 << 10,
-            handshake: false,
-        },
-    );
+    let link = slow_link(&reg);
     let m = TestMount::new(
         &link.addr(),
         &["--request-timeout", "2s", "--retry-budget", "1s"],
@@ -119,6 +124,40 @@ fn a_slow_link_streams_where_each_request_outlasts_the_timeout_and_the_budget() 
         m.stats()
     );
     assert!(!m.log_text().contains("budget spent"), "{}", m.log_text());
+}
+
+#[test]
+fn a_slow_uplink_pushes_whole_chunks_that_outlast_the_request_timeout() {
+    // The same slow link, pushing: each 4 MiB PATCH needs about 5 s, more than the 2 s request
+    // timeout; an upload gets its bytes' time on top (MIN_TRANSFER_RATE), so every PATCH
+    // finishes and the push commits.
+    let reg = TestRegistry::start();
+    let link = slow_link(&reg);
+    let m = TestMount::new(
+        &link.addr(),
+        &[
+            "--request-timeout",
+            "2s",
+            "--retry-budget",
+            "1s",
+            "--upload-chunk-size",
+            "4MiB",
+        ],
+    );
+    let data = pseudo_random(9 << 20, 12);
+    std::fs::create_dir(m.p("slow")).unwrap();
+    std::fs::write(m.p("slow/uploads/up.bin"), &data).unwrap();
+    assert_eq!(
+        xattr(&m.p("slow/uploads/up.bin"), "user.oci.digest").unwrap(),
+        sha256_digest(&data).as_bytes()
+    );
+    assert_eq!(m.stat("upload_patches"), 2);
+    assert_eq!(
+        m.stat("upload_resumes"),
+        0,
+        "no PATCH was cut: {}",
+        m.stats()
+    );
 }
 
 #[test]
