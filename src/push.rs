@@ -20,6 +20,13 @@ use crate::registry::{Registry, UploadSession};
 
 type Inflight = JoinHandle<(UploadSession, RegistryResult<()>)>;
 
+/// The largest `OCI-Chunk-Min-Length` honoured beyond `--upload-chunk-size`: an upload holds
+/// about two chunks in memory, so a registry's minimum is a memory demand, and a hostile one
+/// (say 2^63) would hold the whole file. 64 MiB is twelve times S3's 5 MiB part minimum (ECR),
+/// the largest real minimum; above it the push fails with the reason, and the session is
+/// cancelled.
+pub const MAX_REGISTRY_MIN_CHUNK: u64 = 64 << 20;
+
 /// One blob being written.
 pub struct BlobUpload {
     reg: Arc<dyn Registry>,
@@ -113,7 +120,19 @@ impl BlobUpload {
             self.wait_inflight().await?;
             if self.session.is_none() {
                 match self.reg.upload_start(&self.repo).await {
-                    Ok(s) => self.session = Some(s),
+                    Ok(s) => {
+                        let limit = self.chunk.max(MAX_REGISTRY_MIN_CHUNK);
+                        if let Some(min) = s.min_chunk.filter(|&m| m > limit) {
+                            self.reg.upload_cancel(&self.repo, s).await;
+                            let e = RegistryError::Protocol(format!(
+                                "the registry wants PATCH chunks of at least {min} bytes \
+                                 (OCI-Chunk-Min-Length), more than regfs holds for one upload \
+                                 ({limit} bytes; see --upload-chunk-size)"
+                            ));
+                            return Err(self.fail(push_error(&self.repo, e)));
+                        }
+                        self.session = Some(s)
+                    }
                     Err(e) => {
                         let e = push_error(&self.repo, e);
                         return Err(self.fail(e));

@@ -301,6 +301,34 @@ async fn redirect_loops_end() {
 }
 
 #[tokio::test]
+async fn an_absurd_chunk_minimum_fails_the_push_instead_of_holding_the_file() {
+    // OCI-Chunk-Min-Length is a memory demand: 2^63 would have regfs hold the whole file. The
+    // push fails with the reason, and the session is cancelled.
+    let (port, log) = stub(Arc::new(|r: &Req| match r.method.as_str() {
+        "POST" => resp(202, "")
+            .h("Location", "/v2/a/b/blobs/uploads/u1")
+            .h("OCI-Chunk-Min-Length", "9223372036854775807"),
+        "DELETE" => resp(204, ""),
+        _ => resp(400, ""),
+    }));
+    let c: Arc<dyn Registry> = Arc::new(stub_client(port, None, Duration::ZERO));
+    let mut up = regfs::push::BlobUpload::new(c, "a/b", 64 << 10, None, false);
+    let data = vec![7u8; 256 << 10];
+    let mut failed = None;
+    for (i, piece) in data.chunks(32 << 10).enumerate() {
+        if let Err(e) = up.write((i * (32 << 10)) as u64, piece).await {
+            failed = Some(e);
+            break;
+        }
+    }
+    let e = failed.expect("a write fails");
+    assert!(e.to_string().contains("OCI-Chunk-Min-Length"), "{e}");
+    assert!(up.finish().await.is_err(), "the upload stays failed");
+    assert_eq!(count(&log, |r| r.method == "DELETE"), 1);
+    assert_eq!(count(&log, |r| r.method == "PATCH"), 0);
+}
+
+#[tokio::test]
 async fn a_failed_patch_resumes_from_the_upload_status() {
     // The first PATCH delivers 3 of its 10 bytes, then the connection drops. The upload status
     // says `Range: 0-2`; the client sends bytes 3..=9 again, and only those.

@@ -112,20 +112,50 @@ async fn truncated_bodies_resume_from_where_they_stopped() {
     assert_eq!(c.stats().snapshot().blob_bytes, 1000);
 }
 
+/// A registry on a slow link: each answer comes after `delay`, is 96 KiB of data sliced as
+/// asked, and is cut after `cut` bytes (as a request timeout cuts a long request).
+fn slow_registry(delay: Duration, cut: usize) -> (u16, Arc<Mutex<Vec<Req>>>, Vec<u8>) {
+    let data: Vec<u8> = (0..96 << 10).map(|i| (i % 253) as u8).collect();
+    let d = data.clone();
+    let (port, log) = stub(Arc::new(move |r: &Req| {
+        std::thread::sleep(delay);
+        let range = r.headers.get("range").cloned().unwrap_or_default();
+        let (s, e) = range.trim_start_matches("bytes=").split_once('-').unwrap();
+        let (s, e): (usize, usize) = (s.parse().unwrap(), e.parse().unwrap());
+        resp(206, &d[s..=e])
+            .h("Content-Range", &format!("bytes {s}-{e}/{}", d.len()))
+            .cut_after(cut)
+    }));
+    (port, log, data)
+}
+
 #[tokio::test]
 async fn a_body_that_keeps_arriving_is_not_given_up_when_the_budget_runs_out() {
-    // A slow link: each answer takes longer than the whole retry budget (200 ms) to arrive,
-    // and is then cut after 256 bytes (as a request timeout cuts a long request). Each try
-    // brings bytes, so each is a new start for the budget: 8 tries, all the bytes.
-    let (port, log) = stub(Arc::new(|r: &Req| {
-        std::thread::sleep(Duration::from_millis(300));
-        ranged(r).cut_after(256)
-    }));
+    // Each answer takes longer than the whole retry budget (200 ms) and brings 16 KiB (64 KiB/s,
+    // above MIN_PROGRESS_RATE): each try renews the budget, 6 tries bring every byte.
+    let (port, log, data) = slow_registry(Duration::from_millis(250), 16 << 10);
     let c = stub_client(port, None, Duration::from_millis(200));
-    let b = c.blob_range("a/b", &digest(), 0, 2047).await.unwrap();
-    assert_eq!(&b[..], &blob()[..]);
-    assert_eq!(log.lock().unwrap().len(), 8);
-    assert_eq!(c.stats().snapshot().resumes, 7);
+    let got = c
+        .blob_range("a/b", &sha256_digest(&data), 0, data.len() as u64 - 1)
+        .await
+        .unwrap();
+    assert!(got[..] == data[..]);
+    assert_eq!(log.lock().unwrap().len(), 6);
+    assert_eq!(c.stats().snapshot().resumes, 5);
+}
+
+#[tokio::test]
+async fn a_trickle_spends_the_budget_and_fails() {
+    // 16 bytes per 250 ms try (64 B/s) is no progress: the budget is not renewed, and the read
+    // fails instead of taking 6000 tries.
+    let (port, log, data) = slow_registry(Duration::from_millis(250), 16);
+    let c = stub_client(port, None, Duration::from_millis(200));
+    let e = c
+        .blob_range("a/b", &sha256_digest(&data), 0, data.len() as u64 - 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::Transport(_)), "{e}");
+    assert_eq!(log.lock().unwrap().len(), 1);
 }
 
 #[tokio::test]

@@ -71,11 +71,12 @@ impl Writer {
 
 /// How long a reader waits for a commit under way (`open` of a file whose writer is closing). A
 /// commit is bounded by the registry client: the PATCH in flight and the closing PUT each retry
-/// within `--retry-budget` (default 30 s), and each try lasts at most `--request-timeout`
-/// (default 60 s) plus its bytes at 64 KiB/s (`MIN_TRANSFER_RATE`: 128 s for an 8 MiB chunk),
-/// so with the defaults one commit of 8 MiB chunks ends within about 8 minutes. Past 10 minutes
-/// the open is EBUSY (the commit goes on).
-pub const COMMIT_WAIT: Duration = Duration::from_secs(600);
+/// within `--retry-budget` (default 30 s), then ask the upload status (one GET, at most
+/// `--request-timeout`, 60 s) and make one last try of at most 60 s plus its bytes at 64 KiB/s
+/// (`MIN_TRANSFER_RATE`: 188 s for an 8 MiB chunk); a failed commit adds the cancelling DELETE
+/// (60 s). With the defaults one commit ends within about 10.3 minutes. Past 12 minutes the open
+/// is EBUSY (the commit goes on).
+pub const COMMIT_WAIT: Duration = Duration::from_secs(720);
 
 /// How long a reader waits for the `release` of a file that every writer has flushed but nobody
 /// is committing yet. The kernel queues RELEASE before close() returns, but another process's

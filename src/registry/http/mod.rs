@@ -92,6 +92,17 @@ pub struct HttpRegistry {
 /// cut at 60 s (and the push fail), while a registry that stops reading is still given up on.
 pub const MIN_TRANSFER_RATE: u64 = 64 << 10;
 
+/// The slowest blob read that counts as progress: a try whose bytes came at this rate or more
+/// before it failed renews the retry budget. 8 KiB/s (64 kbit/s): four parallel requests on a
+/// 256 kbit/s link still stream, while a registry that trickles a few bytes per try, or stalls
+/// between them, spends its budget and the read fails (EIO) instead of lasting for days.
+pub const MIN_PROGRESS_RATE: u64 = 8 << 10;
+
+/// Did a try that moved `bytes` in `took` make progress (see [`MIN_PROGRESS_RATE`])?
+pub fn progressed(bytes: u64, took: Duration) -> bool {
+    bytes > 0 && bytes as f64 >= MIN_PROGRESS_RATE as f64 * took.as_secs_f64()
+}
+
 /// The whole-request limit for a request that sends `bytes` (see [`MIN_TRANSFER_RATE`]).
 pub fn transfer_timeout(base: Duration, bytes: u64) -> Duration {
     base.saturating_add(Duration::from_secs(bytes / MIN_TRANSFER_RATE))
@@ -370,11 +381,12 @@ impl Registry for HttpRegistry {
         let mut got = 0u64;
         loop {
             let from = start + got;
+            let began = std::time::Instant::now();
             let r = self
                 .blob_range_once(repo, digest, from, end, &mut got, sink, &mut budget)
                 .await;
-            if start + got > from {
-                // Bytes arrived before this try failed: the budget is for a registry that
+            if progressed(start + got - from, began.elapsed()) {
+                // Bytes kept coming before this try failed: the budget is for a registry that
                 // makes no progress. A slow link streams one request for longer than the
                 // budget (or the request timeout cuts it), and that is no reason to give up.
                 budget = Budget::new(self.retry_budget);

@@ -364,7 +364,7 @@ impl HttpRegistry {
         let mut url = req.url.clone();
         let mut hops = 0;
         if same_origin(&url, &self.base) {
-            self.token_ahead(&req.scope, budget).await;
+            self.token_ahead(&req.scope).await;
         }
         loop {
             // Every request and its answer at trace level (RUST_LOG=regfs=trace), for timing a
@@ -538,9 +538,10 @@ impl HttpRegistry {
     /// With Bearer auth learned from an earlier challenge, fetch the token of a scope that has
     /// none (a repository not asked for yet, or an expired token) before the request goes,
     /// instead of learning from a 401 that it is needed: one round trip less for each new
-    /// repository. A failure here is not the request's: it goes without, and the registry's
-    /// challenge decides (and names the scope it wants, which wins).
-    async fn token_ahead(&self, scope: &str, budget: &mut Budget) {
+    /// repository. One try, outside the request's retry budget: a failure here is not the
+    /// request's; it goes without, and the registry's challenge decides (and names the scope
+    /// it wants, which wins).
+    async fn token_ahead(&self, scope: &str) {
         if scope.is_empty() {
             return;
         }
@@ -551,8 +552,9 @@ impl HttpRegistry {
         if crate::sync::lock(&self.tokens).get(scope).is_some() {
             return;
         }
+        let mut one_try = Budget::new(Duration::ZERO);
         match self
-            .fetch_token(&realm, service.as_deref(), scope, budget)
+            .fetch_token(&realm, service.as_deref(), scope, &mut one_try)
             .await
         {
             Ok(token) => crate::sync::lock(&self.tokens).put(scope, token),
@@ -678,6 +680,16 @@ mod tests {
             redirect_ttl: super::super::REDIRECT_TTL,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn progress_is_bytes_at_a_useful_rate() {
+        use super::super::progressed;
+        assert!(!progressed(0, Duration::ZERO));
+        assert!(progressed(1, Duration::ZERO));
+        assert!(progressed(8 << 10, Duration::from_secs(1)));
+        assert!(!progressed(8 << 10, Duration::from_secs(2)), "4 KiB/s");
+        assert!(!progressed(1, Duration::from_secs(59)), "a trickle");
     }
 
     #[test]
