@@ -435,9 +435,11 @@ impl Assembler<'_> {
                 self.failed = Some(e);
                 return;
             }
-            // Asked for before its blob was found bad: kept nowhere (fulfil caches nothing).
+            // Asked for before its blob was found bad: kept nowhere (fulfil caches nothing). The
+            // epoch is read first, so a verdict between the check and the put drops the block.
+            let epoch = disk.epoch();
             if !f.is_poisoned() {
-                disk.put_within(&key, block.clone(), self.room.as_deref_mut());
+                disk.put_within(&key, block.clone(), self.room.as_deref_mut(), epoch);
             }
         }
         f.fulfil(block);

@@ -96,7 +96,8 @@ pub struct DiskStats {
     pub map_mismatches: u64,
     pub passthrough_opens: u64,
     pub blocks_written: u64,
-    /// Blocks not written because the writer's queue was full.
+    /// Blocks not written because the writer's queue was full, or because they were fetched
+    /// before a forget (a blob found bad) asked for since.
     pub blocks_dropped: u64,
     /// Prefetches that waited [`MAX_ROOM_WAIT`] for the writer and went ahead anyway.
     pub room_waits_expired: u64,
@@ -141,7 +142,9 @@ type Sums = Arc<Vec<[u8; 32]>>;
 
 /// What the writer thread is asked to do.
 enum Job {
-    Put(BlockKey, Bytes),
+    /// A block, and the forget epoch (see [`DiskCache::epoch`]) read before its fetch checked
+    /// its blob was not found bad.
+    Put(BlockKey, Bytes, u64),
     /// A map was recorded: check the blob's blocks against it, assemble the blob if complete.
     Mapped(MapKey, Sums),
     Forget([u8; 32]),
@@ -157,6 +160,8 @@ struct Inner {
     maps: Mutex<HashMap<MapKey, Option<Sums>>>,
     counters: Counters,
     queued_bytes: AtomicUsize,
+    /// Forgets asked for so far (see [`DiskCache::epoch`]).
+    forgets: AtomicU64,
     /// Signalled by the writer after each job (see [`DiskCache::wait_for_room`]).
     drained: tokio::sync::Notify,
     /// Holds the flock for the life of the cache.
@@ -248,6 +253,7 @@ impl DiskCache {
             maps: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             queued_bytes: AtomicUsize::new(0),
+            forgets: AtomicU64::new(0),
             drained: tokio::sync::Notify::new(),
             _lock: lock_file,
         });
@@ -330,11 +336,21 @@ impl DiskCache {
 
     /// Store a block, later, on the writer thread (dropped when the queue is full).
     pub fn put(&self, key: &BlockKey, data: Bytes) {
-        self.put_within(key, data, None);
+        self.put_within(key, data, None, self.epoch());
+    }
+
+    /// How many forgets have been asked for. A fetch reads it before it checks that its blob
+    /// was not found bad, and its block carries it to the writer, which drops a block older
+    /// than a forget asked for since: a verdict that came between that check and the put (and
+    /// whose forget the writer may have done already) cannot leave the block on disk. Forgets
+    /// are rare (a blob that failed verification), so dropping other blobs' blocks in flight at
+    /// that moment costs nothing that matters.
+    pub fn epoch(&self) -> u64 {
+        self.inner.forgets.load(Ordering::SeqCst)
     }
 
     /// [`DiskCache::put`], using room held by `room` first (see [`DiskCache::wait_for_room`]).
-    pub fn put_within(&self, key: &BlockKey, data: Bytes, room: Option<&mut Room>) {
+    pub fn put_within(&self, key: &BlockKey, data: Bytes, room: Option<&mut Room>, epoch: u64) {
         let n = data.len();
         let q = &self.inner.queued_bytes;
         let from_room = room.map_or(0, |r| {
@@ -349,7 +365,7 @@ impl DiskCache {
             inc(&self.inner.counters.blocks_dropped);
             return;
         }
-        if self.send(Job::Put(key.clone(), data)).is_err() {
+        if self.send(Job::Put(key.clone(), data, epoch)).is_err() {
             q.fetch_sub(n, Ordering::SeqCst);
             inc(&self.inner.counters.blocks_dropped);
         }
@@ -414,6 +430,9 @@ impl DiskCache {
         let Some(d) = digest_bytes(digest.as_str()) else {
             return;
         };
+        // Before the job is queued: a block put since carries the new epoch only if its fetch
+        // read it after this (and so saw the poison set before this call).
+        self.inner.forgets.fetch_add(1, Ordering::SeqCst);
         if self.send(Job::Forget(d)).is_ok() {
             return;
         }
@@ -696,8 +715,13 @@ impl Inner {
 fn writer(inner: Arc<Inner>, rx: Receiver<Job>) {
     while let Ok(job) = rx.recv() {
         match job {
-            Job::Put(key, data) => {
-                inner.store_block(&key, &data);
+            Job::Put(key, data, epoch) => {
+                if epoch < inner.forgets.load(Ordering::SeqCst) {
+                    // Fetched before a forget asked for since: maybe the forgotten blob's.
+                    inc(&inner.counters.blocks_dropped);
+                } else {
+                    inner.store_block(&key, &data);
+                }
                 inner.queued_bytes.fetch_sub(data.len(), Ordering::SeqCst);
                 inner.drained.notify_waiters();
             }

@@ -221,6 +221,7 @@ async fn room_held_for_a_prefetch_is_used_by_its_blocks_and_given_back() {
         &key(&d, data.len(), bs, 1),
         piece(&data, bs, 1),
         Some(&mut room),
+        c.epoch(),
     );
     assert_eq!(c.stats().blocks_dropped, 1);
     // A full queue cannot be waited out: the room is empty, counted, not a hang.
@@ -246,4 +247,34 @@ async fn room_held_for_a_prefetch_is_used_by_its_blocks_and_given_back() {
     assert_eq!(c.inner.queued_bytes.load(Ordering::SeqCst), 0);
     assert!(c.get(&key(&d, data.len(), bs, 1)).is_some());
     assert!(c.get(&key(&d, data.len(), bs, 0)).is_none());
+}
+
+#[test]
+fn a_block_fetched_before_a_forget_is_not_stored_after_it() {
+    // A fetch reads the epoch, checks its blob was not found bad, and puts; a verdict that
+    // came between the check and the put has its forget done first by the writer, so the block
+    // must not land after it.
+    let dir = tempfile::tempdir().unwrap();
+    let c = DiskCache::open(dir.path(), 1 << 20).unwrap();
+    let (d, data) = blob(8192, 3);
+    let bs = 4096;
+    let before = c.epoch();
+    c.forget(&d);
+    c.put_within(
+        &key(&d, data.len(), bs, 0),
+        piece(&data, bs, 0),
+        None,
+        before,
+    );
+    // A block fetched after the forget goes in.
+    c.put_within(
+        &key(&d, data.len(), bs, 1),
+        piece(&data, bs, 1),
+        None,
+        c.epoch(),
+    );
+    c.flush();
+    assert!(c.get(&key(&d, data.len(), bs, 0)).is_none());
+    assert!(c.get(&key(&d, data.len(), bs, 1)).is_some());
+    assert_eq!(c.stats().blocks_dropped, 1);
 }
