@@ -528,3 +528,49 @@ fn a_redirected_blobs_later_ranges_go_straight_to_storage() {
     );
     assert_eq!(m.stat("redirect_failures"), 0);
 }
+
+#[test]
+fn a_proxy_from_the_environment_carries_the_traffic_and_no_proxy_bypasses_it() {
+    // Behind a corporate proxy: HTTP_PROXY (HTTPS_PROXY for https registries) is honoured, as
+    // curl and docker do. The proxy here forwards bytes to the registry (which takes the
+    // absolute-form requests a proxy is sent).
+    let s = seeded();
+    let proxy = DelayProxy::start(
+        s.reg.addr().parse().unwrap(),
+        DelayOptions {
+            rtt: std::time::Duration::ZERO,
+            ..DelayOptions::default()
+        },
+    );
+    let via = format!("http://{}", proxy.addr());
+    let m = TestMount::with_env(&s.reg.addr(), &[], &[("HTTP_PROXY", via.as_str())]);
+    assert_eq!(
+        std::fs::read(m.p("debian/min/tags/bookworm/config.json")).unwrap(),
+        s.min.config
+    );
+    let carried = proxy
+        .stats
+        .bytes_down
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        carried > s.min.config.len() as u64,
+        "{carried} bytes came through the proxy"
+    );
+    drop(m);
+    // NO_PROXY names the registry: it is reached directly, and a dead proxy does not matter.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_proxy = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let m = TestMount::with_env(
+        &s.reg.addr(),
+        &[],
+        &[
+            ("HTTP_PROXY", dead_proxy.as_str()),
+            ("NO_PROXY", "127.0.0.1"),
+        ],
+    );
+    assert_eq!(
+        std::fs::read(m.p("debian/min/tags/bookworm/config.json")).unwrap(),
+        s.min.config
+    );
+}

@@ -333,6 +333,13 @@ impl TestMount {
             .env_remove("DOCKER_AUTH_CONFIG")
             .env_remove("XDG_RUNTIME_DIR")
             .env_remove("XDG_CONFIG_HOME")
+            // Nor a developer's proxy: the registries are on loopback (a test sets its own).
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf);
