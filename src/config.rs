@@ -413,6 +413,11 @@ impl Config {
             "request_timeout": show_duration(c.request_timeout),
             "retry_budget": show_duration(c.retry_budget),
             "redirect_ttl": show_duration(c.redirect_ttl),
+            "tag_resolution": match c.tag_resolution {
+                crate::registry::TagResolution::Auto => "auto",
+                crate::registry::TagResolution::Head => "head",
+                crate::registry::TagResolution::Get => "get",
+            },
             "mountpoint": self.mount.mountpoint.display().to_string(),
             "fsname": self.mount.fsname,
             "allow_other": self.mount.allow_other,
@@ -424,6 +429,7 @@ impl Config {
             "readahead": self.cache.readahead,
             "checkpoint_spacing": self.cache.checkpoint_spacing,
             "cache_dir": path(&self.cache.cache_dir),
+            "cache_dir_size": self.cache.cache_dir_size,
             "metadata_ttl": show_duration(self.cache.metadata_ttl),
             "upload_chunk_size": self.push.upload_chunk_size,
             "platform": match variant {

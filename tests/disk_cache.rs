@@ -109,6 +109,10 @@ fn a_new_mount_rereads_a_cached_blob_with_no_bytes_fetched_through_passthrough()
     // The kernel read the cached file itself: the daemon served no block of it.
     assert_eq!(s["disk_hits"], 0, "{s}");
     assert_eq!(s["disk_misses"], 0, "{s}");
+    // `.regfs/stats` shows the same counters under cache.disk.
+    let doc = m.control_stats();
+    assert_eq!(doc["cache"]["disk"]["passthrough_opens"], 1, "{doc}");
+    assert!(doc["cache"]["disk"]["bytes"].as_u64().unwrap() >= data.len() as u64);
 
     // A second mount on the same cache dir is refused with a clear error.
     let mnt = tempfile::tempdir().unwrap();

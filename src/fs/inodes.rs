@@ -22,10 +22,10 @@
 //!    - `fs::handles::Handles::table`; a read handle's own mutex is taken after the table is
 //!      released.
 //!    - `fs::meta::Meta`: the catalog, tag-list and tag-target TTL maps, the manifest LRU,
-//!      `known_repos`, `seen` (each its own lock).
+//!      `known_repos`, `seen`, `times` (each its own lock).
 //!    - `fs::staging::Staging`: `staged`, `pending_tags`, and the `changed` watch that wakes
 //!      readers waiting for a commit (sent after `staged` is released; waited on with no lock).
-//!    - `blob::Blobs::verified`.
+//!    - `blob::Blobs`: `verified`, and `maps` (the chunk maps kept in memory).
 //!    - `layer::Layers`: `indexes`, `merged`, `bound` (LRUs of once-cells; the cells are awaited
 //!      after the lock is released).
 //!    - `cache::ChunkCache`: `inflight`, `lru`, `pool`, `joins` (each released before another is
@@ -38,9 +38,10 @@
 //!    - `registry::mirror`: each mirror's `down_until`.
 //!    - `fuse::adapter`: `dir_handles` (directory listings being paged).
 //!    - `registry::http`: `scheme` (the auth scheme learned from the challenge), `tokens`
-//!      (Bearer tokens per scope) and `redirects` (blob storage links); the request counters are atomics, the rate-limit headers and
-//!      the blob latency (`RequestStats::rate_limit`, `blob_latency`) leaf mutexes.
-//!    - In tests only: the fake's `repos` and `uploads`, the faulty wrapper's `faults` (a held
+//!      (Bearer tokens per scope) and `redirects` (blob storage links); the request counters
+//!      are atomics, the rate-limit headers and the blob latency (`RequestStats::rate_limit`,
+//!      `blob_latency`) leaf mutexes.
+//!    - In tests only: the fake's `repos`, `uploads` and `ranges`, the faulty wrapper's `faults` (a held
 //!      request waits at its gate with no lock held).
 //!
 //! Not locks, but waited on the same way: the adapter's read `Semaphore` (a permit is held for

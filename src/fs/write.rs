@@ -74,8 +74,9 @@ impl Writer {
 /// within `--retry-budget` (default 30 s), then ask the upload status (one GET, at most
 /// `--request-timeout`, 60 s) and make one last try of at most 60 s plus its bytes at 64 KiB/s
 /// (`MIN_TRANSFER_RATE`: 188 s for an 8 MiB chunk); a failed commit adds the cancelling DELETE
-/// (60 s). With the defaults one commit ends within about 10.3 minutes. Past 12 minutes the open
-/// is EBUSY (the commit goes on).
+/// (60 s). With the defaults a blob's commit ends within about 10.3 minutes; a manifest's
+/// (mounts per missing blob, an index's children, then the PUT) has no such sum and may take
+/// longer. Past 12 minutes the open is EBUSY (the commit goes on).
 pub const COMMIT_WAIT: Duration = Duration::from_secs(720);
 
 /// How long a reader waits for the `release` of a file that every writer has flushed but nobody

@@ -75,9 +75,10 @@ request_stats! {
     blob_redirects,
     /// Blob GETs sent straight to a redirect target remembered from an earlier GET of the blob.
     redirect_reuses,
-    /// Remembered redirect targets that failed: before their answer began (an error status,
-    /// refused, unreachable, no answer within 5 s), when the registry is asked again at once;
-    /// or after it (a body cut, a wrong Content-Range), when the next try asks the registry.
+    /// Storage links that failed and were forgotten: a remembered one before its answer began
+    /// (an error status, refused, unreachable, no answer within 5 s), when the registry is asked
+    /// again at once; or any link after its answer began (a body cut by an error, when the
+    /// resumed try asks the registry; a wrong Content-Range, which fails the read).
     redirect_failures,
     /// 429 answers that carried Docker Hub's pull-limit headers with nothing remaining.
     pull_limited,

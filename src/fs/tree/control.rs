@@ -135,9 +135,12 @@ impl Fs {
         })
     }
 
-    /// Extension point for the disk tier: its counters (hits, misses, evictions, checksum
-    /// failures, bytes) as a JSON object; `null` while there is no disk tier.
+    /// The disk tier's counters (hits, misses, evictions, checksum failures, bytes...) as a
+    /// JSON object; `null` without a disk tier.
     fn disk_cache_stats(&self) -> Value {
-        Value::Null
+        self.blobs
+            .disk()
+            .and_then(|d| serde_json::to_value(d.stats()).ok())
+            .unwrap_or(Value::Null)
     }
 }

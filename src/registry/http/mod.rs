@@ -392,8 +392,8 @@ impl Registry for HttpRegistry {
                 budget = Budget::new(self.retry_budget);
             }
             if r.is_err() && self.redirects.forget(repo, digest) {
-                // A storage link that failed after its answer began (a body cut, a
-                // Content-Range that does not match): the next try asks the registry.
+                // A storage link that failed after its answer began: a resumed try (after a
+                // body cut by an error) asks the registry; a wrong Content-Range fails the read.
                 RequestStats::inc(&self.stats.redirect_failures);
             }
             match r {

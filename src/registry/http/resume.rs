@@ -157,7 +157,7 @@ impl HttpRegistry {
     }
 
     /// A blob GET sent straight to where the registry redirected the last GET of this blob,
-    /// within [`super::REDIRECT_TTL`]: its answer when it is a success. None when nothing is
+    /// within `--redirect-ttl`: its answer when it is a success. None when nothing is
     /// remembered, or when the target failed (an error answer, a refused or reset connection):
     /// then it is forgotten and the caller asks the registry, at once and within its own budget.
     async fn via_remembered_redirect(

@@ -320,10 +320,10 @@ impl HttpRegistry {
             .client
             .request(req.method.clone(), url.clone())
             .headers(req.headers.clone());
-        // An upload (a PATCH, a closing PUT) gets time for its bytes. A blob range does not
-        // need it: a body cut by the timeout resumes from where it stopped, with a fresh retry
-        // budget since bytes arrived (`blob_range_into`), while a registry that answers nothing
-        // is given up on after `--request-timeout`.
+        // A request with a body (a PATCH, a PUT) gets time for its bytes. A blob range does
+        // not need it: a body cut by the timeout resumes from where it stopped, with a fresh
+        // retry budget when its bytes came at MIN_PROGRESS_RATE or more (`blob_range_into`),
+        // while a registry that answers nothing is given up on after `--request-timeout`.
         let bytes = req.body.as_ref().map_or(0, |body| body.len() as u64);
         if bytes > 0 {
             b = b.timeout(super::transfer_timeout(self.request_timeout, bytes));
