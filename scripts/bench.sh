@@ -438,8 +438,7 @@ w_cached() {
 # and HEADs redirect (distribution's redirect middleware) to examples/blob_storage serving that
 # storage; at wan, storage and registry each sit behind their own delay proxy. Sets REDIRECT_ADDR.
 start_redirecting() {
-    local net=$1 dir="$work/redirecting-$net" storage front i
-    local keep_pid=$REGISTRY_PID keep_addr=$REGISTRY_ADDR keep_ppid=$PROXY_PID keep_paddr=$PROXY_ADDR
+    local net=$1 dir="$work/redirecting-$net" storage i
     mkdir -p "$dir"
     target/release/examples/blob_storage --root "$work/registry/data" >"$dir/storage.log" 2>&1 &
     extra_pids+=($!)
@@ -449,26 +448,37 @@ start_redirecting() {
         sleep 0.05
     done
     [ -n "$storage" ] || { echo "blob_storage did not start" >&2; cat "$dir/storage.log" >&2; exit 1; }
-    front=$storage
-    if [ "$net" = wan ]; then
-        start_delay_proxy "$storage" "$rtt_ms" "$window" "$dir/storage-proxy.log" "${handshake[@]}"
-        extra_pids+=("$PROXY_PID")
-        front=$PROXY_ADDR
-    fi
-    ln -sfn "$work/registry/data" "$dir/data"
-    start_registry "$dir" "middleware:
+    behind_link "$net" "$storage" "$dir/storage-proxy.log"
+    side_registry "$net" "$dir" "middleware:
   storage:
     - name: redirect
       options:
-        baseurl: http://$front/"
-    extra_pids+=("$REGISTRY_PID")
-    REDIRECT_ADDR=$REGISTRY_ADDR
-    if [ "$net" = wan ]; then
-        start_delay_proxy "$REGISTRY_ADDR" "$rtt_ms" "$window" "$dir/proxy.log" "${handshake[@]}"
+        baseurl: http://$LINK_ADDR/" ""
+    REDIRECT_ADDR=$LINK_ADDR
+}
+
+# behind_link NET ADDR LOG: at wan, a delay proxy of its own in front of ADDR (stopped by
+# stop_extra); sets LINK_ADDR to the address to use (ADDR itself at lo).
+behind_link() {
+    local keep_pid=$PROXY_PID keep_addr=$PROXY_ADDR
+    LINK_ADDR=$2
+    if [ "$1" = wan ]; then
+        start_delay_proxy "$2" "$rtt_ms" "$window" "$3" "${handshake[@]}"
         extra_pids+=("$PROXY_PID")
-        REDIRECT_ADDR=$PROXY_ADDR
+        LINK_ADDR=$PROXY_ADDR
     fi
-    REGISTRY_PID=$keep_pid REGISTRY_ADDR=$keep_addr PROXY_PID=$keep_ppid PROXY_ADDR=$keep_paddr
+    PROXY_PID=$keep_pid PROXY_ADDR=$keep_addr
+}
+
+# side_registry NET DIR EXTRA_YAML HTTP_YAML: a second docker-registry on the bench registry's
+# storage (stopped by stop_extra), behind its own link at wan; sets LINK_ADDR.
+side_registry() {
+    local keep_pid=$REGISTRY_PID keep_addr=$REGISTRY_ADDR
+    ln -sfn "$work/registry/data" "$2/data"
+    start_registry "$2" "$3" "$4"
+    extra_pids+=("$REGISTRY_PID")
+    behind_link "$1" "$REGISTRY_ADDR" "$2/proxy.log"
+    REGISTRY_PID=$keep_pid REGISTRY_ADDR=$keep_addr
 }
 
 # redirect_reads NET TTL: on fresh mounts of the redirecting registry with --redirect-ttl TTL,
@@ -519,23 +529,14 @@ w_redirect() {
 # its own delay proxy. Sets TLS_ADDR and TLS_CERT.
 start_tls_registry() {
     local net=$1 dir="$work/tls-$net"
-    local keep_pid=$REGISTRY_PID keep_addr=$REGISTRY_ADDR keep_ppid=$PROXY_PID keep_paddr=$PROXY_ADDR
     mkdir -p "$dir"
     openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1 \
         -addext subjectAltName=IP:127.0.0.1 -keyout "$dir/key.pem" -out "$dir/cert.pem" 2>/dev/null
     TLS_CERT=$dir/cert.pem
-    ln -sfn "$work/registry/data" "$dir/data"
-    start_registry "$dir" "" "  tls:
+    side_registry "$net" "$dir" "" "  tls:
     certificate: $dir/cert.pem
     key: $dir/key.pem"
-    extra_pids+=("$REGISTRY_PID")
-    TLS_ADDR=$REGISTRY_ADDR
-    if [ "$net" = wan ]; then
-        start_delay_proxy "$REGISTRY_ADDR" "$rtt_ms" "$window" "$dir/proxy.log" "${handshake[@]}"
-        extra_pids+=("$PROXY_PID")
-        TLS_ADDR=$PROXY_ADDR
-    fi
-    REGISTRY_PID=$keep_pid REGISTRY_ADDR=$keep_addr PROXY_PID=$keep_ppid PROXY_ADDR=$keep_paddr
+    TLS_ADDR=$LINK_ADDR
 }
 
 w_tls() {
