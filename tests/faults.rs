@@ -1,9 +1,9 @@
 //! Fault tests on the real `docker-registry`: the registry stopped for about 2 s in the middle of
 //! a large read and started again on the same storage and port; a fault proxy that cuts bodies
 //! and answers 503 and 429; and "another host" (127.0.0.2) that `Link`, upload `Location` and
-//! redirects point at, which must never receive the credentials; a link so slow that each request
-//! outlasts the request timeout and the retry budget, reading and pushing. Reads are checked against their
-//! digest; retries, resumes and foreign requests are counted, never timed.
+//! redirects point at, which must never receive the credentials; a link so slow that each
+//! request outlasts the request timeout and the retry budget, reading and pushing. Reads are
+//! checked against their digest; retries, resumes and foreign requests are counted, never timed.
 
 mod common;
 

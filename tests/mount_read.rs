@@ -470,8 +470,9 @@ fn inode_numbers_are_stable() {
 fn a_redirected_blobs_later_ranges_go_straight_to_storage() {
     // Docker Hub, GHCR and ECR answer each blob GET with a redirect to storage. distribution's
     // redirect middleware does the same here: every blob GET and HEAD gets a 307 to a file
-    // server (`common::storage`) over the registry's own storage directory. A cold read of a layer makes several Range
-    // requests; only the first of the layer goes through the registry.
+    // server (`common::storage`) over the registry's own storage directory. A cold read of a
+    // layer makes several Range requests; only those sent before the first redirect came back
+    // go through the registry.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let sport = listener.local_addr().unwrap().port();
     let reg = TestRegistry::start_with(

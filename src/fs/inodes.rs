@@ -41,8 +41,8 @@
 //!      (Bearer tokens per scope) and `redirects` (blob storage links); the request counters
 //!      are atomics, the rate-limit headers and the blob latency (`RequestStats::rate_limit`,
 //!      `blob_latency`) leaf mutexes.
-//!    - In tests only: the fake's `repos`, `uploads` and `ranges`, the faulty wrapper's `faults` (a held
-//!      request waits at its gate with no lock held).
+//!    - In tests only: the fake's `repos`, `uploads` and `ranges`, the faulty wrapper's
+//!      `faults` (a held request waits at its gate with no lock held).
 //!
 //! Not locks, but waited on the same way: the adapter's read `Semaphore` (a permit is held for
 //! the whole read, no std lock with it), a chunk fetch in flight (`cache::Flight::wait`), a

@@ -131,9 +131,10 @@ impl HttpRegistry {
             // registry's own scheme://host:port.
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(16)
-            // HTTP/1.1 only, never h2 (the crate is built without it): over TLS, h2 (which Docker Hub, GHCR and CDNs offer)
-            // would carry every parallel Range request in one TCP connection, so the engine's
-            // parallel requests would share one window and its flow control. Measured at 50 ms
+            // HTTP/1.1 only, never h2 (the crate is built without it): over TLS, h2 (which
+            // Docker Hub, GHCR and CDNs offer) would carry every parallel Range request in one
+            // TCP connection, so the engine's parallel requests would share one window and its
+            // flow control. Measured at 50 ms
             // RTT (4 MiB per-connection window, docker-registry over TLS): a cold 256 MiB read
             // took 4.34 s over h2 (59 MiB/s, slower than curl's one stream, 3.42 s) and 1.75 s
             // over HTTP/1.1 (147 MiB/s); `ls tags/*/` of 10 x 4 tags 1.98 s over h2, 1.89 s here.

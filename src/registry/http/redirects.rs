@@ -3,9 +3,9 @@
 //! remembered per repository and digest for a short while, so the next Range request of that blob
 //! goes straight there: one round trip instead of two (the registry's 307, then the storage's
 //! answer). A remembered URL is used without credentials (it is another origin), only within
-//! `--redirect-ttl` ([`REDIRECT_TTL`] by default), and forgotten at its first failure, after which the registry is asked again.
-//! The bytes are verified as any others: a link that serves something else is caught by the
-//! blob's digest.
+//! `--redirect-ttl` ([`REDIRECT_TTL`] by default), and forgotten at its first failure, after
+//! which the registry is asked again. The bytes are verified as any others: a link that serves
+//! something else is caught by the blob's digest.
 
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
