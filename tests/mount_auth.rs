@@ -261,8 +261,7 @@ fn parallel_range_requests_over_tls_use_parallel_connections() {
         &format!("https://{}", link.addr()),
         &["--ca-cert", cert.to_str().unwrap()],
     );
-    let layers = ls(&m.p("tls/big/tags/v1/layers"));
-    let name = layers.iter().find(|n| n.ends_with(".tar")).unwrap();
+    let name = ls_files(&m.p("tls/big/tags/v1/layers")).remove(0);
     assert_eq!(
         sha256_file(&m.p("tls/big/tags/v1/layers").join(name)),
         pushed.layers[0].0
