@@ -58,11 +58,11 @@ fn add_image(reg: &FakeRegistry, repo: &str, tag: &str, layer_len: usize) -> Img
     }
 }
 
-fn setup(chunk: u64) -> (Arc<FakeRegistry>, Fs) {
+fn setup(chunk: u64) -> (Arc<FakeRegistry>, Arc<Fs>) {
     setup_ttl(chunk, regfs::config::DEFAULT_METADATA_TTL)
 }
 
-fn setup_ttl(chunk: u64, ttl: std::time::Duration) -> (Arc<FakeRegistry>, Fs) {
+fn setup_ttl(chunk: u64, ttl: std::time::Duration) -> (Arc<FakeRegistry>, Arc<Fs>) {
     let reg = Arc::new(FakeRegistry::new());
     let fs = Fs::new(
         reg.clone() as Arc<dyn Registry>,
@@ -80,7 +80,7 @@ fn setup_ttl(chunk: u64, ttl: std::time::Duration) -> (Arc<FakeRegistry>, Fs) {
 fn setup_faulty(
     chunk: u64,
     ttl: std::time::Duration,
-) -> (Arc<FakeRegistry>, Arc<FaultyRegistry>, Fs) {
+) -> (Arc<FakeRegistry>, Arc<FaultyRegistry>, Arc<Fs>) {
     let reg = Arc::new(FakeRegistry::new());
     let faults = Arc::new(FaultyRegistry::new(reg.clone()));
     let fs = Fs::new(
@@ -302,7 +302,6 @@ async fn listing_fetches_no_blobs_and_reads_are_chunked() {
 async fn concurrent_readers_share_one_fetch() {
     let (reg, fs) = setup(64 * KIB);
     let img = add_image(&reg, "c/one", "v1", (256 * KIB) as usize);
-    let fs = Arc::new(fs);
     let layers = layer_files(&fs, "c/one/tags/v1/layers").await;
     let ino = walk(&fs, &format!("c/one/tags/v1/layers/{}", layers[0]))
         .await

@@ -14,7 +14,7 @@ use regfs::registry::Registry;
 
 const CHUNK: u64 = 64 * 1024;
 
-fn setup() -> (Arc<FakeRegistry>, Fs) {
+fn setup() -> (Arc<FakeRegistry>, Arc<Fs>) {
     let reg = Arc::new(FakeRegistry::new());
     let fs = Fs::new(
         reg.clone() as Arc<dyn Registry>,

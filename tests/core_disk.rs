@@ -18,7 +18,7 @@ use regfs::registry::Registry;
 
 const BLOCK: u64 = 64 << 10;
 
-fn mount(reg: &Arc<FaultyRegistry>, disk: &Arc<DiskCache>) -> Fs {
+fn mount(reg: &Arc<FaultyRegistry>, disk: &Arc<DiskCache>) -> Arc<Fs> {
     Fs::new(
         reg.clone() as Arc<dyn Registry>,
         FsOptions {

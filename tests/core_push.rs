@@ -15,7 +15,7 @@ use regfs::registry::Registry;
 
 const CHUNK: u64 = 64 * 1024;
 
-fn setup() -> (Arc<FakeRegistry>, Fs) {
+fn setup() -> (Arc<FakeRegistry>, Arc<Fs>) {
     let reg = Arc::new(FakeRegistry::new());
     let fs = Fs::new(
         reg.clone() as Arc<dyn Registry>,
@@ -28,7 +28,7 @@ fn setup() -> (Arc<FakeRegistry>, Fs) {
 }
 
 /// Like [`setup`], with the core talking to the fake through a failure-injecting wrapper.
-fn setup_faulty() -> (Arc<FakeRegistry>, Arc<FaultyRegistry>, Fs) {
+fn setup_faulty() -> (Arc<FakeRegistry>, Arc<FaultyRegistry>, Arc<Fs>) {
     let reg = Arc::new(FakeRegistry::new());
     let faults = Arc::new(FaultyRegistry::new(reg.clone()));
     let fs = Fs::new(
@@ -171,7 +171,6 @@ fn open_read(fs: &Arc<Fs>, ino: Ino) -> tokio::task::JoinHandle<Result<u64, i32>
 #[tokio::test]
 async fn a_reader_waits_for_the_commit_under_way() {
     let (reg, faults, fs) = setup_faulty();
-    let fs = Arc::new(fs);
     fs.mkdir(ROOT_INO, "app").await.unwrap();
     let parent = walk(&fs, "app/uploads").await.unwrap();
     let d = data(3 * CHUNK as usize + 7);
@@ -230,7 +229,6 @@ async fn a_reader_waits_for_the_commit_under_way() {
 #[tokio::test]
 async fn a_reader_waits_for_a_commit_at_release_but_not_for_a_writer() {
     let (_reg, faults, fs) = setup_faulty();
-    let fs = Arc::new(fs);
     fs.mkdir(ROOT_INO, "app").await.unwrap();
     let parent = walk(&fs, "app/uploads").await.unwrap();
     // `: > uploads/e; sha256sum uploads/e`: the shell's close is deferred (nothing written), the

@@ -38,7 +38,7 @@ fn setup_with(opts: FsOptions) -> (Arc<FakeRegistry>, Arc<GatedRegistry>, Arc<Fs
     let fake = Arc::new(FakeRegistry::new());
     let gate = Arc::new(GatedRegistry::new(fake.clone()));
     let fs = Fs::new(gate.clone() as Arc<dyn Registry>, opts);
-    (fake, gate, Arc::new(fs))
+    (fake, gate, fs)
 }
 
 async fn read_all(fs: &Fs, path: &str) -> Result<Vec<u8>, i32> {

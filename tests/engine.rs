@@ -21,7 +21,7 @@ fn blob(len: u64, seed: u64) -> Vec<u8> {
 }
 
 /// A fake registry holding one blob of `len` bytes, and a core with default options.
-fn setup(len: u64) -> (Arc<FakeRegistry>, Fs, Vec<u8>, String) {
+fn setup(len: u64) -> (Arc<FakeRegistry>, Arc<Fs>, Vec<u8>, String) {
     let reg = Arc::new(FakeRegistry::new());
     let data = blob(len, len);
     let digest = reg.add_blob("e/one", data.clone());
@@ -129,7 +129,6 @@ async fn a_near_registry_is_asked_in_fewer_longer_requests() {
 #[tokio::test]
 async fn sixty_four_readers_of_one_blob_share_its_fetches() {
     let (reg, fs, data, path) = setup(32 * MIB);
-    let fs = Arc::new(fs);
     let data = Arc::new(data);
     let ino = walk_ok(&fs, &path).await;
     let mut tasks = Vec::new();

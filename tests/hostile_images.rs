@@ -20,7 +20,7 @@ const CHUNK: u64 = 4 * KIB;
 const GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const EIO: i32 = libc::EIO;
 
-fn setup() -> (Arc<FakeRegistry>, Fs) {
+fn setup() -> (Arc<FakeRegistry>, Arc<Fs>) {
     let reg = Arc::new(FakeRegistry::new());
     let fs = Fs::new(
         reg.clone() as Arc<dyn Registry>,

@@ -22,7 +22,7 @@ use regfs::registry::{Registry, StatsSnapshot, TagResolution};
 /// 2020-01-01T00:00:00Z.
 const JAN_2020: u64 = 1_577_836_800;
 
-fn core(reg: Arc<dyn Registry>, by_get: bool) -> Fs {
+fn core(reg: Arc<dyn Registry>, by_get: bool) -> Arc<Fs> {
     Fs::new(
         reg,
         FsOptions {
@@ -426,4 +426,231 @@ fn real_mount_shows_directory_times() {
         "127.0.0.1 resolves tags by GET"
     );
     assert_eq!(m.stat("manifest_gets"), 3, "one GET per tag, nothing more");
+}
+
+/// `n` repositories `walkNN`, 3 tags each, every image made on 2020-01-01.
+async fn walk_repos(reg: &dyn Registry, n: u64) {
+    for r in 0..n {
+        for t in 0..3 {
+            let tag = format!("t{t}");
+            let repo = format!("walk{r:02}");
+            let created = Some("2020-01-01T00:00:00Z");
+            push_dated(reg, &repo, Some(&tag), created, None, r * 3 + t).await;
+        }
+    }
+}
+
+/// (started, finished) repositories listed ahead of a walk, from `.regfs/stats`.
+async fn walk_ahead(fs: &Fs) -> (u64, u64) {
+    let e = lookup_path(fs, ".regfs/stats").await.unwrap();
+    let h = fs.open(e.attr.ino, false).await.unwrap();
+    let body = fs.read(h.fh, 0, 1 << 20).await.unwrap();
+    fs.release(h.fh).await;
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let n = |k: &str| v["walk_ahead"][k].as_u64().unwrap();
+    (n("started"), n("finished"))
+}
+
+/// Wait (bounded) until `n` repositories listed ahead have finished.
+async fn walked_ahead(fs: &Fs, n: u64) {
+    for _ in 0..1000 {
+        if walk_ahead(fs).await.1 >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("walk-ahead never finished {n}: {:?}", walk_ahead(fs).await);
+}
+
+/// `ls walkNN/tags/*/`: the listing, then each tag's entry; every tag's time is the image's.
+async fn ls_tags(fs: &Fs, r: u64) {
+    let tags = list_path(fs, &format!("walk{r:02}/tags")).await;
+    assert_eq!(tags, ["t0", "t1", "t2"]);
+    for t in tags {
+        let e = lookup_path(fs, &format!("walk{r:02}/tags/{t}"))
+            .await
+            .unwrap();
+        assert_eq!(unix(e.attr.mtime), JAN_2020);
+    }
+}
+
+/// One repository's listing: its tag list, a GET per tag, a config per tag.
+const LISTING: u64 = 1 + 3 + 3;
+
+#[tokio::test]
+async fn a_walk_over_repositories_finds_the_next_ones_listed_ahead() {
+    let reg = Arc::new(FakeRegistry::new());
+    reg.yield_in_requests();
+    walk_repos(&*reg, 12).await;
+    let fs = core(reg.clone(), true);
+    list_path(&fs, "").await;
+    let base = reads(&snap(&*reg));
+
+    // One listing is no walk: nothing is asked about any other repository.
+    ls_tags(&fs, 5).await;
+    assert_eq!(walk_ahead(&fs).await, (0, 0));
+    assert_eq!(reads(&snap(&*reg)) - base, LISTING);
+
+    // Two in catalog order are: the 8 after walk01 are listed ahead (walk05 is fresh already).
+    ls_tags(&fs, 0).await;
+    ls_tags(&fs, 1).await;
+    walked_ahead(&fs, 8).await;
+    let ahead = reads(&snap(&*reg)) - base;
+    assert_eq!(ahead, 3 * LISTING + 7 * LISTING, "{:?}", snap(&*reg));
+
+    // The walk goes on: walk02..walk09 cost nothing, and each step lists one more ahead
+    // (walk10 after walk02, walk11 after walk03, then the catalog ends).
+    for r in 2..10 {
+        ls_tags(&fs, r).await;
+    }
+    walked_ahead(&fs, 10).await;
+    assert_eq!(walk_ahead(&fs).await, (10, 10));
+    assert_eq!(reads(&snap(&*reg)) - base, ahead + 2 * LISTING);
+    let s = snap(&*reg);
+    assert_eq!(s.tag_pages, 12, "each tag list fetched once: {s:?}");
+
+    // A jump back starts a new walk: nothing more is listed ahead.
+    ls_tags(&fs, 0).await;
+    assert_eq!(walk_ahead(&fs).await, (10, 10));
+}
+
+#[tokio::test]
+async fn walk_ahead_is_bounded_and_can_be_turned_off() {
+    // Off: a walk lists only what it is asked to.
+    let reg = Arc::new(FakeRegistry::new());
+    walk_repos(&*reg, 4).await;
+    let off = Fs::new(
+        reg.clone(),
+        FsOptions {
+            walk_ahead: 0,
+            ..FsOptions::default()
+        },
+    );
+    for r in 0..4 {
+        ls_tags(&off, r).await;
+    }
+    assert_eq!(walk_ahead(&off).await, (0, 0));
+    assert_eq!(snap(&*reg).tag_pages, 4);
+
+    // A repository with more than 64 tags gets only its tag list fetched ahead.
+    let reg = Arc::new(FakeRegistry::new());
+    walk_repos(&*reg, 2).await;
+    for t in 0..65 {
+        push_dated(
+            &*reg,
+            "walk02",
+            Some(&format!("m{t:02}")),
+            None,
+            None,
+            100 + t,
+        )
+        .await;
+    }
+    let fs = core(reg.clone(), true);
+    ls_tags(&fs, 0).await;
+    ls_tags(&fs, 1).await;
+    walked_ahead(&fs, 1).await;
+    let s = snap(&*reg);
+    assert_eq!((s.tag_pages, s.manifest_gets), (3, 6), "{s:?}");
+
+    // At most two repositories at once, each within the listing's own bound.
+    let reg = Arc::new(FakeRegistry::new());
+    reg.yield_in_requests();
+    walk_repos(&*reg, 12).await;
+    let fs = core(reg.clone(), true);
+    ls_tags(&fs, 0).await;
+    ls_tags(&fs, 1).await;
+    walked_ahead(&fs, 8).await;
+    let s = snap(&*reg);
+    assert!(
+        s.max_requests_in_flight <= 2 * TAG_CONCURRENCY as u64,
+        "{s:?}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_listings_of_one_repository_share_their_requests() {
+    let reg = Arc::new(FakeRegistry::new());
+    reg.yield_in_requests();
+    walk_repos(&*reg, 1).await;
+    let fs = core(reg.clone(), false);
+    lookup_path(&fs, "walk00/tags").await.unwrap();
+    let before = snap(&*reg);
+    let (a, b) = tokio::join!(list_path(&fs, "walk00/tags"), list_path(&fs, "walk00/tags"));
+    assert_eq!(a, b);
+    // HEAD resolution; then both read every manifest by digest, concurrently.
+    let read = |t: &'static str| {
+        let fs = fs.clone();
+        async move {
+            let e = lookup_path(&fs, &format!("walk00/tags/{t}/manifest.json"))
+                .await
+                .unwrap();
+            let h = fs.open(e.attr.ino, false).await.unwrap();
+            fs.read(h.fh, 0, e.attr.size as u32).await.unwrap()
+        }
+    };
+    let (x, y) = tokio::join!(read("t1"), read("t1"));
+    assert_eq!(x, y);
+    let s = snap(&*reg);
+    assert_eq!(
+        (
+            s.tag_pages - before.tag_pages,
+            s.manifest_heads - before.manifest_heads,
+            s.manifest_gets - before.manifest_gets,
+        ),
+        (1, 3, 1),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn a_shell_loop_over_repositories_on_a_real_mount_finds_them_listed_ahead() {
+    let reg = TestRegistry::start();
+    let client = reg.client();
+    rt().block_on(walk_repos(&client, 6));
+    let m = TestMount::new(&reg.addr(), &[]);
+    // `for r in ...; do ls MNT/walk$r/tags/*/; done`, one repository at a time.
+    let ls_tags = |r: u64| {
+        let dirs = m.p(&format!("walk{r:02}/tags"));
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ls -d {}/*/ && ls {}/*/",
+                dirs.display(),
+                dirs.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let listed = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            listed.contains("/t2/") && listed.contains("manifest.json"),
+            "{listed}"
+        );
+    };
+    let walked = |n: u64| {
+        for _ in 0..1000 {
+            if m.control_stats()["walk_ahead"]["finished"].as_u64() >= Some(n) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("walk-ahead never finished {n}: {}", m.control_stats());
+    };
+    ls_tags(0);
+    ls_tags(1);
+    walked(4);
+    let counts =
+        || ["tag_pages", "manifest_gets", "manifest_heads", "blob_gets"].map(|k| m.stat(k));
+    let before = counts();
+    assert_eq!(
+        before,
+        [6, 18, 0, 18],
+        "every repository listed once, by GET"
+    );
+    for r in 2..6 {
+        ls_tags(r);
+    }
+    assert_eq!(counts(), before, "the rest of the walk asked for nothing");
+    assert_eq!(m.control_stats()["walk_ahead"]["started"], 4);
 }

@@ -785,7 +785,7 @@ struct WriteHandle {
 }
 
 struct Harness<'a> {
-    fs: Fs,
+    fs: Arc<Fs>,
     reg: Arc<FakeRegistry>,
     model: Model<'a>,
     inos: BTreeMap<Ino, InoRec>,
@@ -815,7 +815,7 @@ fn errno_name(e: i32) -> String {
     n.to_string()
 }
 
-fn new_fs(reg: &Arc<FakeRegistry>) -> Fs {
+fn new_fs(reg: &Arc<FakeRegistry>) -> Arc<Fs> {
     Fs::new(
         reg.clone() as Arc<dyn Registry>,
         FsOptions {

@@ -16,7 +16,7 @@ use regfs::registry::Registry;
 
 const CHUNK: u64 = 64 * 1024;
 
-fn core(reg: Arc<dyn Registry>) -> Fs {
+fn core(reg: Arc<dyn Registry>) -> Arc<Fs> {
     Fs::new(
         reg,
         FsOptions {

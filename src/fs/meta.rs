@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
+use super::flight::Flights;
 use super::node::{Content, FileNode};
 use crate::digest::{is_sha256_hex, Digest};
 use crate::error::{FsError, FsResult, RegistryError};
@@ -35,17 +36,20 @@ const MAX_MANIFEST_BYTES: usize = 32 << 20;
 /// Times kept (image manifests and configs by digest): a few dozen bytes each.
 const MAX_TIMES: usize = 2 * MAX_MANIFESTS;
 
-/// A map whose entries are fresh for a fixed time after they were stored.
+/// A map whose entries are fresh for a fixed time after they were stored; concurrent loads of
+/// one key share one request.
 pub(crate) struct TtlMap<K, V> {
     ttl: Duration,
     map: Mutex<HashMap<K, (Instant, V)>>,
+    loading: Flights<K, V>,
 }
 
-impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
+impl<K: Eq + Hash + Clone, V: Clone> TtlMap<K, V> {
     pub fn new(ttl: Duration) -> Self {
         TtlMap {
             ttl,
             map: Mutex::new(HashMap::new()),
+            loading: Flights::default(),
         }
     }
     /// The value, if stored less than the TTL ago.
@@ -61,7 +65,8 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
     pub fn remove(&self, k: &K) {
         lock(&self.map).remove(k);
     }
-    /// The fresh value, or `load`'s, stored. A failed load stores nothing.
+    /// The fresh value, or `load`'s, stored. A failed load stores nothing. While one load of
+    /// `k` is on the wire, other callers wait for its answer (`fs::flight`).
     pub async fn get_or_load<F, Fut>(&self, k: K, load: F) -> FsResult<V>
     where
         F: FnOnce() -> Fut,
@@ -70,9 +75,17 @@ impl<K: Eq + Hash, V: Clone> TtlMap<K, V> {
         if let Some(v) = self.fresh(&k) {
             return Ok(v);
         }
-        let v = load().await?;
-        self.insert(k, v.clone());
-        Ok(v)
+        self.loading
+            .run(k.clone(), || async {
+                // Stored by a load that landed between the check above and this one.
+                if let Some(v) = self.fresh(&k) {
+                    return Ok(v);
+                }
+                let v = load().await?;
+                self.insert(k.clone(), v.clone());
+                Ok(v)
+            })
+            .await
     }
 }
 
@@ -146,6 +159,8 @@ pub(crate) struct Meta {
     /// Resolve tags with a GET by tag (the body comes along) instead of a HEAD.
     tag_by_get: bool,
     manifests: Mutex<ManifestLru>,
+    /// Manifests by digest on the wire (one request for concurrent asks).
+    manifest_loads: Flights<Digest, ManifestEntry>,
     /// Digest (of an image manifest, or of a config) -> its time, once known; a config without a
     /// usable `created` is None.
     times: Mutex<lru::LruCache<Digest, Option<SystemTime>>>,
@@ -175,6 +190,7 @@ impl Meta {
                 ),
                 bytes: 0,
             }),
+            manifest_loads: Flights::default(),
             times: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(MAX_TIMES).expect("non-zero"),
             )),
@@ -208,6 +224,11 @@ impl Meta {
                 }
             })
             .await
+    }
+
+    /// The catalog if it is cached and fresh (no request).
+    pub fn fresh_catalog(&self) -> Option<Arc<Vec<String>>> {
+        self.catalog.fresh(&()).flatten()
     }
 
     /// Every repository name regfs knows: the catalog plus repositories found by lookup.
@@ -335,21 +356,29 @@ impl Meta {
 
     /// A manifest by digest, parsed (cached: it is content addressed).
     pub async fn manifest(&self, repo: &str, digest: &Digest) -> FsResult<ManifestEntry> {
-        if let Some(m) = lock(&self.manifests).lru.get(digest) {
-            return Ok(m.clone());
+        let in_memory = || lock(&self.manifests).lru.get(digest).cloned();
+        if let Some(m) = in_memory() {
+            return Ok(m);
         }
-        let ctx = format!("manifest {repo}@{digest}");
-        let blob = self
-            .reg
-            .manifest(repo, digest)
+        self.manifest_loads
+            .run(digest.clone(), || async {
+                if let Some(m) = in_memory() {
+                    return Ok(m);
+                }
+                let ctx = format!("manifest {repo}@{digest}");
+                let blob = self
+                    .reg
+                    .manifest(repo, digest)
+                    .await
+                    .map_err(|e| FsError::registry(e, &ctx))?;
+                let parsed = manifest::parse(&blob.media_type, &blob.body)
+                    .map_err(|e| FsError::registry(e, &ctx))?;
+                let entry = ManifestEntry { blob, parsed };
+                self.note_manifest(repo, &entry);
+                lock(&self.manifests).put(digest.clone(), entry.clone());
+                Ok(entry)
+            })
             .await
-            .map_err(|e| FsError::registry(e, &ctx))?;
-        let parsed = manifest::parse(&blob.media_type, &blob.body)
-            .map_err(|e| FsError::registry(e, &ctx))?;
-        let entry = ManifestEntry { blob, parsed };
-        self.note_manifest(repo, &entry);
-        lock(&self.manifests).put(digest.clone(), entry.clone());
-        Ok(entry)
     }
 
     /// Remember the digests a manifest mentions, for `blobs/sha256/`.

@@ -12,7 +12,7 @@
 //! operations. Every operation is an async method returning a plain result or an [`FsError`].
 //! Nothing here knows about fuser; `crate::fuse` adapts.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use crate::blob::Blobs;
@@ -21,6 +21,7 @@ use crate::error::{FsError, FsResult};
 use crate::layer::Layers;
 use crate::registry::Registry;
 
+mod flight;
 mod handles;
 mod inodes;
 mod meta;
@@ -30,6 +31,7 @@ mod read;
 mod staging;
 mod tree;
 mod types;
+mod walk;
 mod write;
 mod xattr;
 
@@ -72,6 +74,8 @@ pub struct FsOptions {
     pub resolve_tags_by_get: bool,
     /// The disk tier in the cache dir (opened by the caller: it locks the dir).
     pub disk: Option<Arc<crate::disk::DiskCache>>,
+    /// Repositories listed ahead of a walk over `tags/` directories (0: none; `fs::walk`).
+    pub walk_ahead: usize,
 }
 
 impl Default for FsOptions {
@@ -89,6 +93,7 @@ impl Default for FsOptions {
             // What `--tag-resolution auto` gives for any registry but Docker Hub.
             resolve_tags_by_get: true,
             disk: None,
+            walk_ahead: crate::config::DEFAULT_WALK_AHEAD,
         }
     }
 }
@@ -111,6 +116,7 @@ impl FsOptions {
                 .tag_resolution
                 .uses_get(c.connection.base_url.host_str().unwrap_or_default()),
             disk: None,
+            walk_ahead: c.cache.walk_ahead,
         }
     }
 }
@@ -133,10 +139,15 @@ pub struct Fs {
     invalidator: OnceLock<Invalidator>,
     /// What `.regfs/` shows that no other part keeps.
     control: tree::Control,
+    /// Which repositories a walk over `tags/` directories has reached, and is listed ahead to.
+    walk: walk::Walk,
+    /// This core, for work it starts in the background (walk-ahead).
+    me: Weak<Fs>,
 }
 
 impl Fs {
-    pub fn new(reg: Arc<dyn Registry>, opts: FsOptions) -> Self {
+    /// The core, shared: work it starts in the background holds it too.
+    pub fn new(reg: Arc<dyn Registry>, opts: FsOptions) -> Arc<Self> {
         let cache = Arc::new(ChunkCache::new(opts.cache_size));
         let blobs = Arc::new(
             Blobs::new(
@@ -155,8 +166,10 @@ impl Fs {
             )
             .with_disk(opts.disk.clone()),
         );
-        Fs {
+        Arc::new_cyclic(|me| Fs {
             control: tree::Control::new(opts.effective_config.clone()),
+            walk: walk::Walk::new(opts.walk_ahead),
+            me: me.clone(),
             meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone())
                 .resolving_tags_by_get(opts.resolve_tags_by_get),
             layers: Layers::new(
@@ -173,7 +186,7 @@ impl Fs {
             handles: handles::Handles::new(),
             staging: staging::Staging::default(),
             invalidator: OnceLock::new(),
-        }
+        })
     }
 
     /// Install the hook that invalidates kernel name caches (once).

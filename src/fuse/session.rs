@@ -461,7 +461,7 @@ fn serve(cfg: &Config, startup: Startup, status: &mut StatusPipe) -> Result<(), 
     };
     let mut opts = crate::fs::FsOptions::from_config(cfg);
     opts.disk = disk.clone();
-    let fs = Arc::new(Fs::new(reg, opts));
+    let fs = Fs::new(reg, opts);
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
 
     let signals = install_signal_handlers(&rt)?;

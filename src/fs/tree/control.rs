@@ -2,8 +2,9 @@
 //! never collides with a repository (a repository component must start with `[a-z0-9]`).
 //!
 //! - `stats`: JSON counters (requests by kind, bytes fetched against bytes served and copied,
-//!   memory cache hits and misses, the disk tier's counters where there is one, retries, the
-//!   rate-limit headers last seen, and per source counters when there are mirrors);
+//!   memory cache hits and misses, the disk tier's counters where there is one, retries,
+//!   repositories listed ahead of a walk, the rate-limit headers last seen, and per source
+//!   counters when there are mirrors);
 //! - `config`: the effective configuration as JSON, without secrets;
 //! - `version`: one line.
 //!
@@ -104,6 +105,7 @@ impl Fs {
         let req = self.reg.snapshot();
         let cache = self.blobs.cache();
         let (hits, misses) = cache.hits_misses();
+        let (walk_started, walk_finished) = self.walk.counts();
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": self.control.started.elapsed().as_secs(),
@@ -125,6 +127,10 @@ impl Fs {
                 "disk": self.disk_cache_stats(),
             },
             "retries": req.retries,
+            "walk_ahead": {
+                "started": walk_started,
+                "finished": walk_finished,
+            },
             "rate_limit": self.reg.rate_limit(),
             "rate_limited": {
                 "pull_limit": req.pull_limited,

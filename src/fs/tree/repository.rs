@@ -14,6 +14,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use crate::digest::Digest;
 use crate::error::{FsError, FsResult, RegistryError};
 use crate::fs::node::{Area, Content, FileNode, Node, StagedKey};
+use crate::fs::walk::{WALK_TAGS, WALK_TAG_CONCURRENCY};
 use crate::fs::Fs;
 use crate::manifest;
 use crate::registry::is_valid_tag;
@@ -26,8 +27,12 @@ use crate::registry::is_valid_tag;
 /// for their time under the same cap.
 pub const TAG_CONCURRENCY: usize = 8;
 
-/// `f` for every tag, at most [`TAG_CONCURRENCY`] at once; the results in tag order.
-async fn each_tag<'a, T, Fut>(tags: &'a [String], f: impl Fn(&'a str) -> Fut) -> Vec<T>
+/// `f` for every tag, at most `at_once` at a time; the results in tag order.
+async fn each_tag<'a, T, Fut>(
+    tags: &'a [String],
+    at_once: usize,
+    f: impl Fn(&'a str) -> Fut,
+) -> Vec<T>
 where
     Fut: Future<Output = T> + 'a,
 {
@@ -38,7 +43,7 @@ where
     let mut next = tags.iter();
     let mut out = Vec::with_capacity(tags.len());
     loop {
-        while running.len() < TAG_CONCURRENCY {
+        while running.len() < at_once.max(1) {
             match next.next() {
                 Some(t) => running.push_back(f(t.as_str())),
                 None => break,
@@ -72,8 +77,9 @@ impl Fs {
     }
 
     pub(super) async fn tags_children(&self, repo: &str) -> FsResult<Vec<(String, Node)>> {
+        self.walk_on(repo);
         let tags = self.tags_of(repo).await?;
-        let nodes = each_tag(&tags, |t| async move {
+        let nodes = each_tag(&tags, TAG_CONCURRENCY, |t| async move {
             let node = self.tag_node(repo, t).await.ok()?;
             self.settle_time(&node).await;
             Some((t.to_string(), node))
@@ -90,6 +96,50 @@ impl Fs {
             ));
         }
         Ok(out)
+    }
+
+    /// A listing of `repo`'s `tags/`: if it continues a walk, list the repositories the walk
+    /// reaches next in the background (`fs::walk`).
+    fn walk_on(&self, repo: &str) {
+        let Some(catalog) = self.meta.fresh_catalog() else {
+            return;
+        };
+        let Some(pos) = catalog.iter().position(|r| r == repo) else {
+            return;
+        };
+        for p in self.walk.reached(pos, catalog.len()) {
+            let (Some(fs), Some(next)) = (self.me.upgrade(), catalog.get(p).cloned()) else {
+                return;
+            };
+            tokio::spawn(async move {
+                if let Some(_slot) = fs.walk.slot().await {
+                    fs.list_ahead(&next).await;
+                    fs.walk.done();
+                }
+            });
+        }
+    }
+
+    /// What a listing of `repo`'s `tags/` fetches, fetched ahead of it (nothing for tags
+    /// made by mkdir: they are local). A failure leaves nothing behind.
+    async fn list_ahead(&self, repo: &str) {
+        let tags = match self.meta.tag_list(repo).await {
+            Ok(t) => t,
+            Err(e) => {
+                log::debug!("walk-ahead: {e}");
+                return;
+            }
+        };
+        if tags.len() > WALK_TAGS {
+            return;
+        }
+        each_tag(&tags, WALK_TAG_CONCURRENCY, |t| async move {
+            match self.tag_node(repo, t).await {
+                Ok(node) => self.settle_time(&node).await,
+                Err(e) => log::debug!("walk-ahead: {e}"),
+            }
+        })
+        .await;
     }
 
     pub(super) async fn find_tag(&self, repo: &str, name: &str) -> FsResult<Option<Node>> {
@@ -164,7 +214,7 @@ impl Fs {
     /// `index.json` of a repository: every tag as a descriptor with its ref name.
     pub(super) async fn index_json(&self, repo: String) -> FsResult<Node> {
         let tags = self.tags_of(&repo).await?;
-        let heads = each_tag(&tags, |t| self.meta.resolve_tag(&repo, t)).await;
+        let heads = each_tag(&tags, TAG_CONCURRENCY, |t| self.meta.resolve_tag(&repo, t)).await;
         let mut manifests = Vec::new();
         for (t, head) in tags.iter().zip(heads) {
             match head {
