@@ -531,6 +531,19 @@ async fn walk_ahead_is_bounded_and_can_be_turned_off() {
     }
     assert_eq!(walk_ahead(&off).await, (0, 0));
     assert_eq!(snap(&*reg).tag_pages, 4);
+    // So with `--metadata-ttl 0`: nothing listed ahead would be fresh when the walk got there.
+    let uncached = Fs::new(
+        reg.clone(),
+        FsOptions {
+            metadata_ttl: Duration::ZERO,
+            ..FsOptions::default()
+        },
+    );
+    for r in 0..4 {
+        ls_tags(&uncached, r).await;
+    }
+    assert_eq!(walk_ahead(&uncached).await, (0, 0));
+    assert_eq!(snap(&*reg).tag_pages, 8);
 
     // A repository with more than 64 tags gets only its tag list fetched ahead.
     let reg = Arc::new(FakeRegistry::new());
