@@ -87,9 +87,9 @@ pub struct Cli {
     )]
     pub metadata_ttl: String,
     /// When tags/ of one repository after another is listed in catalog order (`ls */tags/*/`,
-    /// a shell loop, find), list the next N repositories' tags/ ahead (4 at a time) so the walk
-    /// finds them ready; 0 turns it off (so does --metadata-ttl 0). Each costs what listing its
-    /// tags/ costs.
+    /// a shell loop, find), list up to N of the next repositories' tags/ ahead so the walk finds
+    /// them ready (4 at first, doubling as the walk uses them); 0 turns it off (so does
+    /// --metadata-ttl 0). Each costs at most what listing its tags/ costs.
     #[arg(long, value_name = "N", default_value = "8", help_heading = "Cache")]
     pub walk_ahead: String,
     /// Uncompressed bytes between checkpoints of a gzip layer's index (reads inflate from the

@@ -224,6 +224,28 @@ async fn relative_opaque_links_are_followed_and_null_tags_tolerated() {
 }
 
 #[tokio::test]
+async fn a_guess_at_the_tags_reads_one_page_only() {
+    let (port, log) = stub(Arc::new(|r: &Req| match r.path.as_str() {
+        "/v2/many/tags/list?n=100" => resp(200, r#"{"name":"many","tags":["b","a"]}"#)
+            .h("Link", r#"</v2/many/tags/list?last=b&n=100>; rel="next""#),
+        "/v2/few/tags/list?n=100" => resp(200, r#"{"name":"few","tags":["b","a"]}"#),
+        p => resp(404, format!("unexpected {p}")),
+    }));
+    let c = client(port, None);
+    assert_eq!(c.tags_if_few("many").await.unwrap(), None);
+    assert_eq!(
+        log.lock().unwrap().len(),
+        1,
+        "the next page is not asked for"
+    );
+    assert_eq!(
+        c.tags_if_few("few").await.unwrap(),
+        Some(vec!["a".to_string(), "b".to_string()])
+    );
+    assert_eq!(c.stats().snapshot().tag_pages, 2);
+}
+
+#[tokio::test]
 async fn bearer_challenge_fetches_a_token_once_per_scope() {
     let port_cell = Arc::new(Mutex::new(0u16));
     let pc = port_cell.clone();

@@ -440,26 +440,27 @@ async fn walk_repos(reg: &dyn Registry, n: u64) {
     }
 }
 
-/// (started, finished) repositories listed ahead of a walk, from `.regfs/stats`.
-async fn walk_ahead(fs: &Fs) -> (u64, u64) {
+/// (queued, finished, dropped) repositories listed ahead of a walk, from `.regfs/stats`.
+async fn walk_ahead(fs: &Fs) -> (u64, u64, u64) {
     let e = lookup_path(fs, ".regfs/stats").await.unwrap();
     let h = fs.open(e.attr.ino, false).await.unwrap();
     let body = fs.read(h.fh, 0, 1 << 20).await.unwrap();
     fs.release(h.fh).await;
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let n = |k: &str| v["walk_ahead"][k].as_u64().unwrap();
-    (n("started"), n("finished"))
+    (n("queued"), n("finished"), n("dropped"))
 }
 
-/// Wait (bounded) until `n` repositories listed ahead have finished.
-async fn walked_ahead(fs: &Fs, n: u64) {
+/// Wait (bounded) until every repository queued to be listed ahead is done with; their count.
+async fn walked_ahead(fs: &Fs) -> u64 {
     for _ in 0..1000 {
-        if walk_ahead(fs).await.1 >= n {
-            return;
+        let (queued, finished, _) = walk_ahead(fs).await;
+        if finished == queued {
+            return queued;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("walk-ahead never finished {n}: {:?}", walk_ahead(fs).await);
+    panic!("walk-ahead never finished: {:?}", walk_ahead(fs).await);
 }
 
 /// `ls walkNN/tags/*/`: the listing, then each tag's entry; every tag's time is the image's.
@@ -485,33 +486,38 @@ async fn a_walk_over_repositories_finds_the_next_ones_listed_ahead() {
     let fs = core(reg.clone(), true);
     list_path(&fs, "").await;
     let base = reads(&snap(&*reg));
+    let asked = || reads(&snap(&*reg)) - base;
 
     // One listing is no walk: nothing is asked about any other repository.
     ls_tags(&fs, 5).await;
-    assert_eq!(walk_ahead(&fs).await, (0, 0));
-    assert_eq!(reads(&snap(&*reg)) - base, LISTING);
+    assert_eq!(walk_ahead(&fs).await.0, 0);
+    assert_eq!(asked(), LISTING);
 
-    // Two in catalog order are: the 8 after walk01 are listed ahead (walk05 is fresh already).
+    // Two in catalog order are: the next four (WALK_START) are listed ahead, but walk05, fresh.
     ls_tags(&fs, 0).await;
     ls_tags(&fs, 1).await;
-    walked_ahead(&fs, 8).await;
-    let ahead = reads(&snap(&*reg)) - base;
-    assert_eq!(ahead, 3 * LISTING + 7 * LISTING, "{:?}", snap(&*reg));
-
-    // The walk goes on: walk02..walk09 cost nothing, and each step lists one more ahead
-    // (walk10 after walk02, walk11 after walk03, then the catalog ends).
-    for r in 2..10 {
+    assert_eq!(walked_ahead(&fs).await, 3);
+    assert_eq!(asked(), 6 * LISTING);
+    // The walk reaches them, so the window doubles to --walk-ahead (8), then goes on one
+    // repository per step to the catalog's end.
+    ls_tags(&fs, 2).await;
+    assert_eq!(walked_ahead(&fs).await, 8);
+    ls_tags(&fs, 3).await;
+    assert_eq!(walked_ahead(&fs).await, 9);
+    assert_eq!(asked(), 12 * LISTING, "every repository listed, once");
+    for r in 4..12 {
         ls_tags(&fs, r).await;
     }
-    walked_ahead(&fs, 10).await;
-    assert_eq!(walk_ahead(&fs).await, (10, 10));
-    assert_eq!(reads(&snap(&*reg)) - base, ahead + 2 * LISTING);
-    let s = snap(&*reg);
-    assert_eq!(s.tag_pages, 12, "each tag list fetched once: {s:?}");
+    assert_eq!(
+        asked(),
+        12 * LISTING,
+        "the rest of the walk asked for nothing"
+    );
+    assert_eq!(walk_ahead(&fs).await, (9, 9, 0));
 
-    // A jump back starts a new walk: nothing more is listed ahead.
+    // A jump back starts a new walk: nothing is queued.
     ls_tags(&fs, 0).await;
-    assert_eq!(walk_ahead(&fs).await, (10, 10));
+    assert_eq!(walk_ahead(&fs).await.0, 9);
 }
 
 #[tokio::test]
@@ -529,7 +535,7 @@ async fn walk_ahead_is_bounded_and_can_be_turned_off() {
     for r in 0..4 {
         ls_tags(&off, r).await;
     }
-    assert_eq!(walk_ahead(&off).await, (0, 0));
+    assert_eq!(walk_ahead(&off).await.0, 0);
     assert_eq!(snap(&*reg).tag_pages, 4);
     // So with `--metadata-ttl 0`: nothing listed ahead would be fresh when the walk got there.
     let uncached = Fs::new(
@@ -542,7 +548,7 @@ async fn walk_ahead_is_bounded_and_can_be_turned_off() {
     for r in 0..4 {
         ls_tags(&uncached, r).await;
     }
-    assert_eq!(walk_ahead(&uncached).await, (0, 0));
+    assert_eq!(walk_ahead(&uncached).await.0, 0);
     assert_eq!(snap(&*reg).tag_pages, 8);
 
     // A repository with more than 64 tags gets only its tag list fetched ahead.
@@ -562,23 +568,69 @@ async fn walk_ahead_is_bounded_and_can_be_turned_off() {
     let fs = core(reg.clone(), true);
     ls_tags(&fs, 0).await;
     ls_tags(&fs, 1).await;
-    walked_ahead(&fs, 1).await;
+    assert_eq!(walked_ahead(&fs).await, 1);
     let s = snap(&*reg);
     assert_eq!((s.tag_pages, s.manifest_gets), (3, 6), "{s:?}");
 
-    // At most two repositories at once, each within the listing's own bound.
+    // Every repository listed ahead together resolves at most 8 tags at once (what one
+    // listing holds), beside the walker's own listing (8) and 4 tag lists.
     let reg = Arc::new(FakeRegistry::new());
     reg.yield_in_requests();
-    walk_repos(&*reg, 12).await;
+    for r in 0..12u64 {
+        for t in 0..12 {
+            let repo = format!("wide{r:02}");
+            push_dated(
+                &*reg,
+                &repo,
+                Some(&format!("t{t:02}")),
+                None,
+                None,
+                r * 12 + t,
+            )
+            .await;
+        }
+    }
     let fs = core(reg.clone(), true);
-    ls_tags(&fs, 0).await;
-    ls_tags(&fs, 1).await;
-    walked_ahead(&fs, 8).await;
+    for r in 0..4 {
+        list_path(&fs, &format!("wide{r:02}/tags")).await;
+    }
+    // wide02 to wide05 (wide02 and wide03 listed by the walk too: those listings shared the
+    // requests), then wide06 to wide10, then wide11.
+    assert_eq!(walked_ahead(&fs).await, 10);
     let s = snap(&*reg);
+    assert_eq!(s.tag_pages, 12, "{s:?}");
+    assert_eq!(s.manifest_gets, 12 * 12, "{s:?}");
     assert!(
-        s.max_requests_in_flight <= 2 * TAG_CONCURRENCY as u64,
+        s.max_requests_in_flight <= (2 * TAG_CONCURRENCY + 4) as u64,
         "{s:?}"
     );
+}
+
+#[tokio::test]
+async fn a_walk_stays_in_its_namespace() {
+    let reg = Arc::new(FakeRegistry::new());
+    let repos = [
+        "team/a",
+        "team/a/cache",
+        "team/b",
+        "team/c",
+        "team/d",
+        "zzz",
+    ];
+    for (i, repo) in repos.iter().enumerate() {
+        push_dated(&*reg, repo, Some("t0"), None, None, i as u64).await;
+    }
+    let fs = core(reg.clone(), true);
+    list_path(&fs, "team/a/tags").await;
+    list_path(&fs, "team/b/tags").await;
+    assert_eq!(walked_ahead(&fs).await, 2);
+    let s = snap(&*reg);
+    // team/c and team/d: not team/a/cache (between a and b in the catalog), nor zzz.
+    assert_eq!(s.tag_pages, 4, "{s:?}");
+    let before = reads(&s);
+    list_path(&fs, "team/c/tags").await;
+    list_path(&fs, "team/d/tags").await;
+    assert_eq!(reads(&snap(&*reg)), before);
 }
 
 #[tokio::test]
@@ -641,29 +693,30 @@ fn a_shell_loop_over_repositories_on_a_real_mount_finds_them_listed_ahead() {
             "{listed}"
         );
     };
-    let walked = |n: u64| {
+    // Until every repository queued to be listed ahead is done with.
+    let walked = || {
         for _ in 0..1000 {
-            if m.control_stats()["walk_ahead"]["finished"].as_u64() >= Some(n) {
-                return;
+            let w = &m.control_stats()["walk_ahead"];
+            if w["queued"] == w["finished"] {
+                return w["queued"].as_u64().unwrap();
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("walk-ahead never finished {n}: {}", m.control_stats());
+        panic!("walk-ahead never finished: {}", m.control_stats());
     };
-    ls_tags(0);
-    ls_tags(1);
-    walked(4);
     let counts =
         || ["tag_pages", "manifest_gets", "manifest_heads", "blob_gets"].map(|k| m.stat(k));
+    ls_tags(0);
+    ls_tags(1);
+    assert_eq!(walked(), 4);
     let before = counts();
     assert_eq!(
         before,
         [6, 18, 0, 18],
-        "every repository listed once, by GET"
+        "walk02 to walk05 listed ahead, by GET"
     );
     for r in 2..6 {
         ls_tags(r);
     }
     assert_eq!(counts(), before, "the rest of the walk asked for nothing");
-    assert_eq!(m.control_stats()["walk_ahead"]["started"], 4);
 }

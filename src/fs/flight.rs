@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
-use crate::error::FsResult;
+use crate::error::{FsError, FsResult};
 use crate::sync::lock;
 
 /// One load on the wire: its answer, set before waiters are let in (`None` if its task went
@@ -62,37 +62,48 @@ impl<K: Eq + Hash + Clone, V: Clone> Flights<K, V> {
                     Some(s) => (s.clone(), None),
                     None => {
                         let s: Slot<V> = Arc::new(tokio::sync::Mutex::new(None));
-                        let guard = s.clone().try_lock_owned().ok();
+                        // A new mutex is always free.
+                        let Ok(guard) = s.clone().try_lock_owned() else {
+                            return Err(FsError::io("a new metadata load's slot was taken"));
+                        };
                         m.insert(key.clone(), s.clone());
-                        (s, guard)
+                        (s, Some(guard))
                     }
                 }
             };
-            if let Some(mut answer) = leader {
-                // Dropped before `answer`: the key leaves the map before waiters are let in.
-                let _landed = Landed {
-                    map: &self.map,
-                    key: &key,
-                    slot: &slot,
-                };
-                let load = load.take().expect("only a leader loads, and it returns");
-                let r = load().await;
-                *answer = Some(r.clone());
-                return r;
-            }
-            let answer = slot.lock().await.clone();
-            if let Some(r) = answer {
-                return r;
-            }
-            // The leader's task went away without an answer: ask again (and maybe lead).
+            let Some(mut answer) = leader else {
+                if let Some(r) = slot.lock().await.clone() {
+                    return r;
+                }
+                // The leader's task went away without an answer: ask again (and maybe lead).
+                continue;
+            };
+            // Dropped before `answer`: the key leaves the map before waiters are let in.
+            let _landed = Landed {
+                map: &self.map,
+                key: &key,
+                slot: &slot,
+            };
+            // Only a leader takes `load`, and a leader returns: this is always there.
+            let Some(load) = load.take() else {
+                return Err(FsError::io("a metadata load was asked twice"));
+            };
+            let r = load().await;
+            *answer = Some(r.clone());
+            return r;
         }
+    }
+
+    /// Let the next ask of `key` start a new load, whatever is on the wire now (its answer still
+    /// reaches those already waiting for it): the thing it fetches has changed.
+    pub fn forget(&self, key: &K) {
+        lock(&self.map).remove(key);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::FsError;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 

@@ -24,7 +24,9 @@
 //!    - `fs::meta::Meta`: the catalog, tag-list and tag-target TTL maps, the manifest LRU,
 //!      `known_repos`, `seen`, `times` (each its own lock), and the `fs::flight` maps of loads
 //!      on the wire (a load's answer slot is a `tokio::sync::Mutex` held by its leader across
-//!      the load's awaits with no std lock; waiters await it with none).
+//!      the load's awaits with no std lock; waiters await it with none). A load never asks
+//!      another `Flights` (the catalog, tag list, tag target and manifest loads only ask the
+//!      registry), so no two slots wait on each other.
 //!    - `fs::walk::Walk::state` (where a walk over repositories stands).
 //!    - `fs::staging::Staging`: `staged`, `pending_tags`, and the `changed` watch that wakes
 //!      readers waiting for a commit (sent after `staged` is released; waited on with no lock).

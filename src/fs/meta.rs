@@ -36,34 +36,69 @@ const MAX_MANIFEST_BYTES: usize = 32 << 20;
 /// Times kept (image manifests and configs by digest): a few dozen bytes each.
 const MAX_TIMES: usize = 2 * MAX_MANIFESTS;
 
+/// What a [`TtlMap`] holds: (entries with the time each was stored, the count of changes).
+type Stored<K, V> = (HashMap<K, (Instant, V)>, u64);
+
 /// A map whose entries are fresh for a fixed time after they were stored; concurrent loads of
 /// one key share one request.
 pub(crate) struct TtlMap<K, V> {
     ttl: Duration,
-    map: Mutex<HashMap<K, (Instant, V)>>,
-    loading: Flights<K, V>,
+    /// With `changes`: a count of the writes through the mount that changed an entry (events),
+    /// bumped under this lock. A load stores its answer only if none came since it started:
+    /// an answer from before a push must not hide the push for a TTL.
+    map: Mutex<Stored<K, V>>,
+    /// Loads on the wire; None is a guess's answer that did not fetch the whole value.
+    loading: Flights<K, Option<V>>,
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> TtlMap<K, V> {
     pub fn new(ttl: Duration) -> Self {
         TtlMap {
             ttl,
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new((HashMap::new(), 0)),
             loading: Flights::default(),
         }
+    }
+    /// The count of changes so far: hand it to [`TtlMap::store_since`].
+    pub fn changes(&self) -> u64 {
+        lock(&self.map).1
+    }
+    /// Store what a load that started at `changes` fetched, unless the entry changed since.
+    pub fn store_since(&self, k: K, v: V, changes: u64) {
+        let mut m = lock(&self.map);
+        if m.1 == changes {
+            m.0.insert(k, (Instant::now(), v));
+        }
+    }
+    /// Is `k` stored and fresh? (No clone of the value.)
+    pub fn is_fresh(&self, k: &K) -> bool {
+        lock(&self.map)
+            .0
+            .get(k)
+            .is_some_and(|(at, _)| at.elapsed() < self.ttl)
     }
     /// The value, if stored less than the TTL ago.
     pub fn fresh(&self, k: &K) -> Option<V> {
         lock(&self.map)
+            .0
             .get(k)
             .filter(|(at, _)| at.elapsed() < self.ttl)
             .map(|(_, v)| v.clone())
     }
+    /// A change made through the mount: `v` is now true. Loads on the wire do not store their
+    /// (older) answers, and the next ask that is not answered by `v` starts a new load.
     pub fn insert(&self, k: K, v: V) {
-        lock(&self.map).insert(k, (Instant::now(), v));
+        self.loading.forget(&k);
+        let mut m = lock(&self.map);
+        m.1 += 1;
+        m.0.insert(k, (Instant::now(), v));
     }
+    /// A change made through the mount: what is stored for `k` is no longer true.
     pub fn remove(&self, k: &K) {
-        lock(&self.map).remove(k);
+        self.loading.forget(k);
+        let mut m = lock(&self.map);
+        m.1 += 1;
+        m.0.remove(k);
     }
     /// The fresh value, or `load`'s, stored. A failed load stores nothing. While one load of
     /// `k` is on the wire, other callers wait for its answer (`fs::flight`).
@@ -72,17 +107,59 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlMap<K, V> {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = FsResult<V>>,
     {
+        let mut load = Some(load);
+        // A load on the wire may be a guess's that does not fetch the whole value
+        // ([`TtlMap::get_or_guess`]): after one, ask again (another guess is unlikely; after
+        // two, load alone).
+        for _ in 0..2 {
+            let got = self
+                .get_or_guess(k.clone(), || {
+                    let load = load.take();
+                    async move {
+                        match load {
+                            Some(f) => f().await.map(Some),
+                            None => Err(FsError::io("a metadata load was asked twice")),
+                        }
+                    }
+                })
+                .await?;
+            if let Some(v) = got {
+                return Ok(v);
+            }
+        }
+        match load.take() {
+            Some(f) => {
+                let since = self.changes();
+                let v = f().await?;
+                self.store_since(k, v.clone(), since);
+                Ok(v)
+            }
+            None => Err(FsError::io("a metadata load was asked twice")),
+        }
+    }
+
+    /// The fresh value, or what `load` makes of it: the value (stored), or None when it
+    /// cannot be had cheaply (nothing stored). Shares loads on the wire with
+    /// [`TtlMap::get_or_load`], whose whole value a guess gladly takes.
+    pub async fn get_or_guess<F, Fut>(&self, k: K, load: F) -> FsResult<Option<V>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = FsResult<Option<V>>>,
+    {
         if let Some(v) = self.fresh(&k) {
-            return Ok(v);
+            return Ok(Some(v));
         }
         self.loading
             .run(k.clone(), || async {
                 // Stored by a load that landed between the check above and this one.
                 if let Some(v) = self.fresh(&k) {
-                    return Ok(v);
+                    return Ok(Some(v));
                 }
+                let since = self.changes();
                 let v = load().await?;
-                self.insert(k.clone(), v.clone());
+                if let Some(v) = &v {
+                    self.store_since(k.clone(), v.clone(), since);
+                }
                 Ok(v)
             })
             .await
@@ -159,8 +236,9 @@ pub(crate) struct Meta {
     /// Resolve tags with a GET by tag (the body comes along) instead of a HEAD.
     tag_by_get: bool,
     manifests: Mutex<ManifestLru>,
-    /// Manifests by digest on the wire (one request for concurrent asks).
-    manifest_loads: Flights<Digest, ManifestEntry>,
+    /// Manifests on the wire, by repository and digest (one request for concurrent asks; a
+    /// repository that fails to serve a digest says nothing about another's).
+    manifest_loads: Flights<(String, Digest), ManifestEntry>,
     /// Digest (of an image manifest, or of a config) -> its time, once known; a config without a
     /// usable `created` is None.
     times: Mutex<lru::LruCache<Digest, Option<SystemTime>>>,
@@ -257,6 +335,26 @@ impl Meta {
             }
         }
         Ok(out.into_iter().collect())
+    }
+
+    /// Is `repo`'s tag list cached and fresh? (No request.)
+    pub fn has_tag_list(&self, repo: &str) -> bool {
+        self.tag_lists.is_fresh(&repo.to_string())
+    }
+
+    /// `repo`'s tags if they fit in one page of `tags/list` (one request, or none when they are
+    /// cached), else None: what a guess may cost (walk-ahead). A whole list is cached as
+    /// [`Meta::tag_list`] would.
+    pub async fn few_tags(&self, repo: &str) -> FsResult<Option<Arc<Vec<String>>>> {
+        self.tag_lists
+            .get_or_guess(repo.to_string(), || async {
+                self.reg
+                    .tags_if_few(repo)
+                    .await
+                    .map(|t| t.map(Arc::new))
+                    .map_err(|e| FsError::registry(e, format!("listing tags of {repo}")))
+            })
+            .await
     }
 
     pub async fn tag_list(&self, repo: &str) -> FsResult<Arc<Vec<String>>> {
@@ -361,7 +459,7 @@ impl Meta {
             return Ok(m);
         }
         self.manifest_loads
-            .run(digest.clone(), || async {
+            .run((repo.to_string(), digest.clone()), || async {
                 if let Some(m) = in_memory() {
                     return Ok(m);
                 }
@@ -630,6 +728,68 @@ mod tests {
         assert!(m.repos_holding("a", d.hex()).is_empty());
         let view = m.image_view("a", &d).await.unwrap().unwrap();
         assert_eq!(view.digest, d);
+    }
+
+    /// The push event for `tag` of `repo`, as `fs::promote` sends it.
+    async fn pushed(reg: &FakeRegistry, repo: &str, tag: &str) -> Event {
+        let d = image(reg, repo, tag);
+        let body = reg.manifest(repo, &d).await.map(|b| b.body).unwrap();
+        Event::ManifestPushed {
+            repo: repo.into(),
+            tag: tag.into(),
+            entry: pushed_manifest(
+                d.clone(),
+                manifest::OCI_MANIFEST.into(),
+                body.clone(),
+                manifest::parse(manifest::OCI_MANIFEST, &body).unwrap(),
+            ),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_push_is_not_hidden_by_a_listing_that_was_on_the_wire_before_it() {
+        use crate::registry::faulty::{Fault, FaultyRegistry, Gate, Op};
+        let reg = Arc::new(FakeRegistry::new());
+        let faulty = Arc::new(FaultyRegistry::new(reg.clone()));
+        let m = Arc::new(Meta::new(
+            faulty.clone(),
+            Duration::from_secs(3600),
+            ("linux".into(), "amd64".into(), None),
+        ));
+        image(&reg, "a", "v1");
+        let gate = Gate::new();
+        faulty.inject(Op::Tags, Fault::Hold(gate.clone()));
+        let before = {
+            let m = m.clone();
+            tokio::spawn(async move { m.tag_list("a").await.unwrap() })
+        };
+        gate.arrived().await;
+        // v2 is pushed through the mount while that listing waits.
+        m.apply(pushed(&reg, "a", "v2").await);
+        // A listing asked now does not join the one from before the push: it gets its own
+        // answer while that one is still held.
+        let after = tokio::time::timeout(Duration::from_secs(10), m.tag_list("a"))
+            .await
+            .expect("a listing after the push waited for one from before it")
+            .unwrap();
+        assert_eq!(*after, ["v1", "v2"]);
+        // Another client tags v3; then the old listing lands (it sees v3 too). Its answer came
+        // from a request sent before the push, so it is not stored over the newer one.
+        image(&reg, "a", "v3");
+        gate.open();
+        assert_eq!(*before.await.unwrap(), ["v1", "v2", "v3"]);
+        assert_eq!(*m.tag_list("a").await.unwrap(), ["v1", "v2"]);
+        assert_eq!(reg.stats().tag_pages.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn one_repository_failing_a_digest_says_nothing_about_another() {
+        let (reg, m) = meta(Duration::from_secs(3600));
+        reg.yield_in_requests();
+        let d = Digest::from(image(&reg, "b", "v1"));
+        let (a, b) = tokio::join!(m.manifest("a", &d), m.manifest("b", &d));
+        assert!(a.err().is_some_and(|e| e.is_not_found()));
+        assert_eq!(b.unwrap().blob.digest, d.to_string());
     }
 
     #[tokio::test]

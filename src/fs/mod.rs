@@ -168,12 +168,7 @@ impl Fs {
         );
         Arc::new_cyclic(|me| Fs {
             control: tree::Control::new(opts.effective_config.clone()),
-            // With a metadata TTL of 0 nothing listed ahead would be used: no walk-ahead.
-            walk: walk::Walk::new(if opts.metadata_ttl.is_zero() {
-                0
-            } else {
-                opts.walk_ahead
-            }),
+            walk: walk::Walk::new(opts.walk_ahead),
             me: me.clone(),
             meta: meta::Meta::new(reg.clone(), opts.metadata_ttl, opts.platform.clone())
                 .resolving_tags_by_get(opts.resolve_tags_by_get),

@@ -178,6 +178,14 @@ impl Registry for MirrorRegistry {
         .await
     }
 
+    async fn tags_if_few(&self, repo: &str) -> RegistryResult<Option<Vec<String>>> {
+        let what = format!("tags of {repo}");
+        self.first(&what, self.mirror_tags, |r| async move {
+            r.tags_if_few(repo).await
+        })
+        .await
+    }
+
     async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {
         let what = format!("GET {repo}:{reference}");
         self.first(&what, self.mirrored(reference), |r| async move {

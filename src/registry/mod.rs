@@ -50,6 +50,12 @@ pub trait Registry: Send + Sync + 'static {
     async fn catalog(&self) -> RegistryResult<Vec<String>>;
     /// Every tag of `repo`, all pages, sorted.
     async fn tags(&self, repo: &str) -> RegistryResult<Vec<String>>;
+    /// Every tag of `repo`, sorted, if they fit in the first page of `tags/list` (one request),
+    /// else None: for guesses that must not walk 100,000 pages (walk-ahead). Registries
+    /// without pages answer with [`Registry::tags`].
+    async fn tags_if_few(&self, repo: &str) -> RegistryResult<Option<Vec<String>>> {
+        self.tags(repo).await.map(Some)
+    }
     /// GET a manifest by tag or digest, verified against its digest.
     async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob>;
     /// HEAD a manifest by tag or digest.

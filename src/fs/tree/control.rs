@@ -105,7 +105,7 @@ impl Fs {
         let req = self.reg.snapshot();
         let cache = self.blobs.cache();
         let (hits, misses) = cache.hits_misses();
-        let (walk_started, walk_finished) = self.walk.counts();
+        let (walk_queued, walk_finished, walk_dropped) = self.walk.counts();
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": self.control.started.elapsed().as_secs(),
@@ -128,8 +128,9 @@ impl Fs {
             },
             "retries": req.retries,
             "walk_ahead": {
-                "started": walk_started,
+                "queued": walk_queued,
                 "finished": walk_finished,
+                "dropped": walk_dropped,
             },
             "rate_limit": self.reg.rate_limit(),
             "rate_limited": {

@@ -14,7 +14,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use crate::digest::Digest;
 use crate::error::{FsError, FsResult, RegistryError};
 use crate::fs::node::{Area, Content, FileNode, Node, StagedKey};
-use crate::fs::walk::{WALK_TAGS, WALK_TAG_CONCURRENCY};
+use crate::fs::walk::WALK_TAGS;
 use crate::fs::Fs;
 use crate::manifest;
 use crate::registry::is_valid_tag;
@@ -98,42 +98,58 @@ impl Fs {
         Ok(out)
     }
 
-    /// A listing of `repo`'s `tags/`: if it continues a walk, list the repositories the walk
-    /// reaches next in the background (`fs::walk`).
+    /// A listing of `repo`'s `tags/`: if it continues a walk, queue the repositories the walk
+    /// reaches next to be listed in the background (`fs::walk`).
     fn walk_on(&self, repo: &str) {
         let Some(catalog) = self.meta.fresh_catalog() else {
             return;
         };
-        let Some(pos) = catalog.iter().position(|r| r == repo) else {
+        // The walk runs over the repositories of `repo`'s namespace, in catalog order.
+        let parent = |r: &str| r.rsplit_once('/').map_or("", |(p, _)| p).to_string();
+        let namespace = parent(repo);
+        let siblings: Vec<&String> = catalog.iter().filter(|r| parent(r) == namespace).collect();
+        let Some(pos) = siblings.iter().position(|r| *r == repo) else {
             return;
         };
-        for p in self.walk.reached(pos, catalog.len()) {
-            let (Some(fs), Some(next)) = (self.me.upgrade(), catalog.get(p).cloned()) else {
+        let ahead = self.walk.reached(&namespace, pos, siblings.len());
+        for p in ahead.positions {
+            let Some(next) = siblings.get(p).map(|r| r.to_string()) else {
                 return;
             };
+            if self.meta.has_tag_list(&next) {
+                continue; // listed within the TTL: the walk will find it ready
+            }
+            let Some(fs) = self.me.upgrade() else {
+                return;
+            };
+            if !self.walk.queue() {
+                return;
+            }
             tokio::spawn(async move {
-                if let Some(_slot) = fs.walk.slot().await {
+                if let Some(_turn) = fs.walk.turn(ahead.epoch).await {
                     fs.list_ahead(&next).await;
-                    fs.walk.done();
                 }
+                fs.walk.finished();
             });
         }
     }
 
-    /// What a listing of `repo`'s `tags/` fetches, fetched ahead of it (nothing for tags
-    /// made by mkdir: they are local). A failure leaves nothing behind.
+    /// What a listing of `repo`'s `tags/` fetches, fetched ahead of it, for at most
+    /// [`WALK_TAGS`] tags in one page of `tags/list` (nothing for tags made by mkdir: they are
+    /// local). A failure leaves nothing behind.
     async fn list_ahead(&self, repo: &str) {
-        let tags = match self.meta.tag_list(repo).await {
-            Ok(t) => t,
+        let tags = match self.meta.few_tags(repo).await {
+            Ok(Some(t)) if t.len() <= WALK_TAGS => t,
+            Ok(_) => return,
             Err(e) => {
                 log::debug!("walk-ahead: {e}");
                 return;
             }
         };
-        if tags.len() > WALK_TAGS {
-            return;
-        }
-        each_tag(&tags, WALK_TAG_CONCURRENCY, |t| async move {
+        each_tag(&tags, TAG_CONCURRENCY, |t| async move {
+            let Some(_resolving) = self.walk.resolution().await else {
+                return;
+            };
             match self.tag_node(repo, t).await {
                 Ok(node) => self.settle_time(&node).await,
                 Err(e) => log::debug!("walk-ahead: {e}"),

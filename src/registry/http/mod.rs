@@ -249,6 +249,14 @@ impl Registry for HttpRegistry {
             .await
     }
 
+    async fn tags_if_few(&self, repo: &str) -> RegistryResult<Option<Vec<String>>> {
+        check_repo(repo)?;
+        let _in_flight = self.stats.in_flight();
+        let url = self.url(&format!("/v2/{repo}/tags/list?n={PAGE_SIZE}"));
+        self.pages(url, &repo_scope(repo, false), "tags", false, 1)
+            .await
+    }
+
     async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {
         RequestStats::inc(&self.stats.manifest_gets);
         let _in_flight = self.stats.in_flight();

@@ -48,10 +48,29 @@ impl HttpRegistry {
         key: &str,
         is_catalog: bool,
     ) -> RegistryResult<Vec<String>> {
+        self.pages(first, scope, key, is_catalog, MAX_PAGES)
+            .await?
+            .ok_or_else(|| {
+                RegistryError::Protocol(format!("more than {MAX_PAGES} pages: pagination loop?"))
+            })
+    }
+
+    /// The names of at most `max_pages` pages of a list (sorted, deduplicated), or None if
+    /// there are more.
+    pub(super) async fn pages(
+        &self,
+        first: Url,
+        scope: &str,
+        key: &str,
+        is_catalog: bool,
+        max_pages: usize,
+    ) -> RegistryResult<Option<Vec<String>>> {
         let mut out = Vec::new();
         let mut url = first;
         let mut retried_without_n = false;
-        for _ in 0..MAX_PAGES {
+        let mut pages = 0;
+        while pages < max_pages {
+            pages += 1;
             RequestStats::inc(if is_catalog {
                 &self.stats.catalog_pages
             } else {
@@ -72,7 +91,9 @@ impl HttpRegistry {
                 && !retried_without_n
                 && String::from_utf8_lossy(&body).contains("PAGINATION_NUMBER_INVALID")
             {
+                // A retry without `n` is not a page of its own.
                 retried_without_n = true;
+                pages -= 1;
                 let mut u = url.clone();
                 let pairs: Vec<(String, String)> = u
                     .query_pairs()
@@ -105,13 +126,11 @@ impl HttpRegistry {
                 None => {
                     out.sort();
                     out.dedup();
-                    return Ok(out);
+                    return Ok(Some(out));
                 }
             }
         }
-        Err(RegistryError::Protocol(format!(
-            "more than {MAX_PAGES} pages: pagination loop?"
-        )))
+        Ok(None)
     }
 }
 
