@@ -56,6 +56,11 @@ where
     }
 }
 
+/// The namespace a repository is in ("" for the root).
+fn parent_of(repo: &str) -> &str {
+    repo.rsplit_once('/').map_or("", |(p, _)| p)
+}
+
 impl Fs {
     /// `tags/<tag>/` as the tag points now.
     pub(in crate::fs) async fn tag_node(&self, repo: &str, tag: &str) -> FsResult<Node> {
@@ -105,13 +110,15 @@ impl Fs {
             return;
         };
         // The walk runs over the repositories of `repo`'s namespace, in catalog order.
-        let parent = |r: &str| r.rsplit_once('/').map_or("", |(p, _)| p).to_string();
-        let namespace = parent(repo);
-        let siblings: Vec<&String> = catalog.iter().filter(|r| parent(r) == namespace).collect();
+        let namespace = parent_of(repo);
+        let siblings: Vec<&String> = catalog
+            .iter()
+            .filter(|r| parent_of(r) == namespace)
+            .collect();
         let Some(pos) = siblings.iter().position(|r| *r == repo) else {
             return;
         };
-        let ahead = self.walk.reached(&namespace, pos, siblings.len());
+        let ahead = self.walk.reached(namespace, pos, siblings.len());
         for p in ahead.positions {
             let Some(next) = siblings.get(p).map(|r| r.to_string()) else {
                 return;
