@@ -246,6 +246,25 @@ async fn a_guess_at_the_tags_reads_one_page_only() {
 }
 
 #[tokio::test]
+async fn a_registry_that_refuses_the_page_size_is_asked_without_one() {
+    let invalid = r#"{"errors":[{"code":"PAGINATION_NUMBER_INVALID","message":"invalid number of results requested"}]}"#;
+    let (port, log) = stub(Arc::new(move |r: &Req| match r.path.as_str() {
+        "/v2/x/tags/list?n=100" => resp(400, invalid),
+        "/v2/x/tags/list" => resp(200, r#"{"name":"x","tags":["v2","v1"]}"#),
+        p => resp(404, format!("unexpected {p}")),
+    }));
+    let c = client(port, None);
+    assert_eq!(c.tags("x").await.unwrap(), ["v1", "v2"]);
+    assert_eq!(log.lock().unwrap().len(), 2);
+    // A guess (one page) gets the same retry: it is not a page of its own.
+    assert_eq!(
+        c.tags_if_few("x").await.unwrap(),
+        Some(vec!["v1".to_string(), "v2".to_string()])
+    );
+    assert_eq!(log.lock().unwrap().len(), 4);
+}
+
+#[tokio::test]
 async fn bearer_challenge_fetches_a_token_once_per_scope() {
     let port_cell = Arc::new(Mutex::new(0u16));
     let pc = port_cell.clone();

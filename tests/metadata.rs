@@ -607,6 +607,45 @@ async fn walk_ahead_is_bounded_and_can_be_turned_off() {
 }
 
 #[tokio::test]
+async fn a_walk_that_ends_drops_what_it_had_queued() {
+    let fake = Arc::new(FakeRegistry::new());
+    walk_repos(&*fake, 16).await;
+    let reg = Arc::new(FaultyRegistry::new(fake.clone()));
+    let fs = core(reg.clone(), true);
+    ls_tags(&fs, 0).await;
+    // The four listed ahead first (walk02..walk05) hang on their tag lists, taking every turn.
+    let gate = regfs::registry::faulty::Gate::new();
+    for r in 2..6 {
+        reg.inject_for(Op::Tags, &format!("walk{r:02}"), Fault::Hold(gate.clone()));
+    }
+    ls_tags(&fs, 1).await;
+    gate.arrived().await;
+    while reg.pending() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await; // all four are at the gate
+    }
+    // The walker reaches walk02 (its listing waits for the held one): the window doubles and
+    // walk06..walk10 are queued behind the four.
+    let walker = {
+        let fs = fs.clone();
+        tokio::spawn(async move { ls_tags(&fs, 2).await })
+    };
+    while walk_ahead(&fs).await.0 < 9 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A jump ends that walk: what it still had queued is dropped, never asked for.
+    ls_tags(&fs, 14).await;
+    gate.open();
+    walker.await.unwrap();
+    assert_eq!(walked_ahead(&fs).await, 9);
+    assert_eq!(walk_ahead(&fs).await, (9, 9, 5));
+    // Tag lists: walk00, walk01, walk02..05 (the walker's walk02 joined the held one), walk14.
+    // The four that were running stop at their tag lists: their walk has ended, so they
+    // resolve nothing; walk02's tags are the walker's own.
+    let s = snap(&*fake);
+    assert_eq!((s.tag_pages, s.manifest_gets), (7, 12), "{s:?}");
+}
+
+#[tokio::test]
 async fn a_walk_stays_in_its_namespace() {
     let reg = Arc::new(FakeRegistry::new());
     let repos = [

@@ -36,16 +36,22 @@ const MAX_MANIFEST_BYTES: usize = 32 << 20;
 /// Times kept (image manifests and configs by digest): a few dozen bytes each.
 const MAX_TIMES: usize = 2 * MAX_MANIFESTS;
 
-/// What a [`TtlMap`] holds: (entries with the time each was stored, the count of changes).
-type Stored<K, V> = (HashMap<K, (Instant, V)>, u64);
+/// What a [`TtlMap`] holds.
+struct Stored<K, V> {
+    /// Entries, with the time each was stored.
+    entries: HashMap<K, (Instant, V)>,
+    /// Writes through the mount (events) so far, and the last one to change each key changed.
+    changes: u64,
+    changed: HashMap<K, u64>,
+}
 
 /// A map whose entries are fresh for a fixed time after they were stored; concurrent loads of
 /// one key share one request.
 pub(crate) struct TtlMap<K, V> {
     ttl: Duration,
-    /// With `changes`: a count of the writes through the mount that changed an entry (events),
-    /// bumped under this lock. A load stores its answer only if none came since it started:
-    /// an answer from before a push must not hide the push for a TTL.
+    /// A load stores its answer only if no write through the mount changed its key since it
+    /// started: an answer from before a push must not hide the push for a TTL. (`changed`
+    /// grows by one entry per key ever written through the mount.)
     map: Mutex<Stored<K, V>>,
     /// Loads on the wire; None is a guess's answer that did not fetch the whole value.
     loading: Flights<K, Option<V>>,
@@ -55,32 +61,36 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlMap<K, V> {
     pub fn new(ttl: Duration) -> Self {
         TtlMap {
             ttl,
-            map: Mutex::new((HashMap::new(), 0)),
+            map: Mutex::new(Stored {
+                entries: HashMap::new(),
+                changes: 0,
+                changed: HashMap::new(),
+            }),
             loading: Flights::default(),
         }
     }
     /// The count of changes so far: hand it to [`TtlMap::store_since`].
     pub fn changes(&self) -> u64 {
-        lock(&self.map).1
+        lock(&self.map).changes
     }
-    /// Store what a load that started at `changes` fetched, unless the entry changed since.
+    /// Store what a load that started at `changes` fetched, unless its key changed since.
     pub fn store_since(&self, k: K, v: V, changes: u64) {
         let mut m = lock(&self.map);
-        if m.1 == changes {
-            m.0.insert(k, (Instant::now(), v));
+        if m.changed.get(&k).is_none_or(|c| *c <= changes) {
+            m.entries.insert(k, (Instant::now(), v));
         }
     }
     /// Is `k` stored and fresh? (No clone of the value.)
     pub fn is_fresh(&self, k: &K) -> bool {
         lock(&self.map)
-            .0
+            .entries
             .get(k)
             .is_some_and(|(at, _)| at.elapsed() < self.ttl)
     }
     /// The value, if stored less than the TTL ago.
     pub fn fresh(&self, k: &K) -> Option<V> {
         lock(&self.map)
-            .0
+            .entries
             .get(k)
             .filter(|(at, _)| at.elapsed() < self.ttl)
             .map(|(_, v)| v.clone())
@@ -90,15 +100,19 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlMap<K, V> {
     pub fn insert(&self, k: K, v: V) {
         self.loading.forget(&k);
         let mut m = lock(&self.map);
-        m.1 += 1;
-        m.0.insert(k, (Instant::now(), v));
+        m.changes += 1;
+        let now = m.changes;
+        m.changed.insert(k.clone(), now);
+        m.entries.insert(k, (Instant::now(), v));
     }
     /// A change made through the mount: what is stored for `k` is no longer true.
     pub fn remove(&self, k: &K) {
         self.loading.forget(k);
         let mut m = lock(&self.map);
-        m.1 += 1;
-        m.0.remove(k);
+        m.changes += 1;
+        let now = m.changes;
+        m.changed.insert(k.clone(), now);
+        m.entries.remove(k);
     }
     /// The fresh value, or `load`'s, stored. A failed load stores nothing. While one load of
     /// `k` is on the wire, other callers wait for its answer (`fs::flight`).
@@ -780,6 +794,73 @@ mod tests {
         assert_eq!(*before.await.unwrap(), ["v1", "v2", "v3"]);
         assert_eq!(*m.tag_list("a").await.unwrap(), ["v1", "v2"]);
         assert_eq!(reg.stats().tag_pages.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_write_stops_only_its_own_keys_older_load_from_being_stored() {
+        let map: Arc<TtlMap<u32, u32>> = Arc::new(TtlMap::new(Duration::from_secs(3600)));
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let load = |k: u32, wait: tokio::sync::oneshot::Receiver<()>| {
+            let map = map.clone();
+            tokio::spawn(async move {
+                map.get_or_load(k, || async move {
+                    let _ = wait.await;
+                    Ok(10 + k)
+                })
+                .await
+            })
+        };
+        let (go2, wait2) = tokio::sync::oneshot::channel::<()>();
+        let one = load(1, wait);
+        let two = load(2, wait2);
+        tokio::task::yield_now().await;
+        map.remove(&2); // a write through the mount to key 2 only
+        let _ = (go.send(()), go2.send(()));
+        assert_eq!(
+            (one.await.unwrap().unwrap(), two.await.unwrap().unwrap()),
+            (11, 12)
+        );
+        assert_eq!(
+            map.fresh(&1),
+            Some(11),
+            "key 1 was not written: its load is kept"
+        );
+        assert_eq!(map.fresh(&2), None, "key 2's load started before the write");
+    }
+
+    #[tokio::test]
+    async fn a_listing_that_joins_a_guess_without_the_whole_answer_loads_it_itself() {
+        let map: Arc<TtlMap<u32, u32>> = Arc::new(TtlMap::new(Duration::from_secs(3600)));
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let guess = {
+            let map = map.clone();
+            tokio::spawn(async move {
+                map.get_or_guess(1, || async move {
+                    let _ = wait.await;
+                    Ok(None)
+                })
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        let loads = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let whole = {
+            let (map, loads) = (map.clone(), loads.clone());
+            tokio::spawn(async move {
+                map.get_or_load(1, || async move {
+                    loads.fetch_add(1, Relaxed);
+                    Ok(7)
+                })
+                .await
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(loads.load(Relaxed), 0, "it waits for the guess on the wire");
+        let _ = go.send(());
+        assert_eq!(guess.await.unwrap().unwrap(), None);
+        assert_eq!(whole.await.unwrap().unwrap(), 7);
+        assert_eq!(loads.load(Relaxed), 1);
+        assert_eq!(map.fresh(&1), Some(7));
     }
 
     #[tokio::test]

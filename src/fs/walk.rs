@@ -27,6 +27,8 @@
 //! (`fs::flight`). A failure is logged at debug and kept nowhere: the walk's own listing asks
 //! again.
 
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,32 +41,33 @@ use crate::sync::lock;
 /// A walk may pass over this many repositories minus one between two listings (names it
 /// filters out), while a jump elsewhere starts a new walk.
 pub(crate) const WALK_SKIP: usize = 4;
-/// The first window of a walk: one round of [`WALK_PARALLEL`]. A walk that stops at once has
-/// cost four repositories' listings; one that goes on finds them ready (at 50 ms, a start of 2
-/// left the bench's walk of 10 repositories waiting: 0.89 s, against 0.6 to 0.7 s).
-pub(crate) const WALK_START: usize = WALK_PARALLEL;
 /// Repositories listed ahead at once. At 50 ms per round trip a repository of a few tags takes
 /// about 180 ms to list, and a walker a few ms per repository it finds ready, so a walk of ten
 /// outruns two at a time but hardly four.
 pub(crate) const WALK_PARALLEL: usize = 4;
+/// The first window of a walk: one round of [`WALK_PARALLEL`]. A walk that stops at once has
+/// cost four repositories' listings; one that goes on finds them ready (the bench's walk of 10
+/// repositories at 50 ms: 0.89 s with a start of 2, 0.77 to 0.84 s with 4).
+pub(crate) const WALK_START: usize = WALK_PARALLEL;
 /// A repository with more tags than this has only its tag list fetched ahead: resolving them
 /// all is a listing's cost, not a guess's.
 pub(crate) const WALK_TAGS: usize = 64;
-/// Repositories waiting for their turn to be listed ahead, at most (the largest `--walk-ahead`).
+/// Repositories queued or being listed ahead, at most (the largest `--walk-ahead`).
 pub(crate) const MAX_WALK_QUEUE: u64 = crate::config::MAX_WALK_AHEAD as u64;
+/// Namespaces whose walks are followed at once: `find` and `ls -R` go into nested
+/// repositories' namespaces and come back to their own walk.
+const WALKS: usize = 16;
 
-/// Where a walk stands.
-#[derive(Default)]
+/// Where the walk over one namespace stands.
+#[derive(Default, Clone)]
 struct State {
-    /// The namespace walked ("" = the root).
-    parent: String,
-    /// Position (among `parent`'s repositories) of the repository listed last.
-    last: Option<usize>,
+    /// Position (among the namespace's repositories) of the repository listed last.
+    last: usize,
     /// Positions below this were listed ahead already (in this walk).
     until: usize,
     /// Repositories listed ahead of the walker.
     window: usize,
-    /// Which walk this is: what an older one still has waiting is dropped.
+    /// Which walk this is: what an older one still has queued is dropped.
     epoch: u64,
 }
 
@@ -74,12 +77,64 @@ pub(crate) struct Ahead {
     pub epoch: u64,
 }
 
+/// Which walk a repository listed ahead belongs to: (namespace, epoch).
+pub(crate) type WalkId = (String, u64);
+
+/// Catalog positions by namespace, worked out once per catalog fetched (a listing would
+/// otherwise scan the whole catalog).
+pub(crate) struct Siblings {
+    /// The catalog this was made from.
+    catalog: Arc<Vec<String>>,
+    /// Repository -> (namespace, position among its repositories).
+    at: HashMap<String, (String, usize)>,
+    /// Namespace -> catalog indexes of its repositories, in catalog order.
+    of: HashMap<String, Vec<usize>>,
+}
+
+impl Siblings {
+    fn new(catalog: Arc<Vec<String>>) -> Self {
+        let mut at = HashMap::with_capacity(catalog.len());
+        let mut of: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, name) in catalog.iter().enumerate() {
+            let ns = parent_of(name);
+            let list = of.entry(ns.to_string()).or_default();
+            at.entry(name.clone())
+                .or_insert_with(|| (ns.to_string(), list.len()));
+            list.push(i);
+        }
+        Siblings { catalog, at, of }
+    }
+
+    /// `repo`'s namespace, its position there, and how many repositories the namespace has.
+    pub fn place(&self, repo: &str) -> Option<(&str, usize, usize)> {
+        let (ns, pos) = self.at.get(repo)?;
+        Some((ns, *pos, self.of.get(ns).map_or(0, Vec::len)))
+    }
+
+    /// The repository at `pos` in namespace `ns`.
+    pub fn name(&self, ns: &str, pos: usize) -> Option<&str> {
+        let i = *self.of.get(ns)?.get(pos)?;
+        self.catalog.get(i).map(String::as_str)
+    }
+}
+
+/// The namespace a repository is in ("" for the root).
+pub(crate) fn parent_of(repo: &str) -> &str {
+    repo.rsplit_once('/').map_or("", |(p, _)| p)
+}
+
 /// The walk detector and the walk-ahead's bounds.
 pub(crate) struct Walk {
     ahead: usize,
-    state: Mutex<State>,
+    /// The walks followed, by namespace (least recently walked first out).
+    walks: Mutex<lru::LruCache<String, State>>,
+    /// Epochs are unique across namespaces (a walk forgotten and started again is new).
+    epochs: AtomicU64,
+    siblings: Mutex<Option<Arc<Siblings>>>,
     repos: Arc<Semaphore>,
     resolutions: Arc<Semaphore>,
+    /// Repositories queued or being listed ahead (the bound).
+    waiting: AtomicU64,
     /// Repositories queued to be listed ahead, finished (however it went), and dropped because
     /// their walk ended first (`.regfs/stats` `walk_ahead`).
     queued: AtomicU64,
@@ -92,41 +147,64 @@ impl Walk {
     pub fn new(ahead: usize) -> Self {
         Walk {
             ahead,
-            state: Mutex::new(State::default()),
+            walks: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(WALKS).expect("non-zero"),
+            )),
+            epochs: AtomicU64::new(0),
+            siblings: Mutex::new(None),
             repos: Arc::new(Semaphore::new(WALK_PARALLEL)),
             resolutions: Arc::new(Semaphore::new(TAG_CONCURRENCY)),
+            waiting: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         }
     }
 
-    /// The repository at position `pos` of the `len` repositories in namespace `parent` is being
-    /// listed: what to list ahead now (nothing unless this listing continues a walk).
-    pub fn reached(&self, parent: &str, pos: usize, len: usize) -> Ahead {
-        let mut s = lock(&self.state);
-        let nothing = |s: &State| Ahead {
-            positions: 0..0,
-            epoch: s.epoch,
-        };
-        if self.ahead == 0 {
-            return nothing(&s);
-        }
-        let same = s.parent == parent;
-        match s.last {
-            Some(l) if same && l == pos => return nothing(&s),
-            Some(l) if same && pos > l && pos - l <= WALK_SKIP => {}
-            _ => {
-                *s = State {
-                    parent: parent.to_string(),
-                    last: Some(pos),
-                    until: pos.saturating_add(1),
-                    window: 0,
-                    epoch: s.epoch.wrapping_add(1),
-                };
-                return nothing(&s);
+    /// Is walk-ahead on?
+    pub fn on(&self) -> bool {
+        self.ahead > 0
+    }
+
+    /// The namespaces of `catalog` (made once per catalog, off any lock).
+    pub fn siblings(&self, catalog: Arc<Vec<String>>) -> Arc<Siblings> {
+        if let Some(s) = lock(&self.siblings).as_ref() {
+            if Arc::ptr_eq(&s.catalog, &catalog) {
+                return s.clone();
             }
         }
+        let made = Arc::new(Siblings::new(catalog));
+        *lock(&self.siblings) = Some(made.clone());
+        made
+    }
+
+    /// The repository at position `pos` of the `len` repositories in namespace `ns` is being
+    /// listed: what to list ahead now (nothing unless this listing continues a walk).
+    pub fn reached(&self, ns: &str, pos: usize, len: usize) -> Ahead {
+        let mut walks = lock(&self.walks);
+        let mut s = match walks.get(ns) {
+            Some(s) if s.last == pos => {
+                return Ahead {
+                    positions: 0..0,
+                    epoch: s.epoch,
+                }
+            }
+            Some(s) if pos > s.last && pos - s.last <= WALK_SKIP => s.clone(),
+            _ => {
+                let epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
+                let fresh = State {
+                    last: pos,
+                    until: pos.saturating_add(1),
+                    window: 0,
+                    epoch,
+                };
+                walks.put(ns.to_string(), fresh);
+                return Ahead {
+                    positions: 0..0,
+                    epoch,
+                };
+            }
+        };
         let hit = pos < s.until;
         s.window = if hit {
             s.window.saturating_mul(2)
@@ -135,45 +213,62 @@ impl Walk {
         }
         .max(WALK_START)
         .min(self.ahead);
-        s.last = Some(pos);
+        s.last = pos;
         let from = s.until.max(pos + 1);
         let to = pos.saturating_add(1 + s.window).min(len);
         s.until = s.until.max(to);
+        let epoch = s.epoch;
+        walks.put(ns.to_string(), s);
         Ahead {
             positions: from..to,
-            epoch: s.epoch,
+            epoch,
         }
     }
 
-    /// Queue one repository to be listed ahead: false if the queue is full.
+    /// Is walk `id` still the one going on in its namespace?
+    pub fn current(&self, id: &WalkId) -> bool {
+        lock(&self.walks)
+            .peek(&id.0)
+            .is_some_and(|s| s.epoch == id.1)
+    }
+
+    /// Queue one repository to be listed ahead: false if [`MAX_WALK_QUEUE`] are queued or being
+    /// listed. Each one queued is [`Walk::release`]d exactly once, however its task ends.
     pub fn queue(&self) -> bool {
-        let waiting = self.queued.load(Ordering::Relaxed) - self.finished.load(Ordering::Relaxed);
-        if waiting >= MAX_WALK_QUEUE {
-            return false;
+        let reserved = self
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                (w < MAX_WALK_QUEUE).then_some(w + 1)
+            })
+            .is_ok();
+        if reserved {
+            self.queued.fetch_add(1, Ordering::Relaxed);
         }
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        true
+        reserved
     }
 
-    /// A queued repository's turn (at most [`WALK_PARALLEL`] at once): None if its walk `epoch`
-    /// ended while it waited (counted as dropped).
-    pub async fn turn(&self, epoch: u64) -> Option<OwnedSemaphorePermit> {
+    /// A queued repository is done with (listed, dropped, failed or cancelled).
+    pub fn release(&self) {
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A queued repository's turn (at most [`WALK_PARALLEL`] at once): None if its walk ended
+    /// while it waited (counted as dropped).
+    pub async fn turn(&self, id: &WalkId) -> Option<OwnedSemaphorePermit> {
         let permit = self.repos.clone().acquire_owned().await.ok()?;
-        if lock(&self.state).epoch != epoch {
+        if !self.current(id) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         Some(permit)
     }
 
-    /// A permit to resolve one tag ahead (shared by every repository listed ahead).
-    pub async fn resolution(&self) -> Option<OwnedSemaphorePermit> {
-        self.resolutions.clone().acquire_owned().await.ok()
-    }
-
-    /// One queued repository is done with (whatever the outcome).
-    pub fn finished(&self) {
-        self.finished.fetch_add(1, Ordering::Relaxed);
+    /// A permit to resolve one tag ahead for walk `id` (shared by every repository listed
+    /// ahead): None once that walk has ended.
+    pub async fn resolution(&self, id: &WalkId) -> Option<OwnedSemaphorePermit> {
+        let permit = self.resolutions.clone().acquire_owned().await.ok()?;
+        self.current(id).then_some(permit)
     }
 
     /// (queued, finished, dropped) repositories.
@@ -190,8 +285,8 @@ impl Walk {
 mod tests {
     use super::*;
 
-    fn at(w: &Walk, parent: &str, pos: usize) -> Range<usize> {
-        w.reached(parent, pos, 100).positions
+    fn at(w: &Walk, ns: &str, pos: usize) -> Range<usize> {
+        w.reached(ns, pos, 100).positions
     }
 
     #[test]
@@ -208,33 +303,64 @@ mod tests {
         assert_eq!(at(&w, "", 3), 11..12, "then one more per step");
         assert_eq!(at(&w, "", 7), 12..16, "a skip within WALK_SKIP continues");
         let e = w.reached("", 7, 100).epoch;
+        assert!(w.current(&(String::new(), e)));
         assert_eq!(at(&w, "", 50), 0..0, "a jump starts a new walk");
-        assert_ne!(w.reached("", 50, 100).epoch, e, "and ends the old one");
+        assert!(!w.current(&(String::new(), e)), "and ends the old one");
         assert_eq!(at(&w, "", 49), 0..0, "backwards starts one too");
         assert_eq!(at(&w, "", 50), 51..55);
-        assert_eq!(
-            at(&w, "team", 51),
-            0..0,
-            "another namespace is another walk"
-        );
-        assert_eq!(
-            w.reached("team", 52, 54).positions,
-            53..54,
-            "not past the end"
-        );
+        // Another namespace has a walk of its own (find, ls -R go into nested ones and back).
+        assert_eq!(at(&w, "team", 0), 0..0);
+        assert_eq!(w.reached("team", 1, 4).positions, 2..4, "not past the end");
+        assert_eq!(at(&w, "", 51), 55..60, "the root's walk goes on");
         let off = Walk::new(0);
-        assert_eq!(at(&off, "", 0), 0..0);
-        assert_eq!(at(&off, "", 1), 0..0);
+        assert!(!off.on());
     }
 
     #[test]
-    fn the_queue_is_bounded() {
-        let w = Walk::new(8);
+    fn the_queue_is_bounded_and_counts_survive_races() {
+        let w = Arc::new(Walk::new(8));
         for _ in 0..MAX_WALK_QUEUE {
             assert!(w.queue());
         }
         assert!(!w.queue());
-        w.finished();
-        assert!(w.queue());
+        for _ in 0..MAX_WALK_QUEUE {
+            w.release();
+        }
+        assert_eq!(w.counts(), (MAX_WALK_QUEUE, MAX_WALK_QUEUE, 0));
+        let racers: Vec<_> = (0..2)
+            .map(|_| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100_000 {
+                        if w.queue() {
+                            w.release();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for r in racers {
+            r.join().unwrap();
+        }
+        let (queued, finished, _) = w.counts();
+        assert_eq!(queued, finished);
+        assert_eq!(w.waiting.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn namespaces_are_found_once_per_catalog() {
+        let cat = Arc::new(
+            ["a", "team/a", "team/a/cache", "team/b", "z"]
+                .map(String::from)
+                .to_vec(),
+        );
+        let w = Walk::new(8);
+        let s = w.siblings(cat.clone());
+        assert!(Arc::ptr_eq(&s, &w.siblings(cat)));
+        assert_eq!(s.place("team/b"), Some(("team", 1, 2)));
+        assert_eq!(s.place("z"), Some(("", 1, 2)));
+        assert_eq!(s.name("team", 1), Some("team/b"));
+        assert_eq!(s.name("team/a", 0), Some("team/a/cache"));
+        assert_eq!(s.place("nope"), None);
     }
 }

@@ -150,7 +150,7 @@ impl FaultyRegistry {
 
     /// Queue a fault for the next request of kind `op` about `reference`: the tag or digest of a
     /// manifest request, the digest of a blob request or of an upload's closing PUT, the tag of a
-    /// manifest PUT. Requests about other references pass it by.
+    /// manifest PUT, the repository of a tag list. Requests about other references pass it by.
     pub fn inject_for(&self, op: Op, reference: &str, fault: Fault) {
         lock(&self.faults)
             .entry(op)
@@ -244,7 +244,8 @@ impl Registry for FaultyRegistry {
 
     async fn tags(&self, repo: &str) -> RegistryResult<Vec<String>> {
         let c = Some(&self.stats().tag_pages);
-        self.guard(Op::Tags, None, c, self.inner.tags(repo)).await
+        self.guard(Op::Tags, Some(repo), c, self.inner.tags(repo))
+            .await
     }
 
     async fn manifest(&self, repo: &str, reference: &str) -> RegistryResult<ManifestBlob> {

@@ -14,7 +14,7 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 use crate::digest::Digest;
 use crate::error::{FsError, FsResult, RegistryError};
 use crate::fs::node::{Area, Content, FileNode, Node, StagedKey};
-use crate::fs::walk::WALK_TAGS;
+use crate::fs::walk::{WalkId, WALK_TAGS};
 use crate::fs::Fs;
 use crate::manifest;
 use crate::registry::is_valid_tag;
@@ -56,9 +56,14 @@ where
     }
 }
 
-/// The namespace a repository is in ("" for the root).
-fn parent_of(repo: &str) -> &str {
-    repo.rsplit_once('/').map_or("", |(p, _)| p)
+/// A repository queued to be listed ahead, with the core its task holds: released when
+/// dropped, however the task ends (even unpolled, at shutdown).
+struct Queued(Arc<Fs>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.walk.release();
+    }
 }
 
 impl Fs {
@@ -106,21 +111,19 @@ impl Fs {
     /// A listing of `repo`'s `tags/`: if it continues a walk, queue the repositories the walk
     /// reaches next to be listed in the background (`fs::walk`).
     fn walk_on(&self, repo: &str) {
+        if !self.walk.on() {
+            return;
+        }
         let Some(catalog) = self.meta.fresh_catalog() else {
             return;
         };
-        // The walk runs over the repositories of `repo`'s namespace, in catalog order.
-        let namespace = parent_of(repo);
-        let siblings: Vec<&String> = catalog
-            .iter()
-            .filter(|r| parent_of(r) == namespace)
-            .collect();
-        let Some(pos) = siblings.iter().position(|r| *r == repo) else {
+        let siblings = self.walk.siblings(catalog);
+        let Some((ns, pos, len)) = siblings.place(repo) else {
             return;
         };
-        let ahead = self.walk.reached(namespace, pos, siblings.len());
+        let ahead = self.walk.reached(ns, pos, len);
         for p in ahead.positions {
-            let Some(next) = siblings.get(p).map(|r| r.to_string()) else {
+            let Some(next) = siblings.name(ns, p).map(str::to_string) else {
                 return;
             };
             if self.meta.has_tag_list(&next) {
@@ -129,14 +132,16 @@ impl Fs {
             let Some(fs) = self.me.upgrade() else {
                 return;
             };
+            let id = (ns.to_string(), ahead.epoch);
             if !self.walk.queue() {
                 return;
             }
+            let queued = Queued(fs);
             tokio::spawn(async move {
-                if let Some(_turn) = fs.walk.turn(ahead.epoch).await {
-                    fs.list_ahead(&next).await;
+                let fs = &queued.0;
+                if let Some(_turn) = fs.walk.turn(&id).await {
+                    fs.list_ahead(&next, &id).await;
                 }
-                fs.walk.finished();
             });
         }
     }
@@ -144,7 +149,7 @@ impl Fs {
     /// What a listing of `repo`'s `tags/` fetches, fetched ahead of it, for at most
     /// [`WALK_TAGS`] tags in one page of `tags/list` (nothing for tags made by mkdir: they are
     /// local). A failure leaves nothing behind.
-    async fn list_ahead(&self, repo: &str) {
+    async fn list_ahead(&self, repo: &str, walk: &WalkId) {
         let tags = match self.meta.few_tags(repo).await {
             Ok(Some(t)) if t.len() <= WALK_TAGS => t,
             Ok(_) => return,
@@ -154,8 +159,8 @@ impl Fs {
             }
         };
         each_tag(&tags, TAG_CONCURRENCY, |t| async move {
-            let Some(_resolving) = self.walk.resolution().await else {
-                return;
+            let Some(_resolving) = self.walk.resolution(walk).await else {
+                return; // the walk has ended
             };
             match self.tag_node(repo, t).await {
                 Ok(node) => self.settle_time(&node).await,

@@ -100,7 +100,11 @@ impl HttpRegistry {
                     .filter(|(k, _)| k != "n")
                     .map(|(k, v)| (k.into_owned(), v.into_owned()))
                     .collect();
-                u.query_pairs_mut().clear().extend_pairs(pairs);
+                if pairs.is_empty() {
+                    u.set_query(None);
+                } else {
+                    u.query_pairs_mut().clear().extend_pairs(pairs);
+                }
                 url = u;
                 continue;
             }
