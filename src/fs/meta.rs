@@ -80,13 +80,6 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlMap<K, V> {
             m.entries.insert(k, (Instant::now(), v));
         }
     }
-    /// Is `k` stored and fresh? (No clone of the value.)
-    pub fn is_fresh(&self, k: &K) -> bool {
-        lock(&self.map)
-            .entries
-            .get(k)
-            .is_some_and(|(at, _)| at.elapsed() < self.ttl)
-    }
     /// The value, if stored less than the TTL ago.
     pub fn fresh(&self, k: &K) -> Option<V> {
         lock(&self.map)
@@ -98,21 +91,21 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlMap<K, V> {
     /// A change made through the mount: `v` is now true. Loads on the wire do not store their
     /// (older) answers, and the next ask that is not answered by `v` starts a new load.
     pub fn insert(&self, k: K, v: V) {
-        self.loading.forget(&k);
-        let mut m = lock(&self.map);
-        m.changes += 1;
-        let now = m.changes;
-        m.changed.insert(k.clone(), now);
-        m.entries.insert(k, (Instant::now(), v));
+        self.change(&k).entries.insert(k, (Instant::now(), v));
     }
     /// A change made through the mount: what is stored for `k` is no longer true.
     pub fn remove(&self, k: &K) {
+        self.change(k).entries.remove(k);
+    }
+    /// Record a change of `k` made through the mount (loads on the wire are forgotten and will
+    /// not store their answers); the map, locked, for the change itself.
+    fn change(&self, k: &K) -> std::sync::MutexGuard<'_, Stored<K, V>> {
         self.loading.forget(k);
         let mut m = lock(&self.map);
         m.changes += 1;
         let now = m.changes;
         m.changed.insert(k.clone(), now);
-        m.entries.remove(k);
+        m
     }
     /// The fresh value, or `load`'s, stored. A failed load stores nothing. While one load of
     /// `k` is on the wire, other callers wait for its answer (`fs::flight`).
@@ -353,7 +346,7 @@ impl Meta {
 
     /// Is `repo`'s tag list cached and fresh? (No request.)
     pub fn has_tag_list(&self, repo: &str) -> bool {
-        self.tag_lists.is_fresh(&repo.to_string())
+        self.tag_lists.fresh(&repo.to_string()).is_some()
     }
 
     /// `repo`'s tags if they fit in one page of `tags/list` (one request, or none when they are
@@ -744,11 +737,11 @@ mod tests {
         assert_eq!(view.digest, d);
     }
 
-    /// The push event for `tag` of `repo`, as `fs::promote` sends it.
-    async fn pushed(reg: &FakeRegistry, repo: &str, tag: &str) -> Event {
+    /// An image pushed under `tag` of `repo`: its digest, and the event `fs::promote` sends.
+    async fn pushed(reg: &FakeRegistry, repo: &str, tag: &str) -> (String, Event) {
         let d = image(reg, repo, tag);
         let body = reg.manifest(repo, &d).await.map(|b| b.body).unwrap();
-        Event::ManifestPushed {
+        let event = Event::ManifestPushed {
             repo: repo.into(),
             tag: tag.into(),
             entry: pushed_manifest(
@@ -757,7 +750,8 @@ mod tests {
                 body.clone(),
                 manifest::parse(manifest::OCI_MANIFEST, &body).unwrap(),
             ),
-        }
+        };
+        (d, event)
     }
 
     #[tokio::test]
@@ -779,7 +773,7 @@ mod tests {
         };
         gate.arrived().await;
         // v2 is pushed through the mount while that listing waits.
-        m.apply(pushed(&reg, "a", "v2").await);
+        m.apply(pushed(&reg, "a", "v2").await.1);
         // A listing asked now does not join the one from before the push: it gets its own
         // answer while that one is still held.
         let after = tokio::time::timeout(Duration::from_secs(10), m.tag_list("a"))
@@ -886,19 +880,9 @@ mod tests {
 
         // A manifest pushed under v2: the tag resolves without a request, the tag list and
         // the catalog are asked again.
-        let d2 = image(&reg, "a", "v2");
-        let body = reg.manifest("a", &d2).await.map(|b| b.body).unwrap();
+        let (d2, push) = pushed(&reg, "a", "v2").await;
         let heads = reg.stats().manifest_heads.load(Relaxed);
-        m.apply(Event::ManifestPushed {
-            repo: "a".into(),
-            tag: "v2".into(),
-            entry: pushed_manifest(
-                d2.clone(),
-                manifest::OCI_MANIFEST.into(),
-                body.clone(),
-                manifest::parse(manifest::OCI_MANIFEST, &body).unwrap(),
-            ),
-        });
+        m.apply(push);
         assert_eq!(m.resolve_tag("a", "v2").await.unwrap().digest, d2);
         assert_eq!(reg.stats().manifest_heads.load(Relaxed), heads);
         assert_eq!(*m.tag_list("a").await.unwrap(), ["v1", "v2"]);
