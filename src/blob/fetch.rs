@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::memory::{BlockMemory, SlotBuf};
 use super::{BlobRef, Blobs};
 use crate::cache::{ChunkCache, Claim, Fetching, SharedError};
 use crate::disk::{BlockKey, DiskCache, MapCheck};
@@ -159,6 +160,7 @@ impl Blobs {
             disk: self.disk.clone(),
             cache: self.cache.clone(),
             maps: self.maps.clone(),
+            memory: self.memory.clone(),
         };
         let blob = blob.clone();
         tokio::spawn(async move {
@@ -166,7 +168,7 @@ impl Blobs {
             if src.disk.is_some() {
                 from_disk_then_registry(&src, blob, bs, run, prefetch).await
             } else {
-                fetch_run(&src, blob, bs, first, run, false).await
+                fetch_run(&src, blob, bs, first, run, prefetch).await
             }
         });
     }
@@ -260,6 +262,7 @@ struct Source {
     disk: Option<Arc<DiskCache>>,
     cache: Arc<ChunkCache>,
     maps: Arc<super::ChunkMaps>,
+    memory: Option<Arc<BlockMemory>>,
 }
 
 /// One Range request for blocks `first..first + run.len()`, landed block by block.
@@ -300,11 +303,12 @@ async fn fetch_run(
         blob: &blob,
         map: map.as_deref().map(Vec::as_slice),
         cache: &src.cache,
+        memory: src.memory.as_ref().filter(|_| prefetch),
         disk: src.disk.as_deref(),
         bs,
         next: first,
         waiting: run.into(),
-        cur: BytesMut::new(),
+        cur: Filling::Empty,
         failed: None,
         room: room.as_mut(),
     };
@@ -337,12 +341,17 @@ struct Assembler<'a> {
     /// The blob's verified chunk map in memory, if it has one.
     map: Option<&'a [[u8; 32]]>,
     cache: &'a ChunkCache,
+    /// Slots for blocks (else heap buffers): a prefetch's only. A reader's own blocks (random
+    /// access) take heap memory that is freed once evicted: 64 random readers over a 64 MiB
+    /// cache peaked 4 to 9 MiB higher when their blocks took slots too, since a slot's memory
+    /// stays mapped after the burst that filled it.
+    memory: Option<&'a Arc<BlockMemory>>,
     disk: Option<&'a DiskCache>,
     bs: u64,
     /// The block being filled.
     next: u64,
     waiting: VecDeque<Fetching>,
-    cur: BytesMut,
+    cur: Filling,
     /// A block failed its check: the rest of the body is ignored.
     failed: Option<RegistryError>,
     /// Room held in the disk writer's queue for these blocks (a prefetch).
@@ -361,17 +370,12 @@ impl Assembler<'_> {
                 // The whole block in one piece: no copy.
                 self.land(piece.slice(..take));
             } else {
-                if self.cur.capacity() == 0 {
-                    // The memory of the chunk this fetch displaced, when it has one.
-                    self.cur = self
-                        .waiting
-                        .front_mut()
-                        .and_then(Fetching::take_buffer)
-                        .unwrap_or_else(|| self.cache.buffer(want));
+                if let Filling::Empty = self.cur {
+                    self.cur = self.buffer(want);
                 }
                 self.cur.extend_from_slice(&piece[..take]);
                 if self.cur.len() == want {
-                    let block = std::mem::take(&mut self.cur).freeze();
+                    let block = std::mem::replace(&mut self.cur, Filling::Empty).freeze();
                     self.land(block);
                 }
             }
@@ -381,6 +385,18 @@ impl Assembler<'_> {
             return std::ops::ControlFlow::Break(());
         }
         std::ops::ControlFlow::Continue(())
+    }
+
+    /// Memory for the next block: the buffer of the chunk its fetch displaced, when it kept
+    /// one; else a slot; else a fresh heap buffer.
+    fn buffer(&mut self, want: usize) -> Filling {
+        if let Some(b) = self.waiting.front_mut().and_then(Fetching::take_buffer) {
+            return Filling::Heap(b);
+        }
+        match self.memory.and_then(|m| m.take(want)) {
+            Some(s) => Filling::Slot(s),
+            None => Filling::Heap(self.cache.buffer(want)),
+        }
     }
 
     fn land(&mut self, block: Bytes) {
@@ -443,5 +459,42 @@ impl Assembler<'_> {
             }
         }
         f.fulfil(block);
+    }
+}
+
+/// The block an [`Assembler`] is filling, and where its bytes go.
+enum Filling {
+    Empty,
+    Heap(BytesMut),
+    Slot(SlotBuf),
+}
+
+impl Filling {
+    fn len(&self) -> usize {
+        match self {
+            Filling::Empty => 0,
+            Filling::Heap(b) => b.len(),
+            Filling::Slot(s) => s.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        match self {
+            Filling::Empty => *self = Filling::Heap(BytesMut::from(bytes)),
+            Filling::Heap(b) => b.extend_from_slice(bytes),
+            Filling::Slot(s) => s.extend_from_slice(bytes),
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            Filling::Empty => Bytes::new(),
+            Filling::Heap(b) => b.freeze(),
+            Filling::Slot(s) => s.freeze(),
+        }
     }
 }

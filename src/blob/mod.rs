@@ -8,6 +8,7 @@
 //! Layer readers use the same path, blocking, through [`BlobCursor`], with their own window.
 
 pub mod fetch;
+pub mod memory;
 pub mod verify;
 pub mod window;
 
@@ -24,6 +25,7 @@ use crate::digest::Digest;
 use crate::disk::DiskCache;
 use crate::error::{RegistryError, RegistryResult};
 use crate::registry::Registry;
+use memory::BlockMemory;
 
 pub use verify::{
     Checked, HashFeed, StreamHasher, Verdicts, Verifier, VerifyBudget, MAX_PENDING_VERIFY_TOTAL,
@@ -181,6 +183,8 @@ pub struct Blobs {
     disk: Option<Arc<DiskCache>>,
     /// Verified chunk maps kept in memory (see [`Blobs::record_map`]).
     maps: Arc<ChunkMaps>,
+    /// Slots for fetched blocks, reused (see [`memory`]); `None` if the system refused them.
+    memory: Option<Arc<BlockMemory>>,
 }
 
 /// Chunk maps in memory: the sha256 of every block of a blob proven whole, checked against
@@ -210,7 +214,13 @@ impl Blobs {
     }
 
     pub fn new(reg: Arc<dyn Registry>, cache: Arc<ChunkCache>, cfg: EngineConfig) -> Self {
+        // The cap plus a sixteenth: blocks the cache evicted that replies and hashers still hold.
+        let room = cache.capacity().saturating_add(cache.capacity() / 16);
+        let memory = usize::try_from(cfg.block_size)
+            .ok()
+            .and_then(|slot| BlockMemory::new(slot, room));
         Blobs {
+            memory,
             reg,
             cache,
             cfg,
@@ -233,6 +243,22 @@ impl Blobs {
             disk.record_map(digest, size, bs, sums.clone());
         }
         crate::sync::lock(&self.maps).put((digest.clone(), size, bs), Arc::new(sums));
+    }
+
+    /// ctl: the block memory's slots (see [`memory`]) as a JSON object; `null` without one.
+    pub fn slot_counts(&self) -> serde_json::Value {
+        match &self.memory {
+            Some(m) => {
+                let (slots, held, touched, missed) = m.counts();
+                serde_json::json!({
+                    "count": slots,
+                    "held": held,
+                    "touched": touched,
+                    "missed": missed,
+                })
+            }
+            None => serde_json::Value::Null,
+        }
     }
 
     pub fn chunk_size(&self) -> u64 {

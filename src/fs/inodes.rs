@@ -30,7 +30,8 @@
 //!    - `fs::walk::Walk::state` (where a walk over repositories stands).
 //!    - `fs::staging::Staging`: `staged`, `pending_tags`, and the `changed` watch that wakes
 //!      readers waiting for a commit (sent after `staged` is released; waited on with no lock).
-//!    - `blob::Blobs`: `verified`, and `maps` (the chunk maps kept in memory).
+//!    - `blob::Blobs`: `verified`, and `maps` (the chunk maps kept in memory); `BlockMemory`'s
+//!      `free` (the free slots; a slot's last holder gives it back with no other lock held).
 //!    - `layer::Layers`: `indexes`, `merged`, `bound` (LRUs of once-cells; the cells are awaited
 //!      after the lock is released).
 //!    - `cache::ChunkCache`: `inflight`, `lru`, `pool`, `joins` (each released before another is

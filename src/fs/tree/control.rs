@@ -123,6 +123,7 @@ impl Fs {
                     "bytes": cache.used_bytes(),
                     "chunks": cache.len(),
                     "capacity": cache.capacity(),
+                    "slots": self.blobs.slot_counts(),
                 },
                 "disk": self.disk_cache_stats(),
             },
