@@ -309,15 +309,15 @@ async fn bearer_challenge_fetches_a_token_once_per_scope() {
     assert_eq!(c.stats().snapshot().token_fetches, 1);
 }
 
-#[tokio::test]
-async fn a_new_repositorys_token_is_fetched_before_its_first_request() {
-    // Once the registry has said it wants Bearer tokens, the token of a repository not asked
-    // for yet is fetched first: no 401 round trip per new repository. Tokens are per scope;
-    // `x/y` wants a scope of its own, which its challenge names (and which then wins).
+/// A stub that wants a Bearer token per repository (`T-<scope>`, scope
+/// `repository:<name>:pull`; `x/y` wants `pull,push`) and names that scope in its challenge;
+/// its token endpoint answers after `delay`.
+fn token_stub(delay: Duration) -> (u16, common::ReqLog) {
     let port_cell = Arc::new(Mutex::new(0u16));
     let pc = port_cell.clone();
     let (port, log) = stub(Arc::new(move |r: &Req| {
         if let Some(q) = r.path.strip_prefix("/token?") {
+            std::thread::sleep(delay);
             let scope = q
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("scope="))
@@ -350,6 +350,45 @@ async fn a_new_repositorys_token_is_fetched_before_its_first_request() {
         resp(200, format!(r#"{{"name":"{repo}","tags":["v1"]}}"#))
     }));
     *port_cell.lock().unwrap() = port;
+    (port, log)
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_one_token_fetch_per_scope() {
+    // 16 requests at once to a registry never asked before: all 16 are challenged, and one
+    // token fetch answers them all. Then 16 at once to another repository (Bearer now known, so
+    // its token is fetched ahead): again one fetch. Before, each request fetched its own.
+    // The token endpoint takes 100 ms, so the 16 pile up behind its first fetch.
+    let (port, log) = token_stub(Duration::from_millis(100));
+    let c = Arc::new(client(port, None));
+    for repo in ["a/b", "c/d"] {
+        let asks: Vec<_> = (0..16)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { c.tags(repo).await })
+            })
+            .collect();
+        for a in asks {
+            assert_eq!(a.await.unwrap().unwrap(), vec!["v1"]);
+        }
+    }
+    let tokens: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path.starts_with("/token"))
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(tokens.len(), 2, "{tokens:?}");
+    assert_eq!(c.stats().snapshot().token_fetches, 2);
+}
+
+#[tokio::test]
+async fn a_new_repositorys_token_is_fetched_before_its_first_request() {
+    // Once the registry has said it wants Bearer tokens, the token of a repository not asked
+    // for yet is fetched first: no 401 round trip per new repository. Tokens are per scope;
+    // `x/y` wants a scope of its own, which its challenge names (and which then wins).
+    let (port, log) = token_stub(Duration::ZERO);
     let c = client(port, None);
     let refused = |log: &Arc<Mutex<Vec<Req>>>| {
         log.lock()

@@ -44,7 +44,8 @@
 //!    - `registry::mirror`: each mirror's `down_until`.
 //!    - `fuse::adapter`: `dir_handles` (directory listings being paged).
 //!    - `registry::http`: `scheme` (the auth scheme learned from the challenge), `tokens`
-//!      (Bearer tokens per scope) and `redirects` (blob storage links); the request counters
+//!      (Bearer tokens per scope), `token_gates` (a `tokio::sync::Mutex` per scope held across
+//!      its one token fetch, awaited with no std lock) and `redirects` (blob storage links); the request counters
 //!      are atomics, the rate-limit headers and the blob latency (`RequestStats::rate_limit`,
 //!      `blob_latency`) leaf mutexes.
 //!    - In tests only: the fake's `repos`, `uploads` and `ranges`, the faulty wrapper's

@@ -19,7 +19,8 @@ mod resume;
 mod transport;
 mod wire;
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -77,6 +78,8 @@ pub struct HttpRegistry {
     credentials: Option<Credentials>,
     scheme: Mutex<Scheme>,
     tokens: Mutex<TokenCache>,
+    /// One token fetch per scope at a time (see `transport::TokenGate`).
+    token_gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     stats: RequestStats,
     retry_budget: Duration,
     /// Where blob GETs were redirected lately (see `redirects`).
@@ -160,6 +163,7 @@ impl HttpRegistry {
             credentials: opts.credentials,
             scheme: Mutex::new(Scheme::None),
             tokens: Mutex::new(TokenCache::default()),
+            token_gates: Mutex::new(HashMap::new()),
             stats: RequestStats::default(),
             // Until `with_retry_budget` says otherwise; the reason is at the constant.
             retry_budget: DEFAULT_RETRY_BUDGET,

@@ -8,7 +8,9 @@
 //! other origin is requested without it. Token realms get the user's credentials, and a realm
 //! over plain http is refused unless it is loopback or the registry itself was given as `http://`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -370,6 +372,9 @@ impl HttpRegistry {
             // Every request and its answer at trace level (RUST_LOG=regfs=trace), for timing a
             // workload's round trips; the path only, never headers.
             log::trace!("-> {} {}", req.method, url.path());
+            // The token this try goes with: a challenge answered while it was on the wire by
+            // another request's fetch is then not fetched again.
+            let sent_token = self.token_value(&req.scope);
             let resp = match self.build(req, &url).send().await {
                 Ok(r) => {
                     log::trace!("<- {} {}", r.status().as_u16(), url.path());
@@ -448,7 +453,7 @@ impl HttpRegistry {
                         .flat_map(parse_challenges)
                         .collect();
                     if !self
-                        .answer_challenge(&challenges, &req.scope, budget)
+                        .answer_challenge(&challenges, &req.scope, sent_token, budget)
                         .await?
                     {
                         return Ok(resp);
@@ -499,11 +504,37 @@ impl HttpRegistry {
         }
     }
 
-    /// Handle a 401 challenge. Returns whether a retry makes sense.
+    /// The Bearer token held for `scope` now, if any.
+    fn token_value(&self, scope: &str) -> Option<String> {
+        crate::sync::lock(&self.tokens)
+            .get(scope)
+            .map(|t| t.value.clone())
+    }
+
+    /// Wait for the right to fetch `scope`'s token: requests that need it at once (a listing
+    /// resolving 8 tags, 4 parallel ranges of a cold read) share one fetch instead of sending
+    /// one each. Held across the fetch; no std lock is held while it is awaited.
+    async fn token_gate(&self, scope: &str) -> TokenGate<'_> {
+        let gate = crate::sync::lock(&self.token_gates)
+            .entry(scope.to_string())
+            .or_default()
+            .clone();
+        let held = gate.clone().lock_owned().await;
+        TokenGate {
+            gates: &self.token_gates,
+            scope: scope.to_string(),
+            gate,
+            held: Some(held),
+        }
+    }
+
+    /// Handle a 401 challenge to a request that went with `sent` (the scope's token then).
+    /// Returns whether a retry makes sense.
     async fn answer_challenge(
         &self,
         challenges: &[crate::registry::auth::Challenge],
         scope: &str,
+        sent: Option<String>,
         budget: &mut Budget,
     ) -> RegistryResult<bool> {
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
@@ -517,6 +548,12 @@ impl HttpRegistry {
             };
             // Prefer the scope the registry asked for; fall back to ours.
             let want = c.param("scope").unwrap_or(scope).to_string();
+            let _gate = self.token_gate(scope).await;
+            let now = self.token_value(scope);
+            if now.is_some() && now != sent {
+                // Another request fetched it while this one was on the wire or waiting.
+                return Ok(true);
+            }
             crate::sync::lock(&self.tokens).remove(scope);
             let token = self
                 .fetch_token(realm, service.as_deref(), &want, budget)
@@ -549,8 +586,12 @@ impl HttpRegistry {
             Scheme::Bearer { realm, service } => (realm.clone(), service.clone()),
             _ => return,
         };
-        if crate::sync::lock(&self.tokens).get(scope).is_some() {
+        if self.token_value(scope).is_some() {
             return;
+        }
+        let _gate = self.token_gate(scope).await;
+        if self.token_value(scope).is_some() {
+            return; // fetched by the request this one waited for
         }
         let mut one_try = Budget::new(Duration::ZERO);
         match self
@@ -659,6 +700,26 @@ impl HttpRegistry {
         parsed
             .into_token(Instant::now())
             .ok_or_else(|| RegistryError::Protocol("token response without a token".into()))
+    }
+}
+
+/// The right to fetch one scope's token ([`HttpRegistry::token_gate`]). Dropped, it lets the
+/// next waiter in, and forgets the scope's gate when nobody else holds or awaits it.
+pub(super) struct TokenGate<'a> {
+    gates: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    scope: String,
+    gate: Arc<tokio::sync::Mutex<()>>,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for TokenGate<'_> {
+    fn drop(&mut self) {
+        self.held.take();
+        let mut gates = crate::sync::lock(self.gates);
+        // The map's and ours: nobody waits (waiters clone it under this lock).
+        if Arc::strong_count(&self.gate) == 2 {
+            gates.remove(&self.scope);
+        }
     }
 }
 
