@@ -104,21 +104,26 @@ where
     Fut: Future<Output = Result<Bytes, E>>,
 {
     let spans: Vec<ChunkSpan> = chunk_spans(offset, end, chunk).collect();
-    let mut out = BytesMut::new();
-    let mut alloc = Some(alloc);
+    // Every piece first, the join buffer only then: a reader waiting for its second chunk
+    // holds chunks the cache counts, not a join buffer outside the cap (64 random readers
+    // waiting on fetches each held one).
+    let mut pieces = Vec::with_capacity(spans.len());
     for s in &spans {
         let data = get(s.index).await?;
         if data.len() < s.to {
             return Err(short(s.index));
         }
-        if spans.len() == 1 {
-            return Ok(data.slice(s.from..s.to));
-        }
-        if let Some(alloc) = alloc.take() {
-            // Sizes can come from a descriptor: never reserve more than a bounded guess.
-            out = alloc((end - offset).min(MAX_GATHER_RESERVE) as usize);
-        }
-        out.extend_from_slice(&data[s.from..s.to]);
+        pieces.push(data.slice(s.from..s.to));
+    }
+    match pieces.len() {
+        0 => return Ok(Bytes::new()),
+        1 => return Ok(pieces.swap_remove(0)),
+        _ => {}
+    }
+    // Sizes can come from a descriptor: never reserve more than a bounded guess.
+    let mut out = alloc((end - offset).min(MAX_GATHER_RESERVE) as usize);
+    for p in &pieces {
+        out.extend_from_slice(p);
     }
     Ok(seal(out))
 }
