@@ -225,6 +225,15 @@ impl Walk {
         }
     }
 
+    /// Walk `id` could not queue the repository at `pos` (the queue was full): its frontier
+    /// goes back there, so the next step of the walk offers it again instead of skipping it.
+    pub fn retreat(&self, id: &WalkId, pos: usize) {
+        let mut walks = lock(&self.walks);
+        if let Some(s) = walks.peek_mut(&id.0).filter(|s| s.epoch == id.1) {
+            s.until = s.until.min(pos);
+        }
+    }
+
     /// Is walk `id` still the one going on in its namespace?
     pub fn current(&self, id: &WalkId) -> bool {
         lock(&self.walks)
@@ -314,6 +323,24 @@ mod tests {
         assert_eq!(at(&w, "", 51), 55..60, "the root's walk goes on");
         let off = Walk::new(0);
         assert!(!off.on());
+    }
+
+    #[test]
+    fn a_repository_the_full_queue_refused_is_offered_again() {
+        let w = Walk::new(8);
+        at(&w, "", 0);
+        let ahead = w.reached("", 1, 100);
+        assert_eq!(ahead.positions, 2..6);
+        // The queue was full from position 3 on: 3..6 were not queued.
+        w.retreat(&(String::new(), ahead.epoch), 3);
+        assert_eq!(
+            at(&w, "", 2),
+            3..11,
+            "offered again, with the doubled window"
+        );
+        // A stale walk's retreat changes nothing.
+        w.retreat(&(String::new(), ahead.epoch + 100), 0);
+        assert_eq!(at(&w, "", 3), 11..12);
     }
 
     #[test]

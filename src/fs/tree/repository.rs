@@ -134,6 +134,7 @@ impl Fs {
             };
             let id = (ns.to_string(), ahead.epoch);
             if !self.walk.queue() {
+                self.walk.retreat(&id, p);
                 return;
             }
             let queued = Queued(fs);
