@@ -30,14 +30,17 @@ pub const MAX_REQUEST: u64 = 8 << 20;
 /// sequential read from 540 to 575–726 MiB/s (a 2-core machine serving both).
 pub const MAX_REQUEST_NEAR: u64 = 32 << 20;
 /// A registry whose blob GETs are answered (headers) within this, at least lately, is near
-/// ([`MAX_REQUEST_NEAR`]). 5 ms: loopback and a LAN answer in well under 1 ms plus the
-/// registry's own work (1–3 ms for distribution on a disk); a registry across a WAN, or a
-/// cloud registry's blob redirect, takes tens of milliseconds. Near means quick to answer, not
-/// fast to stream: a LAN pull-through cache answers at once but streams a blob it does not hold
-/// at its upstream's speed, through one request instead of four (a request still moves at
-/// least 32 MiB per `--request-timeout` before it is cut and resumed). An estimate ages out
-/// after a minute without blob GETs.
-pub const NEAR_LATENCY: Duration = Duration::from_millis(5);
+/// ([`MAX_REQUEST_NEAR`]). 10 ms: loopback and a LAN answer in well under 1 ms plus the
+/// registry's own work, which is 4 to 10 ms of CPU per request for distribution and waits for
+/// a core when the machine is busy (a cold read on this 2-core machine, registry, regfs and
+/// `cat` all busy: least 2 ms, median 13 ms; with 5 ms, 4 in 10 windows of 16 requests had none
+/// within it, and the read fell back to far requests, 126 instead of 65 per GiB, which cost the
+/// registry more CPU still). A registry across a WAN, or a cloud registry's blob redirect,
+/// takes 20 ms and more. Near means quick to answer, not fast to stream: a LAN pull-through
+/// cache answers at once but streams a blob it does not hold at its upstream's speed, through
+/// one request instead of four (a request still moves at least 32 MiB per `--request-timeout`
+/// before it is cut and resumed). An estimate ages out after a minute without blob GETs.
+pub const NEAR_LATENCY: Duration = Duration::from_millis(10);
 /// `--cache-dir-size`: byte cap of the blob blocks kept in `--cache-dir`. 8 GiB keeps the layers
 /// of several ordinary images (most are 0.1 to 2 GiB compressed) or one large ML image across
 /// mounts, while staying a small share of a developer's disk; eviction is LRU, so a smaller disk
