@@ -22,6 +22,11 @@ fn blob(len: u64, seed: u64) -> Vec<u8> {
 
 /// A fake registry holding one blob of `len` bytes, and a core with default options.
 fn setup(len: u64) -> (Arc<FakeRegistry>, Arc<Fs>, Vec<u8>, String) {
+    setup_with(len, FsOptions::default())
+}
+
+/// [`setup`] with these options.
+fn setup_with(len: u64, opts: FsOptions) -> (Arc<FakeRegistry>, Arc<Fs>, Vec<u8>, String) {
     let reg = Arc::new(FakeRegistry::new());
     let data = blob(len, len);
     let digest = reg.add_blob("e/one", data.clone());
@@ -37,7 +42,7 @@ fn setup(len: u64) -> (Arc<FakeRegistry>, Arc<Fs>, Vec<u8>, String) {
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": len}],
     });
     reg.add_manifest("e/one", Some("v1"), manifest.to_string());
-    let fs = Fs::new(reg.clone() as Arc<dyn Registry>, FsOptions::default());
+    let fs = Fs::new(reg.clone() as Arc<dyn Registry>, opts);
     let path = format!("e/one/blobs/sha256/{}", digest_hex(&digest));
     (reg, fs, data, path)
 }
@@ -75,7 +80,15 @@ async fn a_cold_random_4k_read_fetches_one_chunk_at_most() {
 /// reads, from a registry whose blob answers lately came `latency` after they were asked (None:
 /// nothing known yet). Checks the bytes, and that each byte was fetched once.
 async fn sequential_request_sizes(latency: Option<std::time::Duration>) -> Vec<u64> {
-    let (reg, fs, data, path) = setup(96 * MIB);
+    sequential_request_sizes_with(latency, FsOptions::default()).await
+}
+
+/// [`sequential_request_sizes`] with these options.
+async fn sequential_request_sizes_with(
+    latency: Option<std::time::Duration>,
+    opts: FsOptions,
+) -> Vec<u64> {
+    let (reg, fs, data, path) = setup_with(96 * MIB, opts);
     if let Some(l) = latency {
         reg.stats().saw_blob_latency(l);
     }
@@ -124,6 +137,34 @@ async fn a_near_registry_is_asked_in_fewer_longer_requests() {
         "{far:?}"
     );
     assert!(near.len() < far.len(), "{near:?} vs {far:?}");
+}
+
+#[tokio::test]
+async fn with_a_disk_tier_a_near_registry_is_asked_in_requests_the_writer_has_room_for() {
+    // Each prefetch waits for room in the disk writer's queue for all of its bytes: a 32 MiB
+    // request waited for the whole queue to drain, and on a busy machine gave up and dropped
+    // blocks. With a disk tier requests stay within a quarter of the queue, near or not.
+    let dir = tempfile::tempdir().unwrap();
+    let disk = regfs::disk::DiskCache::open(dir.path(), 1 << 30).unwrap();
+    let opts = FsOptions {
+        disk: Some(disk.clone()),
+        ..FsOptions::default()
+    };
+    let near = Some(std::time::Duration::from_micros(800));
+    let sizes = sequential_request_sizes_with(near, opts).await;
+    assert!(
+        sizes
+            .iter()
+            .all(|&s| s <= regfs::disk::MAX_REQUEST_WITH_DISK),
+        "{sizes:?}"
+    );
+    assert!(
+        sizes
+            .iter()
+            .any(|&s| s == regfs::disk::MAX_REQUEST_WITH_DISK),
+        "{sizes:?}"
+    );
+    assert_eq!(disk.stats().blocks_dropped, 0);
 }
 
 #[tokio::test]

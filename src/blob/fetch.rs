@@ -109,14 +109,19 @@ impl Blobs {
     }
 
     /// The largest request now: [`EngineConfig::max_request_near`] while the registry's blob
-    /// answers come within `near`, else [`EngineConfig::max_request`].
+    /// answers come within `near`, else [`EngineConfig::max_request`]; with a disk tier at most
+    /// [`crate::disk::MAX_REQUEST_WITH_DISK`].
     ///
     /// [`EngineConfig::max_request_near`]: super::EngineConfig::max_request_near
     /// [`EngineConfig::max_request`]: super::EngineConfig::max_request
     fn max_request(&self) -> u64 {
-        match self.reg.blob_latency() {
+        let most = match self.reg.blob_latency() {
             Some(l) if l <= self.cfg.near => self.cfg.max_request_near,
             _ => self.cfg.max_request,
+        };
+        match self.disk {
+            Some(_) => most.min(crate::disk::MAX_REQUEST_WITH_DISK.max(self.cfg.block_size)),
+            None => most,
         }
     }
 

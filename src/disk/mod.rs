@@ -37,6 +37,11 @@ use map::MapKey;
 /// Block bytes waiting for the writer, at most. Past this `put` drops the block (it is fetched
 /// again if read again): 32 MiB absorbs a burst of readahead while bounding memory.
 const QUEUE_BYTES: usize = 32 << 20;
+/// The largest request a prefetch makes with a disk tier, near registry or not: a quarter of
+/// the writer's queue, so its room comes free while the writer drains the requests before it.
+/// (A 32 MiB request to a near registry waited for the whole queue to drain, and on a busy
+/// machine gave up after [`MAX_ROOM_WAIT`] and dropped blocks the next mount then fetched.)
+pub const MAX_REQUEST_WITH_DISK: u64 = (QUEUE_BYTES / 4) as u64;
 /// How long a prefetch waits for the writer's queue to have room for its bytes before it is
 /// fetched anyway (and its blocks may be dropped): see [`DiskCache::wait_for_room`]. 250 ms
 /// lets a disk that writes 32 MB/s or more keep every block of an 8 MiB request, while a
