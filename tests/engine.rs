@@ -159,9 +159,7 @@ async fn with_a_disk_tier_a_near_registry_is_asked_in_requests_the_writer_has_ro
         "{sizes:?}"
     );
     assert!(
-        sizes
-            .iter()
-            .any(|&s| s == regfs::disk::MAX_REQUEST_WITH_DISK),
+        sizes.contains(&regfs::disk::MAX_REQUEST_WITH_DISK),
         "{sizes:?}"
     );
     assert_eq!(disk.stats().blocks_dropped, 0);
