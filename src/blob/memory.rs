@@ -56,9 +56,9 @@ impl BlockMemory {
     /// Room for `bytes` in slots of `slot` bytes; `None` when that is no slot, or the system
     /// refuses the mapping (blocks then take heap memory, as before).
     pub fn new(slot: usize, bytes: u64) -> Option<Arc<Self>> {
-        let slot = slot.checked_next_multiple_of(4096)?;
-        let slots = usize::try_from(bytes).ok()? / slot.max(1);
-        if slot == 0 || slots == 0 {
+        let slot = slot.checked_next_multiple_of(4096).filter(|&s| s > 0)?;
+        let slots = usize::try_from(bytes).ok()? / slot;
+        if slots == 0 {
             return None;
         }
         let map_len = slots.checked_mul(slot)?.checked_add(HUGE_PAGE)?;
@@ -101,11 +101,6 @@ impl BlockMemory {
             }),
             missed: AtomicU64::new(0),
         }))
-    }
-
-    /// The bytes one slot holds.
-    pub fn slot_size(&self) -> usize {
-        self.slot
     }
 
     /// A free slot to fill with up to `len` bytes, the lowest; `None` when `len` does not fit

@@ -250,20 +250,10 @@ impl Blobs {
         crate::sync::lock(&self.maps).put((digest.clone(), size, bs), Arc::new(sums));
     }
 
-    /// ctl: the block memory's slots (see [`memory`]) as a JSON object; `null` without one.
-    pub fn slot_counts(&self) -> serde_json::Value {
-        match &self.memory {
-            Some(m) => {
-                let (slots, held, touched, missed) = m.counts();
-                serde_json::json!({
-                    "count": slots,
-                    "held": held,
-                    "touched": touched,
-                    "missed": missed,
-                })
-            }
-            None => serde_json::Value::Null,
-        }
+    /// ctl: the block memory's (slots, held now, ever touched, blocks that found none free),
+    /// if the mount has one (see [`memory`]).
+    pub fn slot_counts(&self) -> Option<(usize, usize, usize, u64)> {
+        self.memory.as_ref().map(|m| m.counts())
     }
 
     pub fn chunk_size(&self) -> u64 {

@@ -123,7 +123,9 @@ impl Fs {
                     "bytes": cache.used_bytes(),
                     "chunks": cache.len(),
                     "capacity": cache.capacity(),
-                    "slots": self.blobs.slot_counts(),
+                    "slots": self.blobs.slot_counts().map(|(count, held, touched, missed)| {
+                        json!({ "count": count, "held": held, "touched": touched, "missed": missed })
+                    }),
                 },
                 "disk": self.disk_cache_stats(),
             },
